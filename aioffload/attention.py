@@ -1,0 +1,165 @@
+"""Attention over the paged KV cache, behind one interface.
+
+Backends:
+- `sdpa`: gathers each sequence's blocks and calls scaled_dot_product_attention; runs
+  anywhere, used on the CPU (CI).
+- `torch` (CUDA default): one Triton kernel (`paged_kernel.py`) that walks block tables
+  for every query row, prefill chunks and decode tokens alike; no Python loop over
+  sequences, and graph-capturable.
+- `xformers`: memory-efficient attention with a bottom-right causal block-diagonal bias;
+  chosen only when a probe finds its CUDA kernels (our GPU image's wheel has none).
+
+Every backend first writes this step's K and V into the cache at `slot_mapping`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("aioffload.attention")
+
+
+@dataclass
+class AttentionMetadata:
+    """Shapes: T tokens this step, S sequences, B max blocks per sequence."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot each token's K/V goes to
+    block_tables: torch.Tensor  # [S, B] int32
+    seq_lens: torch.Tensor  # [S] int32: K/V length of each sequence after this step
+    row_seq: torch.Tensor  # [T] int32: sequence index of each query row
+    row_ctx: torch.Tensor  # [T] int32: keys visible to each query row (causal limit)
+    last_token_idx: torch.Tensor  # [S] int64: row of each sequence's last token
+    query_lens: list[int]  # host copies for the eager, per-sequence paths
+    seq_lens_host: list[int]
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks + 1, block_size, Hkv, D]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...  # [T, Hq, D]
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor
+) -> None:
+    hkv, d = k_cache.shape[-2:]
+    k_cache.view(-1, hkv, d).index_copy_(0, slots, k)
+    v_cache.view(-1, hkv, d).index_copy_(0, slots, v)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """[length, Hkv, D]: one sequence's keys (or values) in position order."""
+    bs = cache.shape[1]
+    nb = -(-length // bs)
+    return cache[block_table[:nb].long()].flatten(0, 1)[:length]
+
+
+class SdpaBackend:
+    name = "sdpa"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        start = 0
+        for s, (ql, sl) in enumerate(zip(meta.query_lens, meta.seq_lens_host, strict=True)):
+            ks = gather_kv(k_cache, meta.block_tables[s], sl).transpose(0, 1)  # [Hkv, L, D]
+            vs = gather_kv(v_cache, meta.block_tables[s], sl).transpose(0, 1)
+            qs = q[start : start + ql].transpose(0, 1)  # [Hq, ql, D]
+            # Query i sits at position sl - ql + i and sees keys 0..that position.
+            mask = None
+            if ql > 1:
+                mask = torch.ones(ql, sl, dtype=torch.bool, device=q.device).tril(sl - ql)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+            out[start : start + ql] = o.transpose(0, 1)
+            start += ql
+        return out
+
+
+class TritonPagedBackend:
+    name = "torch"
+
+    def __init__(self) -> None:
+        from aioffload import paged_kernel
+
+        self._kernel = paged_kernel.paged_attention
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self._kernel(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale)
+
+
+class XformersBackend:
+    name = "xformers"
+
+    def __init__(self) -> None:
+        import xformers.ops as xops
+        from xformers.ops import fmha
+
+        self._xops, self._fmha = xops, fmha
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        ks = torch.cat([gather_kv(k_cache, meta.block_tables[s], sl) for s, sl in enumerate(meta.seq_lens_host)])
+        vs = torch.cat([gather_kv(v_cache, meta.block_tables[s], sl) for s, sl in enumerate(meta.seq_lens_host)])
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        g = hq // hkv
+        bias = self._fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask.from_seqlens(
+            meta.query_lens, meta.seq_lens_host
+        )
+        # xformers' GQA layout: [1, T, Hkv, G, D] with K/V expanded over the group.
+        q5 = q.view(1, -1, hkv, g, d)
+        k5 = ks.view(1, -1, hkv, 1, d).expand(-1, -1, -1, g, -1)
+        v5 = vs.view(1, -1, hkv, 1, d).expand(-1, -1, -1, g, -1)
+        o = self._xops.memory_efficient_attention_forward(q5, k5, v5, attn_bias=bias, scale=scale)
+        return o.view_as(q)
+
+
+def probe_xformers(device: torch.device) -> str | None:
+    """None when xformers can run a CUDA attention here, else the reason it cannot."""
+    if device.type != "cuda":
+        return "xformers needs a CUDA device"
+    try:
+        import xformers.ops as xops
+    except Exception as e:  # ImportError, or a wheel built against another torch
+        return f"import failed: {str(e).splitlines()[0][:200]}"
+    try:
+        x = torch.randn(1, 8, 2, 64, device=device, dtype=torch.float16)
+        xops.memory_efficient_attention_forward(x, x, x)
+        torch.cuda.synchronize(device)
+    except Exception as e:
+        return f"no usable CUDA kernels: {str(e).splitlines()[0][:200]}"
+    return None
+
+
+def select_backend(requested: str, device: torch.device) -> AttentionBackend:
+    """Pick the backend for `requested` (auto|torch|xformers|sdpa) and log the decision."""
+    if requested == "sdpa" or (requested == "auto" and device.type != "cuda"):
+        log.info("attention backend: sdpa (%s)", "requested" if requested == "sdpa" else f"device is {device.type}")
+        return SdpaBackend()
+    if device.type != "cuda":
+        raise ValueError(f"--attention-backend {requested} needs a CUDA device; use sdpa on {device.type}")
+    if requested == "xformers":
+        reason = probe_xformers(device)
+        if reason is None:
+            log.info("attention backend: xformers (probe found CUDA kernels)")
+            return XformersBackend()
+        log.warning("attention backend: xformers requested but unusable (%s); using torch", reason)
+    elif requested == "auto":
+        reason = probe_xformers(device)
+        log.info("xformers probe: %s", "CUDA kernels available" if reason is None else reason)
+    log.info("attention backend: torch (Triton paged-attention kernel)")
+    return TritonPagedBackend()

@@ -1,0 +1,210 @@
+"""One frozen configuration tree, built once (cli.py) and passed down explicitly.
+
+`ModelConfig` describes the checkpoint's architecture (read from config.json);
+`EngineConfig` holds every choice the user made. Neither is mutated after creation:
+derived values are produced with `dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+ATTENTION_BACKENDS = ("auto", "torch", "xformers", "sdpa")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    checkpoint_dtype: str
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def rope_scaling_dict(self) -> dict[str, Any] | None:
+        return dict(self.rope_scaling) if self.rope_scaling else None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Parse a Hugging Face config.json dict; raise ConfigError naming `source` on problems."""
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ConfigError(
+                f"{source}: unsupported architectures {archs!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        missing = [k for k in required if k not in cfg]
+        if missing:
+            raise ConfigError(f"{source}: missing required field(s) {', '.join(missing)}")
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        rope_scaling = cfg.get("rope_scaling") or None
+        rope_theta = cfg.get("rope_theta")
+        if rope_theta is None and isinstance(cfg.get("rope_parameters"), dict):
+            rope_theta = cfg["rope_parameters"].get("rope_theta")
+            if rope_scaling is None and cfg["rope_parameters"].get("rope_type", "default") != "default":
+                rope_scaling = cfg["rope_parameters"]
+        if rope_scaling is not None:
+            kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            if kind not in ("default", "llama3", "linear"):
+                raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (default, linear, llama3)")
+            if kind == "default":
+                rope_scaling = None
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            architecture=arch,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            checkpoint_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_blocks: int | None = None  # fixed pool size; None = size from free memory (GPU) or kv_cache_gb (CPU)
+    cpu_kv_cache_gb: float = 0.25  # KV budget when running on the CPU
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None = min(model max positions, 4096)
+    max_queue: int = 1024  # waiting requests beyond this are refused
+    offload_hold_ms: float = 3.0  # how long an offloaded step may wait for more arrivals
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    trigger: float | str = 1.0  # 0..1, or "auto"
+    cpu_offload_gb: float | None = None
+    prefetch: int = 2  # staging ring slots
+    gpu_memory_gb: float | None = None  # emulate a card of this size
+    h2d_gbps: float | None = None  # None = measure at startup (GPU) / 25 assumed
+    embed_on_host: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    seed: int = 0
+    served_model_name: str | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> EngineConfig:
+        """Check value ranges; raise ConfigError with a one-line message. Returns self."""
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        c, s, o = self.cache, self.scheduler, self.offload
+        if c.block_size < 1 or c.block_size & (c.block_size - 1):
+            raise ConfigError(f"--block-size must be a power of two, got {c.block_size}")
+        if not 0.0 < c.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {c.gpu_memory_utilization}")
+        if s.max_num_seqs < 1:
+            raise ConfigError(f"--max-num-seqs must be >= 1, got {s.max_num_seqs}")
+        if s.max_num_batched_tokens < 1:
+            raise ConfigError(f"--max-num-batched-tokens must be >= 1, got {s.max_num_batched_tokens}")
+        if s.max_model_len is not None and s.max_model_len < 1:
+            raise ConfigError(f"--max-model-len must be >= 1, got {s.max_model_len}")
+        if s.max_queue < 1:
+            raise ConfigError(f"--max-queue must be >= 1, got {s.max_queue}")
+        if isinstance(o.trigger, str):
+            if o.trigger != "auto":
+                raise ConfigError(f"--trigger must be a number in [0, 1] or 'auto', got {o.trigger!r}")
+        elif not 0.0 <= o.trigger <= 1.0:
+            raise ConfigError(f"--trigger must be in [0, 1], got {o.trigger}")
+        if o.cpu_offload_gb is not None and o.cpu_offload_gb < 0:
+            raise ConfigError(f"--cpu-offload-gb must be >= 0, got {o.cpu_offload_gb}")
+        if o.cpu_offload_gb is not None and o.trigger != 1.0:
+            raise ConfigError("--cpu-offload-gb and --trigger both say how much to offload: give only one")
+        if o.prefetch < 1:
+            raise ConfigError(f"--offload-prefetch must be >= 1, got {o.prefetch}")
+        if o.gpu_memory_gb is not None and o.gpu_memory_gb <= 0:
+            raise ConfigError(f"--gpu-memory-gb must be > 0, got {o.gpu_memory_gb}")
+        if o.h2d_gbps is not None and o.h2d_gbps <= 0:
+            raise ConfigError(f"--h2d-gbps must be > 0, got {o.h2d_gbps}")
+        if isinstance(o.trigger, float | int) and not isinstance(o.trigger, bool):
+            if o.trigger < 1.0 and o.trigger > c.gpu_memory_utilization:
+                raise ConfigError(
+                    f"--trigger {o.trigger} is above --gpu-memory-utilization {c.gpu_memory_utilization}: "
+                    "weights would leave no room for the KV cache; lower the trigger"
+                )
+        return self
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    shutdown_timeout_s: float = 10.0
+    log_interval_s: float = 5.0

@@ -1,0 +1,73 @@
+"""Turn one step's sequences into the model's flat input tensors.
+
+Built as plain host lists, turned into tensors once, and copied to the device with one
+non-blocking copy per tensor (from pinned memory on CUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from aioffload.attention import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's share of a step: tokens at positions [start, start + len(token_ids))."""
+
+    token_ids: Sequence[int]
+    start: int  # = num_computed_tokens
+    block_table: Sequence[int]
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+
+
+def build_inputs(chunks: Sequence[SeqChunk], block_size: int, device: torch.device) -> StepInputs:
+    ids: list[int] = []
+    pos: list[int] = []
+    slots: list[int] = []
+    row_seq: list[int] = []
+    row_ctx: list[int] = []
+    last: list[int] = []
+    qlens: list[int] = []
+    slens: list[int] = []
+    width = max(len(c.block_table) for c in chunks)
+    tables = [list(c.block_table) + [0] * (width - len(c.block_table)) for c in chunks]
+    for s, c in enumerate(chunks):
+        n = len(c.token_ids)
+        ids.extend(c.token_ids)
+        for p in range(c.start, c.start + n):
+            pos.append(p)
+            slots.append(c.block_table[p // block_size] * block_size + p % block_size)
+            row_seq.append(s)
+            row_ctx.append(p + 1)
+        last.append(len(ids) - 1)
+        qlens.append(n)
+        slens.append(c.start + n)
+    pin = device.type == "cuda"
+
+    def t(data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+        host = torch.tensor(data, dtype=dtype)
+        if pin:
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
+
+    meta = AttentionMetadata(
+        slot_mapping=t(slots, torch.int64),
+        block_tables=t(tables, torch.int32),
+        seq_lens=t(slens, torch.int32),
+        row_seq=t(row_seq, torch.int32),
+        row_ctx=t(row_ctx, torch.int32),
+        last_token_idx=t(last, torch.int64),
+        query_lens=qlens,
+        seq_lens_host=slens,
+    )
+    return StepInputs(t(ids, torch.int64), t(pos, torch.int64), meta)

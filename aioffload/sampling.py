@@ -1,0 +1,165 @@
+"""Sampling: greedy, temperature, top-k, top-p, per-request seeds, stop conditions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling and stopping choices (validated at the edge, trusted inside)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+def validate(params: SamplingParams) -> None:
+    """Raise ValueError("<field>: <problem>") for the first invalid field; the HTTP layer maps it to a 400."""
+    p = params
+    if p.max_tokens < 1:
+        raise ValueError(f"max_tokens: must be >= 1, got {p.max_tokens}")
+    if not p.temperature >= 0:  # also rejects NaN
+        raise ValueError(f"temperature: must be >= 0, got {p.temperature}")
+    if not 0 < p.top_p <= 1:
+        raise ValueError(f"top_p: must be in (0, 1], got {p.top_p}")
+    if p.top_k < 0:
+        raise ValueError(f"top_k: must be >= 0 (0 = off), got {p.top_k}")
+    if any(len(s) == 0 for s in p.stop):
+        raise ValueError("stop: stop strings must not be empty")
+    if any(t < 0 for t in p.stop_token_ids):
+        raise ValueError(f"stop_token_ids: token ids must be >= 0, got {list(p.stop_token_ids)}")
+
+
+def find_stop_string(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Index where the earliest stop string begins, or None.
+
+    Only matches that end at or after `start` are looked for: an engine that checked the text before
+    each new piece passes start=len(previous text) (any smaller start is also correct, just slower).
+    """
+    best: int | None = None
+    for stop in stops:
+        if not stop:
+            continue
+        i = text.find(stop, max(0, start - len(stop) + 1))
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best
+
+
+@dataclass(frozen=True)
+class SamplingTensors:
+    """One batch's sampling parameters, already on the device."""
+
+    temperature: torch.Tensor  # [S] float32; 0 = greedy
+    top_k: torch.Tensor  # [S] int64; 0 = off
+    top_p: torch.Tensor  # [S] float32; 1 = off
+    seed: torch.Tensor  # [S] int64
+    step: torch.Tensor  # [S] int64: index of the output token being sampled
+    all_greedy: bool  # fast path: plain argmax
+
+    @classmethod
+    def build(
+        cls,
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        steps: Sequence[int],
+        device: torch.device | str,
+    ) -> SamplingTensors:
+        """Build on the host (one tensor per field), then copy to `device` without blocking."""
+
+        def put(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        return cls(
+            temperature=put([p.temperature for p in params], torch.float32),
+            top_k=put([p.top_k for p in params], torch.int64),
+            top_p=put([p.top_p for p in params], torch.float32),
+            seed=put([(s + 2**63) % 2**64 - 2**63 for s in seeds], torch.int64),  # any int -> its 64 bits
+            step=put(list(steps), torch.int64),
+            all_greedy=all(p.temperature == 0 for p in params),
+        )
+
+
+# --- counter-based noise ----------------------------------------------------------------------------------
+# 32-bit arithmetic carried in int64 tensors: every value stays in [0, 2^32) and every product below 2^63,
+# so nothing relies on signed overflow (torch has no uint64 arithmetic).
+_MASK32 = 0xFFFFFFFF
+_GOLDEN32 = 0x9E3779B9
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32) and a 32-bit constant c, split so no product passes 2^48."""
+    hi = (x * (c >> 16)).bitwise_and_(0xFFFF).bitwise_left_shift_(16)
+    return (x * (c & 0xFFFF)).add_(hi).bitwise_and_(_MASK32)
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's finalizer: a bijection on [0, 2^32) with full avalanche."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x.bitwise_xor_(x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x.bitwise_xor_(x >> 16)
+
+
+def _row_keys(seed: torch.Tensor, step: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two 32-bit keys per row from (seed, step). seed, step: [S] int64 -> ([S], [S])."""
+    seed_lo = seed & _MASK32
+    seed_hi = (seed >> 32) & _MASK32  # arithmetic shift, then mask: the high 32 bits of the int64
+    k = _fmix32((seed_hi + _GOLDEN32) & _MASK32)
+    k = _fmix32(k ^ seed_lo)
+    k1 = _fmix32(k ^ (step & _MASK32))
+    k2 = _fmix32((k1 + _GOLDEN32) & _MASK32)
+    return k1, k2
+
+
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Uniform (0, 1) noise that depends only on (seed, step, token id), never on the rest of the batch.
+
+    seed, step: [S] int64; token_ids: [S, N] int64 in [0, 2^32) -> [S, N] float32.
+    """
+    k1, k2 = _row_keys(seed, step)  # [S], [S]
+    h = _fmix32(_fmix32(token_ids ^ k1[:, None]).add_(k2[:, None]).bitwise_and_(_MASK32))  # [S, N]
+    # Top 23 bits as an odd 24-bit integer: exact in float32, and u stays strictly inside (0, 1).
+    return ((h >> 9) * 2 + 1).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Pick one token per row. logits: [S, V] (any float dtype) -> token ids [S] int64 on logits' device.
+
+    Order: temperature, top-k, top-p, then Gumbel-max with hash noise keyed by (seed, step, token id).
+    """
+    logits = logits.float()  # [S, V]
+    greedy_ids = logits.argmax(dim=-1)  # [S]; first index among ties
+    if t.all_greedy:
+        return greedy_ids
+    vocab = logits.shape[-1]
+    is_greedy = t.temperature == 0  # [S]
+    scaled = logits / torch.where(is_greedy, 1.0, t.temperature)[:, None]  # [S, V]
+    # Stable, so ties keep index order and top_k=1 agrees with argmax.
+    sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True, stable=True)  # [S, V], [S, V]
+
+    ranks = torch.arange(vocab, device=logits.device)  # [V]
+    k = torch.where(t.top_k > 0, t.top_k, vocab)  # [S]
+    sorted_logits.masked_fill_(ranks[None, :] >= k[:, None], float("-inf"))
+
+    probs = sorted_logits.softmax(dim=-1)  # [S, V]
+    mass_before = probs.cumsum(dim=-1).sub_(probs)  # [S, V]; exactly 0 at rank 0, so the top token stays
+    outside_nucleus = (mass_before >= t.top_p[:, None]) & (t.top_p < 1)[:, None]  # [S, V]
+    sorted_logits.masked_fill_(outside_nucleus, float("-inf"))
+
+    # Gumbel-max (the exponential race in log space): argmax(logit - log(-log u)) ~ softmax(logit).
+    u = uniform_noise(t.seed, t.step, sorted_ids)  # [S, V]
+    gumbel = u.log_().neg_().log_().neg_()  # [S, V]
+    choice = sorted_logits.add_(gumbel).argmax(dim=-1, keepdim=True)  # [S, 1]
+    sampled = sorted_ids.gather(-1, choice).squeeze(-1)  # [S]
+    return torch.where(is_greedy, greedy_ids, sampled)
