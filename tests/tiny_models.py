@@ -43,3 +43,18 @@ def make_checkpoint(root: Path, arch: str = "llama", seed: int = 0, layers: int 
     path = root / f"{arch}-{seed}"
     model.save_pretrained(path, safe_serialization=True)
     return path
+
+
+def add_word_tokenizer(path: Path, vocab_size: int = 256, eos_id: int = 2) -> Path:
+    """A WordLevel tokenizer over tokens "w0".."w{V-1}" so every id decodes ("w5 w17 ...")."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"w{eos_id}", "add_bos_token": False}))
+    return path

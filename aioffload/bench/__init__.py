@@ -1,0 +1,18 @@
+"""`aioffload bench latency | throughput | offload`: benchmark scripts (never timed tests)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+
+def add_bench_parsers(sub: argparse._SubParsersAction, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    from aioffload.bench import latency, offload, throughput
+
+    bench = sub.add_parser("bench", help="benchmarks: latency, throughput, offload")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    for mod in (latency, throughput, offload):
+        p = kinds.add_parser(mod.NAME, help=mod.__doc__.splitlines()[0] if mod.__doc__ else None)
+        add_engine_args(p)
+        mod.add_args(p)
+        p.set_defaults(run=mod.run)

@@ -1,0 +1,223 @@
+"""aioffload serve | generate | plan | bench — every flag is defined here, once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from aioffload.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    OffloadConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
+
+DEMO_MODEL = str(Path(__file__).parent / "assets" / "demo")
+
+
+def _trigger(value: str) -> float | str:
+    if value == "auto":
+        return value
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or 'auto', got {value!r}") from None
+    if not 0.0 <= t <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return t
+
+
+def _positive(kind: type) -> object:
+    def parse(value: str) -> object:
+        try:
+            v = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a {kind.__name__}, got {value!r}") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+        return v
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _fraction(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {value!r}") from None
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return v
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return v
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    d = (EngineConfig(model=""), CacheConfig(), SchedulerConfig(), OffloadConfig())
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=DEMO_MODEL, help="Hugging Face model folder (default: the embedded demo model)")
+    g.add_argument("--dtype", choices=DTYPES, default=d[0].dtype, help="weight dtype (default: %(default)s)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: %(default)s)")
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto", help="(default: %(default)s)")
+    g.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs (default: off)")
+    g.add_argument("--seed", type=int, default=0, help="seed for requests without one (default: %(default)s)")
+    g.add_argument("--max-model-len", type=_positive(int), default=None,
+                   help="longest sequence, prompt + output (default: min(model limit, 4096))")
+    g.add_argument("--max-num-seqs", type=_positive(int), default=d[2].max_num_seqs,
+                   help="sequences per step (default: %(default)s)")
+    g.add_argument("--max-num-batched-tokens", type=_positive(int), default=d[2].max_num_batched_tokens,
+                   help="token budget per step (default: %(default)s; raised while offload is active)")
+    g.add_argument("--max-queue", type=_positive(int), default=d[2].max_queue,
+                   help="waiting requests before new ones get 503 (default: %(default)s)")
+    g.add_argument("--block-size", type=_positive(int), default=d[1].block_size,
+                   help="KV cache block size in tokens (default: %(default)s)")
+    g.add_argument("--gpu-memory-utilization", type=_fraction, default=d[1].gpu_memory_utilization,
+                   help="fraction of device memory for weights + KV cache (default: %(default)s)")
+    g.add_argument("--num-kv-blocks", type=_positive(int), default=None,
+                   help="fixed KV pool size in blocks (default: sized from free memory)")
+    g.add_argument("--cpu-kv-cache-gb", type=_positive(float), default=d[1].cpu_kv_cache_gb,
+                   help="KV cache size when running on the CPU (default: %(default)s)")
+    o = p.add_argument_group("offload")
+    o.add_argument("--trigger", type=_trigger, default=1.0,
+                   help="keep weights on the GPU until memory in use would pass T x total; the rest streams from "
+                        "pinned host memory. 1.0 = offload off, 'auto' = best predicted throughput (default: 1.0)")
+    o.add_argument("--cpu-offload-gb", type=_non_negative_float, default=None,
+                   help="keep this many GB of weights on the host instead of giving --trigger (default: none)")
+    o.add_argument("--offload-prefetch", type=_positive(int), default=d[3].prefetch,
+                   help="staging ring slots for streamed layers (default: %(default)s)")
+    o.add_argument("--gpu-memory-gb", type=_positive(float), default=None,
+                   help="count memory fractions against this many GB instead of the card (emulate a small card)")
+    o.add_argument("--h2d-gbps", type=_positive(float), default=None,
+                   help="host-to-device bandwidth to plan with (default: measured at startup, 25 on the CPU)")
+    o.add_argument("--embed-on-host", action="store_true", help="keep the input embedding table on the host")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        attention_backend=args.attention_backend,
+        enforce_eager=args.enforce_eager,
+        seed=args.seed,
+        served_model_name=getattr(args, "served_model_name", None),
+        cache=CacheConfig(
+            block_size=args.block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+            num_blocks=args.num_kv_blocks, cpu_kv_cache_gb=args.cpu_kv_cache_gb,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len, max_queue=args.max_queue,
+        ),
+        offload=OffloadConfig(
+            trigger=args.trigger, cpu_offload_gb=args.cpu_offload_gb, prefetch=args.offload_prefetch,
+            gpu_memory_gb=args.gpu_memory_gb, h2d_gbps=args.h2d_gbps, embed_on_host=args.embed_on_host,
+        ),
+    ).validate()  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aioffload", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_engine_args(serve)
+    h = serve.add_argument_group("server")
+    s = ServerConfig()
+    h.add_argument("--host", default=s.host, help="address to listen on")
+    h.add_argument("--port", type=int, default=s.port, help="port to listen on")
+    h.add_argument("--served-model-name", default=None, help="model name in the API (default: the folder name)")
+    h.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* routes")
+    h.add_argument("--shutdown-timeout", type=_positive(float), default=s.shutdown_timeout_s,
+                   help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+
+    gen = sub.add_parser("generate", help="generate continuations offline (several --prompt run as one batch)")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
+    gen.add_argument("--max-tokens", type=_positive(int), default=32, help="tokens to generate (default: 32)")
+    gen.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0 = greedy (default: 0)")
+    gen.add_argument("--top-p", type=_fraction, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+
+    plan = sub.add_parser("plan", help="print the placement plan without loading the weights")
+    add_engine_args(plan)
+
+    from aioffload.bench import add_bench_parsers
+
+    add_bench_parsers(sub, add_engine_args)
+    return parser
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = engine_config(args)
+    except ConfigError as e:
+        parser.error(str(e))  # exit status 2, one line
+    setup_logging()
+    try:
+        if args.command == "serve":
+            from aioffload.http import run_server
+
+            server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                                  shutdown_timeout_s=args.shutdown_timeout)  # fmt: skip
+            return run_server(config, server)
+        if args.command == "generate":
+            return asyncio.run(_generate(config, args))
+        if args.command == "plan":
+            from aioffload.plan_cmd import run_plan
+
+            return run_plan(config)
+        return int(args.run(config, args))
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+async def _generate(config: EngineConfig, args: argparse.Namespace) -> int:
+    from aioffload.engine import Engine
+    from aioffload.sampling import SamplingParams, validate
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.sample_seed)  # fmt: skip
+    validate(params)
+    engine = Engine.from_config(config)
+
+    async def one(i: int, prompt: str) -> str:
+        parts = [out.text async for out in engine.generate(prompt, params, f"gen-{i}")]
+        return "".join(parts)
+
+    try:
+        texts = await asyncio.gather(*(one(i, p) for i, p in enumerate(args.prompt)))
+    finally:
+        await engine.shutdown(1.0)
+    for prompt, text in zip(args.prompt, texts, strict=True):
+        print(f"{prompt}{text}" if len(args.prompt) == 1 else f"--- {prompt!r}\n{prompt}{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

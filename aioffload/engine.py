@@ -1,0 +1,242 @@
+"""The asyncio engine: requests in, scheduler + worker each step, tokens out.
+
+One loop task owns the scheduler. Each model step runs in a worker thread
+(`asyncio.to_thread`), so HTTP streaming, /health and /metrics stay responsive during
+a long offloaded step. Each request has one `OutputSlot`; the engine's `put` never
+blocks and merges deltas when the consumer lags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+
+from aioffload.config import EngineConfig
+from aioffload.engine_state import OutputSlot, RequestState, StepStats
+from aioffload.inputs import SeqChunk
+from aioffload.kv_cache import BlockManager, BlockPool
+from aioffload.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
+from aioffload.request import Request
+from aioffload.sampling import SamplingParams
+from aioffload.scheduler import Scheduler, StepPlan
+from aioffload.tokenizer import Tokenizer
+from aioffload.weights import Checkpoint
+from aioffload.worker import Worker
+
+log = logging.getLogger("aioffload.engine")
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, worker: Worker, tokenizer: Tokenizer, model_name: str) -> None:
+        self.config = config
+        self.worker = worker
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.max_model_len = worker.max_model_len
+        self.block_manager = BlockManager(BlockPool(worker.num_blocks, worker.block_size))
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.eos_token_ids = tuple(sorted(set(tokenizer.eos_token_ids) | set(worker.model_config.eos_token_ids)))
+        self.stats_ = StepStats()
+        self._states: dict[str, RequestState] = {}
+        self._pending_aborts: list[str] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._accepting = True
+        self._dead: BaseException | None = None
+        self._rng = random.Random(config.seed)
+        self._configure_offload_batching()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> Engine:
+        ckpt = Checkpoint.open(config.model)
+        tokenizer = Tokenizer.from_dir(config.model)
+        worker = Worker(config, ckpt)
+        name = config.served_model_name or ckpt.path.name
+        return cls(config, worker, tokenizer, name)
+
+    def _configure_offload_batching(self) -> None:
+        """While offload is active every step costs at least the copy floor F, and every extra
+        token in it is nearly free: raise the token budget to what the GPU computes in F."""
+        p = self.worker.placement
+        self.hold_s = 0.0
+        if not self.worker.offload_active:
+            log.info("scheduler: latency-first (no offload), token budget %d", self.scheduler.token_budget)
+            return
+        floor_s = self.worker.offload_bytes_per_step / self.worker.h2d_bytes_per_s
+        # Matmul tokens the GPU finishes in F: 2 FLOPs per weight per token at ~40% of a
+        # 400 TFLOP/s-class card's dense rate is conservative for H100/H200.
+        params = (p.gpu_weight_bytes + p.host_weight_bytes) / max(1, self.worker.dtype.itemsize)
+        free_tokens = int(floor_s * 160e12 / (2 * params)) if self.worker.device.type == "cuda" else 0
+        budget = max(self.config.scheduler.max_num_batched_tokens, min(free_tokens, 16384))
+        self.scheduler.token_budget = budget
+        self.hold_s = self.config.scheduler.offload_hold_ms / 1e3
+        log.info(
+            "scheduler: offload-aware: copy floor %.1f ms/step, token budget %d, up to %d sequences, hold %.0f ms",
+            floor_s * 1e3, budget, self.config.scheduler.max_num_seqs, self.hold_s * 1e3,
+        )  # fmt: skip
+
+    # ---- public API -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="aioffload-engine")
+
+    async def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop taking requests, let in-flight ones finish up to timeout_s, abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while self._states and time.monotonic() < deadline and self._dead is None:
+            await asyncio.sleep(0.05)
+        for rid in list(self._states):
+            self.abort(rid)
+        if self._task is not None:
+            self._wake.set()
+            while self._states and self._dead is None and time.monotonic() < deadline + 5:
+                await asyncio.sleep(0.02)
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+
+    def abort(self, request_id: str) -> None:
+        """Non-blocking: the request stops before the next step and its blocks return."""
+        if request_id in self._states:
+            self._pending_aborts.append(request_id)
+            self._wake.set()
+
+    def stats(self) -> dict[str, float]:
+        pool = self.block_manager.pool
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_usage": self.block_manager.usage,
+            "kv_blocks_free": pool.num_free,
+            "kv_blocks_total": pool.num_blocks,
+            "prompt_tokens_total": self.stats_.prompt_tokens_total,
+            "generation_tokens_total": self.stats_.generation_tokens_total,
+            "offload_bytes_per_step": self.worker.offload_bytes_per_step,
+            "copy_busy_fraction": self.stats_.copy_busy_fraction(
+                self.worker.offload_bytes_per_step, self.worker.h2d_bytes_per_s
+            ),
+            "steps_total": self.stats_.steps_total,
+        }
+
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        if self._dead is not None or not self._accepting:
+            raise EngineDeadError("the engine is shutting down")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise PromptTooLongError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; --max-model-len {self.max_model_len} leaves no room for output"
+            )
+        if self.scheduler.num_waiting >= self.config.scheduler.max_queue:
+            raise QueueFullError(f"{self.scheduler.num_waiting} requests are waiting (--max-queue)")
+        if request_id in self._states:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+        req = Request(request_id, ids, params, eos_token_ids=self.eos_token_ids, seed=seed)
+        state = RequestState(req, OutputSlot(), self.tokenizer, ids)
+        self._states[request_id] = state
+        self.scheduler.add_request(req)
+        self._wake.set()
+        await self.start()
+        try:
+            while True:
+                out = await state.slot.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if request_id in self._states and not state.finished:
+                self.abort(request_id)  # consumer went away (disconnect, cancellation)
+
+    # ---- the loop ---------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        try:
+            while True:
+                self._apply_aborts()
+                if not self.scheduler.has_unfinished:
+                    self._wake.clear()
+                    self.stats_.maybe_log(self)
+                    await self._wake.wait()
+                    continue
+                if self.hold_s and self._should_hold():
+                    await asyncio.sleep(self.hold_s)
+                    self._apply_aborts()
+                plan = self.scheduler.schedule()
+                if plan.is_empty:
+                    await asyncio.sleep(0.001)
+                    continue
+                t0 = time.perf_counter()
+                sampled = await asyncio.to_thread(self._run_step, plan)
+                self.stats_.record_step(plan, time.perf_counter() - t0)
+                self._apply_aborts()  # aborts that arrived during the step
+                self._postprocess(plan, sampled)
+                self.stats_.maybe_log(self)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a fatal worker error: fail every request, clearly
+            log.exception("engine loop died")
+            self._dead = e
+            for rid, st in list(self._states.items()):
+                st.finish("abort")
+                st.slot.put(st.final_output(f"engine error: {e}"))
+                del self._states[rid]
+
+    def _should_hold(self) -> bool:
+        # Offloaded steps cost the same with more tokens: when requests just arrived and
+        # there is room, wait a moment so the next arrivals share this transfer.
+        s = self.scheduler
+        if not s.waiting or s.num_running >= self.config.scheduler.max_num_seqs:
+            return False
+        newest = s.waiting[-1].arrival_time
+        return time.monotonic() - newest < self.hold_s
+
+    def _run_step(self, plan: StepPlan) -> dict[str, int]:
+        chunks, params, seeds, steps = [], [], [], []
+        for req in plan.requests:
+            n = plan.num_scheduled_tokens[req.request_id]
+            start = req.num_computed_tokens
+            table = self.block_manager.block_table(req.request_id)
+            chunks.append(SeqChunk(req.token_ids(start, start + n), start, table))
+            params.append(req.sampling)
+            seeds.append(req.seed)
+            steps.append(len(req.output_token_ids))
+        tokens = self.worker.execute(chunks, params, seeds, steps)
+        return {req.request_id: t for req, t in zip(plan.requests, tokens, strict=True)}
+
+    def _apply_aborts(self) -> None:
+        while self._pending_aborts:
+            rid = self._pending_aborts.pop()
+            st = self._states.pop(rid, None)
+            if st is None:
+                continue
+            self.scheduler.abort(rid)
+            st.finish("abort")
+            st.slot.put(st.final_output())
+
+    def _postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:
+        updated = self.scheduler.update(plan, sampled)
+        self.stats_.generation_tokens_total += len(updated)
+        for req in updated:
+            st = self._states.get(req.request_id)
+            if st is None:
+                continue
+            out = st.on_token(req.output_token_ids[-1])
+            if st.stop_hit and not req.is_finished:
+                self.scheduler.finish(req.request_id, "stop")
+            if req.is_finished or st.stop_hit:
+                out = st.close(out, req.finish_reason or "stop")
+                del self._states[req.request_id]
+            if out is not None:
+                st.slot.put(out)

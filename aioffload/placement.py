@@ -1,0 +1,370 @@
+"""Placement: which weights live on the GPU and which stream from pinned host memory.
+
+DESIGN.md section 3. Pure arithmetic on byte counts; nothing is allocated here. Weights
+go on the GPU in forward order (embedding, final norm, lm_head, then decoder layers
+0, 1, 2 ...) while they (plus the prefetch ring, once any layer is offloaded) stay under
+`trigger x device_total_bytes`; the rest of the layers stream from the host each step.
+The KV cache then takes what is left up to `gpu_memory_utilization x device_total_bytes`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aioffload.config import CacheConfig, ConfigError, ModelConfig, OffloadConfig, SchedulerConfig
+from aioffload.kv_cache import kv_bytes_per_block
+from aioffload.model.layout import layer_layout
+
+HBM_BYTES_PER_S = 3.0e12  # device-memory bandwidth assumed by trigger "auto" (H100/H200 class)
+_TRIGGER_STEPS = 20  # suggested triggers are multiples of 1/20 = 0.05
+_WORKSPACE_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class Placement:
+    resident_layers: tuple[int, ...]  # on the GPU, forward order
+    offloaded_layers: tuple[int, ...]  # pinned host, streamed each step (a contiguous tail)
+    embed_on_host: bool
+    layer_bytes: int  # one decoder layer's flat buffer
+    gpu_weight_bytes: int  # resident layers + embed (unless on host) + lm_head (unless shared) + final norm
+    host_weight_bytes: int  # offloaded layers (+ embed when on host)
+    ring_bytes: int  # staging slots x layer_bytes; 0 when nothing is offloaded
+    activation_bytes: int  # reserve for activations / workspace
+    kv_block_bytes: int
+    kv_blocks: int
+    block_size: int
+    device_total_bytes: int  # the card's memory, or --gpu-memory-gb x 1e9
+    h2d_bytes_per_s: float
+    predicted_step_floor_s: float  # streamed layer bytes per decode step / h2d bandwidth
+    trigger: float  # the trigger in force (auto / --cpu-offload-gb: the equivalent one)
+    reason: str  # one sentence for the startup log
+
+    @property
+    def offload_active(self) -> bool:
+        return bool(self.offloaded_layers)
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.kv_blocks * self.block_size
+
+    @property
+    def host_layer_bytes(self) -> int:
+        return len(self.offloaded_layers) * self.layer_bytes
+
+    @property
+    def ring_slots(self) -> int:
+        return self.ring_bytes // self.layer_bytes if self.layer_bytes else 0
+
+
+def estimate_activation_bytes(
+    model: ModelConfig, dtype_bytes: int, max_num_batched_tokens: int, max_num_seqs: int
+) -> int:
+    """Conservative reserve for one step of `max_num_batched_tokens` tokens.
+
+    tokens x (4 x hidden          residual, normed input, attention output, MLP output
+              + (q + 2 x kv)      fused qkv projection
+              + 2 x intermediate) fused gate_up projection
+           x dtype_bytes x 2      two such sets alive at once (inputs and outputs of a matmul)
+    + max_num_seqs x vocab x 4 x 2   fp32 logits and a sampling copy of them
+    + 256 MiB                        allocator slack, attention and matmul workspace
+    """
+    per_token = 4 * model.hidden_size + model.q_size + 2 * model.kv_size + 2 * model.intermediate_size
+    logits = max_num_seqs * model.vocab_size * 4 * 2
+    return max_num_batched_tokens * per_token * dtype_bytes * 2 + logits + _WORKSPACE_BYTES
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """The fixed byte figures one plan is built from; `build(r)` places r resident layers."""
+
+    num_layers: int
+    layer_bytes: int
+    embed_bytes: int
+    lm_head_bytes: int  # 0 when tied to a resident embedding (shared)
+    norm_bytes: int
+    embed_on_host: bool
+    prefetch: int
+    total: int
+    utilization: float
+    activation_bytes: int
+    kv_block_bytes: int
+    block_size: int
+    h2d: float
+    hbm: float
+
+    @property
+    def usable(self) -> float:
+        return self.utilization * self.total
+
+    def ring(self, resident: int) -> int:
+        # The transfer queue allocates min(prefetch, offloaded layers) slots.
+        return min(self.prefetch, self.num_layers - resident) * self.layer_bytes
+
+    def gpu_weights(self, resident: int) -> int:
+        embed = 0 if self.embed_on_host else self.embed_bytes
+        return embed + self.lm_head_bytes + self.norm_bytes + resident * self.layer_bytes
+
+    def footprint(self, resident: int) -> int:
+        return self.gpu_weights(resident) + self.ring(resident)
+
+    def resident_for_trigger(self, trigger: float) -> int:
+        """Layers 0, 1, ... while weights (+ ring) stay <= trigger x total (footprint is monotone)."""
+        budget = trigger * self.total
+        r = 0
+        while r < self.num_layers and self.footprint(r + 1) <= budget:
+            r += 1
+        return r
+
+    def build(self, resident: int, trigger: float | None = None, reason: str = "") -> Placement:
+        L, lb = self.num_layers, self.layer_bytes
+        gpu, ring = self.gpu_weights(resident), self.ring(resident)
+        free = self.usable - gpu - ring - self.activation_bytes
+        kv_blocks = max(0, math.floor(free / self.kv_block_bytes))
+        host_layers = (L - resident) * lb
+        if trigger is None:  # the trigger that reproduces this split
+            trigger = 1.0 if resident == L else self.footprint(resident) / self.total
+        return Placement(
+            resident_layers=tuple(range(resident)),
+            offloaded_layers=tuple(range(resident, L)),
+            embed_on_host=self.embed_on_host,
+            layer_bytes=lb,
+            gpu_weight_bytes=gpu,
+            host_weight_bytes=host_layers + (self.embed_bytes if self.embed_on_host else 0),
+            ring_bytes=ring,
+            activation_bytes=self.activation_bytes,
+            kv_block_bytes=self.kv_block_bytes,
+            kv_blocks=kv_blocks,
+            block_size=self.block_size,
+            device_total_bytes=self.total,
+            h2d_bytes_per_s=self.h2d,
+            predicted_step_floor_s=host_layers / self.h2d,
+            trigger=float(trigger),
+            reason=reason,
+        )
+
+
+def plan_placement(
+    model: ModelConfig,
+    dtype_bytes: int,
+    offload: OffloadConfig,
+    cache: CacheConfig,
+    sched: SchedulerConfig,
+    max_model_len: int,
+    device_total_bytes: int,
+    h2d_bytes_per_s: float,
+    activation_bytes: int | None = None,
+    hbm_bytes_per_s: float = HBM_BYTES_PER_S,
+) -> Placement:
+    """Place weights per DESIGN.md section 3; raise ConfigError (saying what to change) when the
+    plan leaves no KV room for one `max_model_len` sequence."""
+    if activation_bytes is None:
+        activation_bytes = estimate_activation_bytes(
+            model, dtype_bytes, sched.max_num_batched_tokens, sched.max_num_seqs
+        )
+    vocab_bytes = model.vocab_size * model.hidden_size * dtype_bytes
+    b = _Budget(
+        num_layers=model.num_layers,
+        layer_bytes=layer_layout(model).numel * dtype_bytes,
+        embed_bytes=vocab_bytes,
+        lm_head_bytes=0 if model.tie_word_embeddings and not offload.embed_on_host else vocab_bytes,
+        norm_bytes=model.hidden_size * dtype_bytes,
+        embed_on_host=offload.embed_on_host,
+        prefetch=offload.prefetch,
+        total=int(device_total_bytes),
+        utilization=cache.gpu_memory_utilization,
+        activation_bytes=int(activation_bytes),
+        kv_block_bytes=kv_bytes_per_block(
+            model.num_layers, cache.block_size, model.num_kv_heads, model.head_dim, dtype_bytes
+        ),
+        block_size=cache.block_size,
+        h2d=h2d_bytes_per_s,
+        hbm=hbm_bytes_per_s,
+    )
+    trigger, host_gb, util = offload.trigger, offload.cpu_offload_gb, cache.gpu_memory_utilization
+    if host_gb is not None and trigger != 1.0:
+        raise ConfigError("--cpu-offload-gb and --trigger both say how much to offload: give only one")
+    if trigger == "auto":
+        p = _plan_auto(b, max_model_len, sched.max_num_seqs)
+    elif host_gb is not None:
+        p = _plan_host_gb(b, host_gb)
+    else:
+        _check_trigger(float(trigger), util)
+        p = _plan_trigger(b, float(trigger))
+    if p.kv_tokens < max_model_len:
+        raise _no_room(b, p, offload, max_model_len)
+    if trigger == "auto":
+        _check_trigger(p.trigger, util)  # a valid plan is always below; stated for the record
+    return p
+
+
+def _check_trigger(trigger: float, util: float) -> None:
+    if 1.0 > trigger > util:
+        raise ConfigError(
+            f"--trigger {trigger:.3g} is above --gpu-memory-utilization {util:g}: "
+            "weights would leave no room for the KV cache; lower the trigger"
+        )
+
+
+def _plan_trigger(b: _Budget, trigger: float) -> Placement:
+    L = b.num_layers
+    if trigger >= 1.0:
+        return b.build(L, 1.0, f"trigger 1.0: offload off, all {L} layers resident ({_gb(b.gpu_weights(L))})")
+    r = b.resident_for_trigger(trigger)
+    head = f"trigger {trigger:g} x {_gb(b.total)} = {_gb(trigger * b.total)} for weights"
+    if r == L:
+        return b.build(L, trigger, f"{head} holds all {L} layers ({_gb(b.gpu_weights(L))}); none offloaded")
+    reason = (
+        f"{head}: {r} of {L} layers fit beside a {b.ring(r) // b.layer_bytes}-slot prefetch ring "
+        f"({_gb(b.ring(r))}); {_span(range(r, L))} ({_gb((L - r) * b.layer_bytes)}) stream from the host"
+    )
+    return b.build(r, trigger, reason)
+
+
+def _plan_host_gb(b: _Budget, host_gb: float) -> Placement:
+    L, lb = b.num_layers, b.layer_bytes
+    target = round(host_gb * 1e9)
+    if target > L * lb:
+        raise ConfigError(
+            f"--cpu-offload-gb {host_gb:g} is more than all {L} decoder layers hold ({_gb(L * lb)}); "
+            f"give at most {math.floor(L * lb / 1e7) / 100:g}"
+        )
+    r = L - -(-target // lb)  # the smallest tail holding >= target bytes
+    if r == L:
+        return b.build(L, 1.0, f"--cpu-offload-gb {host_gb:g}: nothing offloaded, all {L} layers resident")
+    reason = (
+        f"--cpu-offload-gb {host_gb:g}: {_span(range(r, L))} ({_gb((L - r) * lb)}) stay on the host, "
+        f"{r} of {L} resident"
+    )
+    return b.build(r, None, reason)
+
+
+def _plan_auto(b: _Budget, max_model_len: int, max_num_seqs: int) -> Placement:
+    """Pick the resident count maximising seqs / step for `max_num_seqs` full-length sequences."""
+    scored = []  # (tok/s, resident, seqs, step_s)
+    for r in range(b.num_layers + 1):
+        p = b.build(r)
+        seqs = min(max_num_seqs, p.kv_tokens // max_model_len)
+        if seqs >= 1:
+            step = max(p.host_layer_bytes / b.h2d, p.gpu_weight_bytes / b.hbm)
+            scored.append((seqs / step, r, seqs, step))
+    if not scored:
+        return b.build(0, None, "auto: no split leaves KV room for one sequence")  # rejected by the caller
+    scored.sort(reverse=True)  # equal throughput: more resident layers first
+    tput, r, seqs, step = scored[0]
+    reason = (
+        f"auto: {r} of {b.num_layers} layers resident -> {seqs} seqs x {max_model_len} tokens, "
+        f"step {step * 1e3:.1f} ms, predicted {tput:.0f} tok/s"
+    )
+    if len(scored) > 1:
+        reason += f"; runner-up {scored[1][1]} resident: {scored[1][0]:.0f} tok/s"
+    return b.build(r, None, reason)
+
+
+def _valid(b: _Budget, resident: int, max_model_len: int) -> bool:
+    return b.build(resident).kv_tokens >= max_model_len
+
+
+def _suggest_trigger(b: _Budget, max_model_len: int) -> float | None:
+    """The largest multiple of 0.05 (<= gpu_memory_utilization) whose plan is valid."""
+    for k in range(_TRIGGER_STEPS - 1, -1, -1):
+        t = k / _TRIGGER_STEPS
+        if t <= b.utilization and _valid(b, b.resident_for_trigger(t), max_model_len):
+            return t
+    return None
+
+
+def _suggest_host_gb(b: _Budget, max_model_len: int) -> float | None:
+    """The shortest decimal N whose --cpu-offload-gb tail is the smallest valid one."""
+    lb = b.layer_bytes
+    for n in range(1, b.num_layers + 1):
+        if _valid(b, b.num_layers - n, max_model_len):
+            for digits in range(1, 10):  # shortest x with (n-1) x lb < x x 1e9 <= n x lb
+                q = n * lb // 10 ** (9 - digits)
+                if q * 10 ** (9 - digits) > (n - 1) * lb:
+                    return q / 10**digits
+    return None
+
+
+def _no_room(b: _Budget, p: Placement, offload: OffloadConfig, max_model_len: int) -> ConfigError:
+    t, host_gb = _suggest_trigger(b, max_model_len), _suggest_host_gb(b, max_model_len)
+    fixes = ([f"--trigger {t:g}"] if t is not None else []) + (
+        [f"--cpu-offload-gb {host_gb:g}"] if host_gb is not None else []
+    )
+    if p.kv_tokens > 0:
+        fixes.append(f"--max-model-len {p.kv_tokens}")
+    one_seq = -(-max_model_len // b.block_size) * b.kv_block_bytes
+    if not p.offload_active and offload.trigger == 1.0:
+        msg = (
+            f"weights need {_gb(p.gpu_weight_bytes)} but a {_gb(b.total)} card at --gpu-memory-utilization "
+            f"{b.utilization:g} leaves {_gb(b.usable)} for weights, {_gb(b.activation_bytes)} of activations "
+            f"and the KV cache of one {max_model_len}-token sequence ({_gb(one_seq)})"
+        )
+    else:
+        left = b.usable - p.gpu_weight_bytes - p.ring_bytes - p.activation_bytes
+        msg = (
+            f"the KV cache gets {_gb(max(0.0, left))} after {_gb(p.gpu_weight_bytes)} of weights, "
+            f"{_gb(p.ring_bytes)} of prefetch ring and {_gb(p.activation_bytes)} of activations: "
+            f"{p.kv_tokens} tokens, fewer than --max-model-len {max_model_len} ({_gb(one_seq)})"
+        )
+    if t is None and host_gb is None:
+        most = b.build(0).kv_tokens  # every layer on the host: the smallest GPU footprint
+        limit = f" (this plan holds {p.kv_tokens} tokens, {most} with every layer on the host)" if most else ""
+        return ConfigError(
+            f"{msg}; even with every decoder layer on the host there is no room: lower --max-model-len"
+            f"{limit} or raise --gpu-memory-utilization"
+        )
+    return ConfigError(f"{msg}; try {' or '.join(fixes)}")
+
+
+def _span(layers: Sequence[int]) -> str:
+    return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_plan(p: Placement, model: ModelConfig, block_size: int) -> str:
+    """The text `aioffload plan` prints: one row per run of layers in one place, then totals."""
+    dtype_bytes = p.layer_bytes // layer_layout(model).numel
+    vocab_bytes = model.vocab_size * model.hidden_size * dtype_bytes
+    rows = [("embed_tokens", "host" if p.embed_on_host else "GPU", "", _size(vocab_bytes))]
+    for place, layers in (("GPU", p.resident_layers), ("host", p.offloaded_layers)):
+        if layers:
+            rows.append((_span(layers), place, f"{_size(p.layer_bytes)} each", _size(len(layers) * p.layer_bytes)))
+    rows.append(("final norm", "GPU", "", _size(model.hidden_size * dtype_bytes)))
+    if model.tie_word_embeddings and not p.embed_on_host:
+        rows.append(("lm_head", "GPU", "tied", "shares embed_tokens"))
+    else:
+        rows.append(("lm_head", "GPU", "tied copy" if model.tie_word_embeddings else "", _size(vocab_bytes)))
+    lines = [f"  {a:<14} {b:<5} {c:<16} {d:>10}".rstrip() for a, b, c, d in rows]
+    kv_tokens = p.kv_blocks * block_size
+    if p.offload_active:
+        floor = (
+            f"{p.predicted_step_floor_s * 1e3:.1f} ms per decode step "
+            f"({_gb(p.host_layer_bytes)} at {p.h2d_bytes_per_s / 1e9:.1f} GB/s host->GPU)"
+        )
+    else:
+        floor = "no offload: step bound by HBM"
+    lines += [
+        f"GPU weights      {_gb(p.gpu_weight_bytes)} ({len(p.resident_layers)} of {model.num_layers} layers)",
+        f"host weights     {_gb(p.host_weight_bytes)} (pinned; {len(p.offloaded_layers)} layers)",
+        f"prefetch ring    {_gb(p.ring_bytes)} ({p.ring_slots} slots)",
+        f"activations      {_gb(p.activation_bytes)} reserved",
+        f"KV cache         {p.kv_blocks} blocks x {block_size} tokens = {kv_tokens} tokens "
+        f"({_gb(p.kv_blocks * p.kv_block_bytes)})",
+        f"device           {_gb(p.device_total_bytes)}",
+        f"step floor       {floor}",
+        f"trigger          {'1.0 (offload off)' if p.trigger >= 1.0 else f'{p.trigger:.3g}'}",
+        f"reason           {p.reason}",
+    ]
+    return "\n".join(lines)
