@@ -6,7 +6,9 @@ import argparse
 from collections.abc import Callable
 
 
-def add_bench_parsers(sub: argparse._SubParsersAction, add_engine_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_bench_parsers(
+    sub: argparse._SubParsersAction, add_engine_args: Callable[[argparse.ArgumentParser], None]
+) -> None:
     from aioffload.bench import latency, offload, throughput
 
     bench = sub.add_parser("bench", help="benchmarks: latency, throughput, offload")
