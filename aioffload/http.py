@@ -1,0 +1,327 @@
+"""OpenAI-compatible HTTP API: routes, auth, body limits, and `run_server`.
+
+Every handler is wrapped so that a refused request is an OpenAI-style error object and an
+unexpected exception a logged, generic 500. The generation itself (SSE or JSON, abort on
+disconnect) is `http_stream.Generation`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from aioffload.config import EngineConfig, ServerConfig
+from aioffload.http_stream import Generation, internal_error
+from aioffload.http_types import (
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseShape,
+    chat_messages,
+    check_token_ids,
+    decode_request,
+    error_body,
+    error_response,
+    json_response,
+    sampling_params,
+)
+from aioffload.metrics import Metrics
+from aioffload.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from aioffload.engine import Engine
+
+log = logging.getLogger("aioffload.http")
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+CHAT_DEFAULT_MAX_TOKENS = 512
+
+
+@dataclass
+class ServerState:
+    """What the routes share; `engine` is None until the model is loaded."""
+
+    config: ServerConfig
+    metrics: Metrics
+    engine: Engine | None = None
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+Handler = Callable[[ServerState, Request], Awaitable[Any]]
+
+
+def _endpoint(state: ServerState, handler: Handler, auth: bool) -> Callable[[Request], Awaitable[Any]]:
+    async def endpoint(request: Request) -> Any:
+        try:
+            if auth and state.config.api_key is not None:
+                _check_api_key(request, state.config.api_key)
+            return await handler(state, request)
+        except ApiError as e:
+            return error_response(e)
+        except Exception:
+            log.exception("unexpected error in %s %s", request.method, request.url.path)
+            return internal_error()
+
+    return endpoint
+
+
+def _check_api_key(request: Request, api_key: str) -> None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", None,
+                       {"WWW-Authenticate": "Bearer"})
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_large = ApiError(413, f"request body exceeds {limit} bytes")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _ready_engine(state: ServerState) -> Engine:
+    if state.engine is None:
+        raise ApiError(503, "the model is still loading", None, {"Retry-After": "5"})
+    if state.draining:
+        raise ApiError(503, "the server is shutting down")
+    return state.engine
+
+
+def _check_model(model: str | None, engine: Engine) -> None:
+    if model is not None and model != engine.model_name:
+        message = f"model {model!r} does not exist; this server serves {engine.model_name!r}"
+        raise ApiError(404, message, "model")
+
+
+async def _completions(state: ServerState, request: Request) -> Any:
+    arrival = time.monotonic()
+    engine = _ready_engine(state)
+    req = decode_request(await _read_body(request, state.config.max_body_bytes), CompletionRequest)
+    _check_model(req.model, engine)
+    if isinstance(req.prompt, str):
+        if not req.prompt:
+            raise ApiError(400, "prompt must not be empty", "prompt")
+        prompt_ids = await anyio.to_thread.run_sync(engine.tokenizer.encode, req.prompt)
+    else:
+        prompt_ids = req.prompt
+    check_token_ids(prompt_ids, getattr(engine.tokenizer, "vocab_size", None), "prompt")
+    default_max = COMPLETION_DEFAULT_MAX_TOKENS
+    params = sampling_params(req, len(prompt_ids), engine.max_model_len, default_max, "prompt")
+    return _generation(state, engine, req, False, prompt_ids, params, arrival)
+
+
+async def _chat(state: ServerState, request: Request) -> Any:
+    arrival = time.monotonic()
+    engine = _ready_engine(state)
+    req = decode_request(await _read_body(request, state.config.max_body_bytes), ChatCompletionRequest)
+    _check_model(req.model, engine)
+    messages = chat_messages(req)
+
+    def render() -> list[int]:
+        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return engine.tokenizer.encode(text, add_special_tokens=False)  # the template adds BOS itself
+
+    try:
+        prompt_ids = await anyio.to_thread.run_sync(render)
+    except Exception as e:  # a template's raise_exception (e.g. roles must alternate) is the user's error
+        raise ApiError(400, f"cannot apply the chat template: {e}", "messages") from None
+    check_token_ids(prompt_ids, None, "messages")
+    params = sampling_params(req, len(prompt_ids), engine.max_model_len, CHAT_DEFAULT_MAX_TOKENS, "messages")
+    return _generation(state, engine, req, True, prompt_ids, params, arrival)
+
+
+def _generation(state: ServerState, engine: Engine, req: CompletionRequest | ChatCompletionRequest,
+                chat: bool, prompt_ids: list[int], params: SamplingParams, arrival: float) -> Generation:
+    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+    shape = ResponseShape(chat, request_id, int(time.time()), engine.model_name, include_usage)
+    tracker = state.metrics.track(len(prompt_ids), arrival)
+    prompt_param = "messages" if chat else "prompt"
+    return Generation(engine, shape, prompt_ids, params, req.stream, tracker, prompt_param)
+
+
+async def _models(state: ServerState, request: Request) -> Response:
+    engine = _ready_engine(state)
+    card = {"id": engine.model_name, "object": "model", "created": state.created, "owned_by": "aioffload",
+            "max_model_len": engine.max_model_len}
+    return json_response({"object": "list", "data": [card]})
+
+
+async def _health(state: ServerState, request: Request) -> Response:
+    if state.engine is None:
+        return json_response({"status": "loading"}, 503)
+    if state.draining:
+        return json_response({"status": "shutting_down"}, 503)
+    return json_response({"status": "ok"})
+
+
+async def _metrics(state: ServerState, request: Request) -> Response:
+    if state.engine is not None:
+        state.metrics.update_engine_stats(state.engine.stats())
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    return json_response(error_body(f"{request.method} {request.url.path}: {exc}", None, status), status)
+
+
+def build_app(
+    engine: Engine | None, server_config: ServerConfig, metrics: Metrics | None = None
+) -> Starlette:
+    """The ASGI app; with `engine=None` it answers 503 until `app.state.server.engine` is set."""
+    state = ServerState(server_config, metrics or Metrics(), engine)
+    routes = [
+        Route("/v1/completions", _endpoint(state, _completions, True), methods=["POST"]),
+        Route("/v1/chat/completions", _endpoint(state, _chat, True), methods=["POST"]),
+        Route("/v1/models", _endpoint(state, _models, True), methods=["GET"]),
+        Route("/health", _endpoint(state, _health, False), methods=["GET"]),
+        Route("/metrics", _endpoint(state, _metrics, False), methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
+    app.state.server = state
+    return app
+
+
+class _Server(uvicorn.Server):
+    """uvicorn.Server that drains the engine before closing connections; signals exit with status 0."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn re-raises captured signals after shutdown (status 130/143); we want a clean 0.
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self) -> None:
+        self.force_exit = self.should_exit  # a second signal skips waiting for connections
+        self.should_exit = True
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        for server in getattr(self, "servers", []):
+            server.close()  # stop accepting before draining
+        self.state.draining = True
+        if self.state.engine is not None:
+            log.info("draining: in-flight requests get up to %.1f s", self.state.config.shutdown_timeout_s)
+            await self.state.engine.shutdown(self.state.config.shutdown_timeout_s)
+        await super().shutdown(sockets)
+
+
+async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
+    """Run a blocking call in a daemon thread (a model load must not keep a stopping process alive)."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[Any] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not fut.done():
+            fut.set_result(value) if ok else fut.set_exception(value)
+
+    def run() -> None:
+        try:
+            result: tuple[bool, Any] = (True, fn())
+        except BaseException as e:
+            result = (False, e)
+        with contextlib.suppress(RuntimeError):  # the loop may be closed already
+            loop.call_soon_threadsafe(settle, *result)
+
+    threading.Thread(target=run, name="aioffload-load", daemon=True).start()
+    return await fut
+
+
+async def _load_engine(engine_config: EngineConfig, state: ServerState, server: _Server) -> bool:
+    from aioffload.engine import Engine  # lazy: importing torch is slow
+
+    try:
+        engine = await _in_daemon_thread(lambda: Engine.from_config(engine_config))
+        if server.should_exit:
+            return True
+        await engine.start()
+    except Exception:
+        log.exception("failed to load the model")
+        server.should_exit = True
+        return False
+    state.engine = engine
+    cfg = state.config
+    log.info("model %s loaded; serving on http://%s:%d", engine.model_name, cfg.host, cfg.port)
+    return True
+
+
+async def _log_stats(state: ServerState) -> None:
+    last: dict[str, float] = {}
+    while True:
+        await asyncio.sleep(state.config.log_interval_s)
+        if state.engine is None:
+            continue
+        s = state.engine.stats()
+        dt = state.config.log_interval_s
+        prompt_tps = (s.get("prompt_tokens_total", 0) - last.get("prompt_tokens_total", 0)) / dt
+        gen_tps = (s.get("generation_tokens_total", 0) - last.get("generation_tokens_total", 0)) / dt
+        if prompt_tps or gen_tps or s.get("num_running") or s.get("num_waiting"):
+            log.info("running %d, waiting %d, KV %.0f%%, prompt %.1f tok/s, generation %.1f tok/s",
+                     s.get("num_running", 0), s.get("num_waiting", 0), 100 * s.get("kv_usage", 0.0),
+                     prompt_tps, gen_tps)
+        last = s
+
+
+async def _serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    app = build_app(None, server_config)
+    state: ServerState = app.state.server
+    config = uvicorn.Config(app, host=server_config.host, port=server_config.port, lifespan="off",
+                            log_config=None, timeout_graceful_shutdown=5)  # logging is the CLI's
+    server = _Server(config, state)
+    loader = asyncio.create_task(_load_engine(engine_config, state, server))
+    stats_logger = asyncio.create_task(_log_stats(state))
+    try:
+        await server.serve()
+    except SystemExit as e:  # uvicorn exits this way when it cannot bind
+        return e.code if isinstance(e.code, int) else 1
+    finally:
+        stats_logger.cancel()
+        loader.cancel()
+    if loader.cancelled() or not loader.done():
+        return 0
+    return 0 if loader.result() else 1
+
+
+def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+    """Serve until SIGINT/SIGTERM, loading the model meanwhile (/health is 503 until loaded).
+
+    On a signal: stop accepting, let in-flight requests finish for up to
+    `server_config.shutdown_timeout_s` (then abort them), and return 0. Returns 1 when the model
+    fails to load or the address cannot be bound.
+    """
+    return asyncio.run(_serve(engine_config, server_config))
