@@ -21,7 +21,7 @@ from aioffload.kv_cache import BlockManager, BlockPool
 from aioffload.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
 from aioffload.request import Request
 from aioffload.sampling import SamplingParams
-from aioffload.scheduler import Scheduler, StepPlan
+from aioffload.scheduler import Scheduler, StepPlan, should_hold
 from aioffload.tokenizer import Tokenizer
 from aioffload.weights import Checkpoint
 from aioffload.worker import Worker
@@ -58,25 +58,16 @@ class Engine:
         return cls(config, worker, tokenizer, name)
 
     def _configure_offload_batching(self) -> None:
-        """While offload is active every step costs at least the copy floor F, and every extra
-        token in it is nearly free: raise the token budget to what the GPU computes in F."""
-        p = self.worker.placement
-        self.hold_s = 0.0
-        if not self.worker.offload_active:
+        self.scheduler.token_budget = self.worker.token_budget
+        self.hold_s = self.config.scheduler.offload_hold_ms / 1e3 if self.worker.offload_active else 0.0
+        if self.worker.offload_active:
+            log.info(
+                "scheduler: offload-aware: copy floor %.1f ms/step, token budget %d, up to %d sequences, hold %.0f ms",
+                self.worker.copy_floor_s * 1e3, self.worker.token_budget, self.config.scheduler.max_num_seqs,
+                self.hold_s * 1e3,
+            )  # fmt: skip
+        else:
             log.info("scheduler: latency-first (no offload), token budget %d", self.scheduler.token_budget)
-            return
-        floor_s = self.worker.offload_bytes_per_step / self.worker.h2d_bytes_per_s
-        # Matmul tokens the GPU finishes in F: 2 FLOPs per weight per token at ~40% of a
-        # 400 TFLOP/s-class card's dense rate is conservative for H100/H200.
-        params = (p.gpu_weight_bytes + p.host_weight_bytes) / max(1, self.worker.dtype.itemsize)
-        free_tokens = int(floor_s * 160e12 / (2 * params)) if self.worker.device.type == "cuda" else 0
-        budget = max(self.config.scheduler.max_num_batched_tokens, min(free_tokens, 16384))
-        self.scheduler.token_budget = budget
-        self.hold_s = self.config.scheduler.offload_hold_ms / 1e3
-        log.info(
-            "scheduler: offload-aware: copy floor %.1f ms/step, token budget %d, up to %d sequences, hold %.0f ms",
-            floor_s * 1e3, budget, self.config.scheduler.max_num_seqs, self.hold_s * 1e3,
-        )  # fmt: skip
 
     # ---- public API -------------------------------------------------------------------
 
@@ -194,13 +185,9 @@ class Engine:
                 del self._states[rid]
 
     def _should_hold(self) -> bool:
-        # Offloaded steps cost the same with more tokens: when requests just arrived and
-        # there is room, wait a moment so the next arrivals share this transfer.
         s = self.scheduler
-        if not s.waiting or s.num_running >= self.config.scheduler.max_num_seqs:
-            return False
-        newest = s.waiting[-1].arrival_time
-        return time.monotonic() - newest < self.hold_s
+        newest = s.waiting[-1].arrival_time if s.waiting else None
+        return should_hold(time.monotonic(), newest, s.num_running, self.config.scheduler.max_num_seqs, self.hold_s)
 
     def _run_step(self, plan: StepPlan) -> dict[str, int]:
         chunks, params, seeds, steps = [], [], [], []

@@ -21,10 +21,15 @@ from aioffload.kv_cache import KVCache, kv_bytes_per_block
 from aioffload.model.loader import build_model
 from aioffload.placement import Placement, estimate_activation_bytes, plan_placement
 from aioffload.sampling import SamplingParams, SamplingTensors, sample
+from aioffload.scheduler import offload_token_budget
 from aioffload.transfer_queue import TransferQueue
 from aioffload.weights import Checkpoint
 
 log = logging.getLogger("aioffload.worker")
+
+# Dense matmul rate counted on when sizing offloaded steps: ~40% of an H100/H200's bf16
+# peak (790 TFLOP/s measured), conservative because small-batch matmuls run below peak.
+DENSE_FLOPS_COUNTED = 300e12
 
 
 def pick_device(requested: str) -> torch.device:
@@ -90,6 +95,14 @@ class Worker:
         )  # fmt: skip
         self.offload_active = isinstance(self.layers, TransferQueue)
         self.offload_bytes_per_step = self.layers.bytes_per_step if isinstance(self.layers, TransferQueue) else 0
+        self.copy_floor_s = self.offload_bytes_per_step / self.h2d_bytes_per_s
+        # Known before KV sizing, so the warm-up step profiles the largest step that will run.
+        self.token_budget = sched.max_num_batched_tokens
+        if self.offload_active:
+            params = (self.placement.gpu_weight_bytes + self.placement.host_weight_bytes) // elem
+            self.token_budget = offload_token_budget(
+                sched.max_num_batched_tokens, self.copy_floor_s, params, DENSE_FLOPS_COUNTED if cuda else 0.0
+            )
         self.num_blocks = self._size_kv_cache(total, elem)
         self.kv = KVCache(
             mcfg.num_layers, self.num_blocks, self.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype, self.device
@@ -159,7 +172,7 @@ class Worker:
     def _profile_peak_bytes(self) -> int:
         """Peak device memory of a warm-up forward at the largest step (weights included)."""
         sched, mcfg = self.config.scheduler, self.model_config
-        tokens = min(sched.max_num_batched_tokens, self.max_model_len * sched.max_num_seqs)
+        tokens = min(self.token_budget, self.max_model_len * sched.max_num_seqs)
         seqs = max(1, min(sched.max_num_seqs, -(-tokens // self.max_model_len)))
         per = -(-tokens // seqs)
         blocks_per = -(-per // self.block_size)

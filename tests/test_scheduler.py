@@ -392,3 +392,26 @@ def test_random_workloads_never_stall_and_match_reference(seed: int) -> None:
     completed = [r for r in reqs if r.finish_reason != "abort"]
     assert all(r.request_id in to_abort for r in reqs if r.finish_reason == "abort")
     assert_reference_outputs(completed, max_model_len)
+
+
+# ---- offload-aware sizing (pure functions) -------------------------------------------
+
+
+def test_offload_token_budget_raises_to_tokens_computed_within_the_floor() -> None:
+    from aioffload.scheduler import offload_token_budget
+
+    # 8e9 parameters, 180 ms floor, 300 TFLOP/s counted: 0.18 * 300e12 / 16e9 = 3375 free tokens.
+    assert offload_token_budget(2048, 0.18, 8_000_000_000, 300e12) == 3375
+    assert offload_token_budget(4096, 0.18, 8_000_000_000, 300e12) == 4096  # never below the base
+    assert offload_token_budget(2048, 10.0, 8_000_000_000, 300e12) == 16384  # capped
+    assert offload_token_budget(2048, 0.18, 8_000_000_000, 0.0) == 2048  # CPU: no raise
+
+
+def test_should_hold_only_for_fresh_arrivals_with_room() -> None:
+    from aioffload.scheduler import should_hold
+
+    assert should_hold(10.000, 9.999, num_running=3, max_num_seqs=8, hold_s=0.003)
+    assert not should_hold(10.000, 9.990, num_running=3, max_num_seqs=8, hold_s=0.003)  # arrival is old
+    assert not should_hold(10.000, 9.999, num_running=8, max_num_seqs=8, hold_s=0.003)  # no room
+    assert not should_hold(10.000, None, num_running=0, max_num_seqs=8, hold_s=0.003)  # nobody waiting
+    assert not should_hold(10.000, 9.999, num_running=0, max_num_seqs=8, hold_s=0.0)  # offload off
