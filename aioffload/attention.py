@@ -99,6 +99,10 @@ class TritonPagedBackend:
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+    def attend(self, q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
+        """Attention only: this step's K/V are already in the cache (the fused rope kernel wrote them)."""
         return self._kernel(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale)
 
 

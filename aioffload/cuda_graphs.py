@@ -9,11 +9,12 @@ one key, so they change nothing.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
 from aioffload.attention import AttentionMetadata
-from aioffload.inputs import StepInputs
+from aioffload.inputs import SeqChunk
 from aioffload.kv_cache import KVCache
 from aioffload.model.llama import LlamaModel
 
@@ -34,12 +35,17 @@ class CudaGraphRunner:
         self.sizes = bucket_sizes(max_num_seqs)
         n, dev = self.sizes[-1], model.device
         i32, i64 = torch.int32, torch.int64
-        self.input_ids = torch.zeros(n, dtype=i64, device=dev)
-        self.positions = torch.zeros(n, dtype=i64, device=dev)
-        self.slot_mapping = torch.full((n,), kv.trash_slot, dtype=i64, device=dev)
+        self.block_size = kv.block_size
+        # One pinned host buffer per input kind, copied whole each step (8 KB + the tables).
+        self.host_rows = torch.zeros(4, n, dtype=i64, pin_memory=True)  # ids, positions, slots, ctx
+        self.host_tables = torch.zeros(n, max_blocks_per_seq, dtype=i32, pin_memory=True)
+        self.rows_np, self.tables_np = self.host_rows.numpy(), self.host_tables.numpy()
+        self.rows = torch.zeros(4, n, dtype=i64, device=dev)
+        self.rows[2].fill_(kv.trash_slot)
+        self.rows[3].fill_(1)
+        self.input_ids, self.positions, self.slot_mapping, self.row_ctx = self.rows.unbind(0)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=i32, device=dev)
         self.seq_lens = torch.ones(n, dtype=i32, device=dev)
-        self.row_ctx = torch.ones(n, dtype=i32, device=dev)
         self.arange32 = torch.arange(n, dtype=i32, device=dev)
         self.arange64 = torch.arange(n, dtype=i64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -75,22 +81,21 @@ class CudaGraphRunner:
         torch.cuda.synchronize()
         log.info("CUDA graphs captured for decode batch sizes %s", self.sizes)
 
-    def can_run(self, inputs: StepInputs) -> bool:
-        m = inputs.meta
-        return len(m.query_lens) <= self.sizes[-1] and inputs.input_ids.numel() == len(m.query_lens)
+    def can_run(self, chunks: Sequence[SeqChunk]) -> bool:
+        """Decode-only steps (one token per sequence) of at most the largest bucket."""
+        return len(chunks) <= self.sizes[-1] and all(len(c.token_ids) == 1 for c in chunks)
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:  # logits [S, V]
-        m = inputs.meta
-        s = len(m.query_lens)
+    def run(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:  # logits [S, V]
+        s = len(chunks)
         bs = next(b for b in self.sizes if b >= s)
-        self.input_ids[:s].copy_(inputs.input_ids)
-        self.positions[:s].copy_(inputs.positions)
-        self.slot_mapping[:s].copy_(m.slot_mapping)
-        self.slot_mapping[s:bs].fill_(self.kv.trash_slot)
-        w = m.block_tables.shape[1]
-        self.block_tables[:s, :w].copy_(m.block_tables)
-        self.seq_lens[:s].copy_(m.seq_lens)
-        self.row_ctx[:s].copy_(m.row_ctx)
-        self.row_ctx[s:bs].fill_(1)
+        rows, tables, block = self.rows_np, self.tables_np, self.block_size
+        for i, c in enumerate(chunks):
+            p = c.start
+            rows[0, i], rows[1, i], rows[3, i] = c.token_ids[0], p, p + 1
+            rows[2, i] = c.block_table[p // block] * block + p % block
+            tables[i, : len(c.block_table)] = c.block_table
+        rows[0, s:bs], rows[1, s:bs], rows[2, s:bs], rows[3, s:bs] = 0, 0, self.kv.trash_slot, 1
+        self.rows.copy_(self.host_rows, non_blocking=True)
+        self.block_tables[:bs].copy_(self.host_tables[:bs], non_blocking=True)
         self.graphs[bs].replay()
         return self.outputs[bs][:s]

@@ -201,15 +201,17 @@ class Worker:
     ) -> list[int]:
         """Run one step; returns one sampled token id per chunk (callers ignore those of
         sequences still mid-prefill)."""
-        inputs = build_inputs(chunks, self.block_size, self.device)
         try:
-            if self.graphs is not None and self.graphs.can_run(inputs):
-                logits = self.graphs.run(inputs)
+            if self.graphs is not None and self.graphs.can_run(chunks):
+                logits = self.graphs.run(chunks)
             else:
+                inputs = build_inputs(chunks, self.block_size, self.device)
                 logits = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv)
         except BaseException:
             if isinstance(self.layers, TransferQueue):
                 self.layers.reset()
             raise
+        if all(p.temperature == 0 for p in params):  # all greedy: skip building sampling tensors
+            return logits.argmax(-1).tolist()
         st = SamplingTensors.build(params, seeds, steps, self.device)
         return sample(logits, st).tolist()

@@ -102,6 +102,12 @@ class LlamaModel:
         self.dtype = final_norm.dtype
         self.rope = rope_cache(cfg, max_positions, self.dtype, device)
         self.scale = cfg.head_dim**-0.5
+        # CUDA with the Triton attention backend: fused kernels between the GEMVs.
+        self.fused = None
+        if device.type == "cuda" and attention.name == "torch":
+            from aioffload.model import fused
+
+            self.fused = fused
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.embed.device == input_ids.device:
@@ -120,6 +126,8 @@ class LlamaModel:
     ) -> torch.Tensor:  # logits [S, V] float32
         cfg = self.cfg
         x = self.embed_tokens(input_ids)  # [T, H]
+        if self.fused is not None:
+            return self._forward_fused(x, positions, meta, kv)
         cos_sin = self.rope[positions]  # [T, 2, D]
         cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, D]
         for i in range(cfg.num_layers):
@@ -129,6 +137,31 @@ class LlamaModel:
         x = x[meta.last_token_idx]  # [S, H]
         x = rms_norm(x, self.final_norm, cfg.rms_norm_eps)
         return F.linear(x, self.lm_head).float()
+
+    def _forward_fused(
+        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache
+    ) -> torch.Tensor:
+        """CUDA path: each layer leaves its MLP output pending; the next layer's fused
+        add + RMSNorm folds it into the residual stream."""
+        cfg, f = self.cfg, self.fused
+        assert f is not None
+        pending: torch.Tensor | None = None
+        t = x.shape[0]
+        for i in range(cfg.num_layers):
+            w = self.layers.acquire(i)
+            h = f.add_rms_norm(x, pending, w.input_norm, cfg.rms_norm_eps)
+            qkv = F.linear(h, w.qkv_w, w.qkv_b)
+            q = f.rope_and_cache(
+                qkv, positions, self.rope, meta.slot_mapping, kv.k[i], kv.v[i], cfg.num_heads, cfg.num_kv_heads,
+                cfg.head_dim, w.q_norm, w.k_norm, cfg.rms_norm_eps,
+            )  # fmt: skip
+            o = self.attention.attend(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, Hq, D]
+            h = f.add_rms_norm(x, F.linear(o.view(t, cfg.q_size), w.o_w), w.post_norm, cfg.rms_norm_eps)
+            pending = F.linear(f.silu_mul(F.linear(h, w.gate_up_w)), w.down_w)
+            self.layers.release(i)
+        x = x[meta.last_token_idx]  # [S, H]
+        h = f.add_rms_norm(x, pending[meta.last_token_idx], self.final_norm, cfg.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
 
     def _layer(
         self,
