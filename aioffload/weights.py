@@ -19,6 +19,7 @@ import torch
 
 from aioffload.config import ConfigError, ModelConfig
 from aioffload.model.layout import LayerLayout, LayerWeights, layer_layout, source_shapes
+from aioffload.pinned import pinned_empty
 from aioffload.progress import Progress
 from aioffload.safetensors_io import SafetensorsError, TensorEntry, read_header, read_into
 
@@ -166,13 +167,16 @@ def load_weights(
     else:
         lm_head = embed if embed.device == device else embed.to(device)
 
-    staging = torch.empty(layout.numel, dtype=dtype, pin_memory=pin) if pin else None
+    def host_buffer() -> torch.Tensor:
+        return pinned_empty(layout.numel, dtype) if pin else torch.empty(layout.numel, dtype=dtype)
+
+    # Resident layers pass through one reused pinned staging buffer on their way to the GPU.
+    staging = host_buffer() if pin and len(offloaded) < cfg.num_layers else None
     resident: dict[int, LayerWeights] = {}
     host: dict[int, torch.Tensor] = {}
     for i in range(cfg.num_layers):
         offload = i in offloaded
-        flat = torch.empty(layout.numel, dtype=dtype, pin_memory=pin and offload) if offload or not pin else staging
-        assert flat is not None
+        flat = host_buffer() if offload or staging is None else staging
         flat.zero_()  # alignment padding must be defined: offloaded buffers are compared bitwise
         _fill_layer(ckpt, i, flat, layout)
         if offload:
