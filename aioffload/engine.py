@@ -72,7 +72,11 @@ class Engine:
     # ---- public API -------------------------------------------------------------------
 
     async def start(self) -> None:
-        if self._task is None:
+        """Start the loop task on the running event loop (again, if an earlier loop is gone)."""
+        running = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not running:
+            self._wake = asyncio.Event()  # an Event binds to the loop that first waits on it
+            self._wake.set()
             self._task = asyncio.create_task(self._loop(), name="aioffload-engine")
 
     async def shutdown(self, timeout_s: float = 10.0) -> None:

@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -297,7 +299,8 @@ async def _log_stats(state: ServerState) -> None:
         last = s
 
 
-async def _serve(engine_config: EngineConfig, server_config: ServerConfig) -> int:
+async def _serve(engine_config: EngineConfig, server_config: ServerConfig) -> tuple[int, bool]:
+    """Returns (exit status, whether the model was still loading when the server stopped)."""
     app = build_app(None, server_config)
     state: ServerState = app.state.server
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, lifespan="off",
@@ -308,13 +311,14 @@ async def _serve(engine_config: EngineConfig, server_config: ServerConfig) -> in
     try:
         await server.serve()
     except SystemExit as e:  # uvicorn exits this way when it cannot bind
-        return e.code if isinstance(e.code, int) else 1
+        return (e.code if isinstance(e.code, int) else 1), not loader.done()
     finally:
+        loading = not loader.done()
         stats_logger.cancel()
         loader.cancel()
-    if loader.cancelled() or not loader.done():
-        return 0
-    return 0 if loader.result() else 1
+    if loading or loader.cancelled():
+        return 0, loading
+    return (0 if loader.result() else 1), False
 
 
 def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
@@ -324,4 +328,13 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     `server_config.shutdown_timeout_s` (then abort them), and return 0. Returns 1 when the model
     fails to load or the address cannot be bound.
     """
-    return asyncio.run(_serve(engine_config, server_config))
+    status, loading = asyncio.run(_serve(engine_config, server_config))
+    if loading:
+        # The loader thread is inside torch; a normal interpreter exit would abort in its
+        # C++ destructors (SIGABRT). Nothing else is running: flush and leave now.
+        log.info("stopped while the model was still loading")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
