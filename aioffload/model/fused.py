@@ -51,36 +51,40 @@ def _rope_cache_kernel(
 ):  # fmt: skip
     t = tl.program_id(0)
     h = tl.program_id(1)  # 0..NUM_Q-1: query heads; then NUM_KV key heads
-    half: tl.constexpr = HEAD_DIM // 2
-    offs = tl.arange(0, half)
+    offs = tl.arange(0, HEAD_DIM // 2)
     pos = tl.load(pos_ptr + t)
     cos = tl.load(rope_ptr + pos * 2 * HEAD_DIM + offs).to(tl.float32)  # rope: [P, 2, D], halves are equal
     sin = tl.load(rope_ptr + pos * 2 * HEAD_DIM + HEAD_DIM + offs).to(tl.float32)
     base = qkv_ptr + t * stride_qkv + h * HEAD_DIM
     x1 = tl.load(base + offs).to(tl.float32)
-    x2 = tl.load(base + half + offs).to(tl.float32)
+    x2 = tl.load(base + HEAD_DIM // 2 + offs).to(tl.float32)
     if QK_NORM:
-        norm_ptr = qn_ptr if h < NUM_Q else kn_ptr
+        # q heads take q_norm's weight, k heads k_norm's: two masked loads, no pointer select.
+        is_q = h < NUM_Q
+        w1 = tl.load(qn_ptr + offs, mask=is_q, other=0.0) + tl.load(kn_ptr + offs, mask=h >= NUM_Q, other=0.0)
+        w2 = tl.load(qn_ptr + HEAD_DIM // 2 + offs, mask=is_q, other=0.0) + tl.load(
+            kn_ptr + HEAD_DIM // 2 + offs, mask=h >= NUM_Q, other=0.0
+        )
         rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM + eps)
         dt = qkv_ptr.dtype.element_ty
-        x1 = (x1 * rstd).to(dt).to(tl.float32) * tl.load(norm_ptr + offs).to(tl.float32)
-        x2 = (x2 * rstd).to(dt).to(tl.float32) * tl.load(norm_ptr + half + offs).to(tl.float32)
+        x1 = (x1 * rstd).to(dt).to(tl.float32) * w1.to(tl.float32)
+        x2 = (x2 * rstd).to(dt).to(tl.float32) * w2.to(tl.float32)
     o1 = x1 * cos - x2 * sin
     o2 = x2 * cos + x1 * sin
     if h < NUM_Q:
         dst = q_out_ptr + t * stride_qo_t + h * stride_qo_h
         tl.store(dst + offs, o1.to(q_out_ptr.dtype.element_ty))
-        tl.store(dst + half + offs, o2.to(q_out_ptr.dtype.element_ty))
+        tl.store(dst + HEAD_DIM // 2 + offs, o2.to(q_out_ptr.dtype.element_ty))
     else:
         slot = tl.load(slot_ptr + t)
         kh = h - NUM_Q
         dst = k_cache_ptr + slot * stride_cache_slot + kh * stride_cache_h
         tl.store(dst + offs, o1.to(k_cache_ptr.dtype.element_ty))
-        tl.store(dst + half + offs, o2.to(k_cache_ptr.dtype.element_ty))
+        tl.store(dst + HEAD_DIM // 2 + offs, o2.to(k_cache_ptr.dtype.element_ty))
         vsrc = qkv_ptr + t * stride_qkv + (NUM_Q + NUM_KV + kh) * HEAD_DIM
         vdst = v_cache_ptr + slot * stride_cache_slot + kh * stride_cache_h
         tl.store(vdst + offs, tl.load(vsrc + offs))
-        tl.store(vdst + half + offs, tl.load(vsrc + half + offs))
+        tl.store(vdst + HEAD_DIM // 2 + offs, tl.load(vsrc + HEAD_DIM // 2 + offs))
 
 
 def rope_and_cache(
