@@ -98,6 +98,11 @@ class Engine:
                 pass
             self._task = None
 
+    @property
+    def is_dead(self) -> bool:
+        """True once the loop stopped on a fatal error: /health reports it so the server gets restarted."""
+        return self._dead is not None
+
     def abort(self, request_id: str) -> None:
         """Non-blocking: the request stops before the next step and its blocks return."""
         if request_id in self._states:

@@ -25,7 +25,7 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -78,6 +78,9 @@ def _endpoint(state: ServerState, handler: Handler, auth: bool) -> Callable[[Req
             return await handler(state, request)
         except ApiError as e:
             return error_response(e)
+        except ClientDisconnect:  # the client left while sending its body: nobody to answer
+            log.debug("client left during %s %s", request.method, request.url.path)
+            return Response(status_code=400)
         except Exception:
             log.exception("unexpected error in %s %s", request.method, request.url.path)
             return internal_error()
@@ -179,6 +182,8 @@ async def _health(state: ServerState, request: Request) -> Response:
         return json_response({"status": "loading"}, 503)
     if state.draining:
         return json_response({"status": "shutting_down"}, 503)
+    if state.engine.is_dead:
+        return json_response({"status": "engine_failed"}, 503)
     return json_response({"status": "ok"})
 
 

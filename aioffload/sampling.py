@@ -21,6 +21,14 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < MIN_TEMPERATURE
+
+
+MAX_TOP_K = 1 << 20  # beyond any vocabulary: as good as off, and safely an int64
+MIN_TEMPERATURE = 1e-5  # smaller positive temperatures sample as greedy (1/t would overflow)
+
 
 def validate(params: SamplingParams) -> None:
     """Raise ValueError("<field>: <problem>") for the first invalid field; the HTTP layer maps it to a 400."""
@@ -31,8 +39,10 @@ def validate(params: SamplingParams) -> None:
         raise ValueError(f"temperature: must be >= 0, got {p.temperature}")
     if not 0 < p.top_p <= 1:
         raise ValueError(f"top_p: must be in (0, 1], got {p.top_p}")
-    if p.top_k < 0:
-        raise ValueError(f"top_k: must be >= 0 (0 = off), got {p.top_k}")
+    if not 0 <= p.top_k <= MAX_TOP_K:
+        raise ValueError(f"top_k: must be in [0, {MAX_TOP_K}] (0 = off), got {p.top_k}")
+    if p.seed is not None and not -(2**63) <= p.seed < 2**64:
+        raise ValueError(f"seed: must fit in 64 bits, got {p.seed}")
     if any(len(s) == 0 for s in p.stop):
         raise ValueError("stop: stop strings must not be empty")
     if any(t < 0 for t in p.stop_token_ids):
@@ -85,7 +95,7 @@ class SamplingTensors:
             top_p=put([p.top_p for p in params], torch.float32),
             seed=put([(s + 2**63) % 2**64 - 2**63 for s in seeds], torch.int64),  # any int -> its 64 bits
             step=put(list(steps), torch.int64),
-            all_greedy=all(p.temperature == 0 for p in params),
+            all_greedy=all(p.is_greedy for p in params),
         )
 
 
@@ -143,7 +153,7 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if t.all_greedy:
         return greedy_ids
     vocab = logits.shape[-1]
-    is_greedy = t.temperature == 0  # [S]
+    is_greedy = t.temperature < MIN_TEMPERATURE  # [S]
     scaled = logits / torch.where(is_greedy, 1.0, t.temperature)[:, None]  # [S, V]
     # Stable, so ties keep index order and top_k=1 agrees with argmax.
     sorted_logits, sorted_ids = scaled.sort(dim=-1, descending=True, stable=True)  # [S, V], [S, V]

@@ -211,7 +211,7 @@ class Worker:
             if isinstance(self.layers, TransferQueue):
                 self.layers.reset()
             raise
-        if all(p.temperature == 0 for p in params):  # all greedy: skip building sampling tensors
+        if all(p.is_greedy for p in params):  # all greedy: skip building sampling tensors
             return logits.argmax(-1).tolist()
         st = SamplingTensors.build(params, seeds, steps, self.device)
         return sample(logits, st).tolist()

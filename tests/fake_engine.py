@@ -77,6 +77,8 @@ class FakeEngine:
     def kv_usage(self) -> float:
         return sum(s.num_blocks for s in self.running.values()) / self.num_blocks
 
+    is_dead = False
+
     def stats(self) -> dict[str, float]:
         used = sum(s.num_blocks for s in self.running.values())
         return {"num_running": len(self.running), "num_waiting": 0, "kv_usage": used / self.num_blocks,

@@ -346,6 +346,12 @@ def test_health_503_until_engine_is_set(engine: FakeEngine) -> None:
         assert c.get("/metrics").status_code == 200
         app.state.server.engine = engine
         assert c.get("/health").json() == {"status": "ok"}
+        engine.is_dead = True  # the engine loop stopped on a fatal error: report it, so it gets restarted
+        try:
+            r = c.get("/health")
+            assert r.status_code == 503 and r.json() == {"status": "engine_failed"}
+        finally:
+            engine.is_dead = False
 
 
 def _health(url: str, seen: set[int]) -> int | None:

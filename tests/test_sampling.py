@@ -238,3 +238,26 @@ def test_validate_accepts_good_params():
     validate(SamplingParams())
     validate(SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0, top_k=1, stop=("\n",),
                             stop_token_ids=(0,)))
+
+
+def test_tiny_positive_temperature_samples_greedy() -> None:
+    from aioffload.sampling import MIN_TEMPERATURE
+
+    logits = torch.randn(4, 50)
+    params = [SamplingParams(temperature=t) for t in (1e-30, 1e-38, MIN_TEMPERATURE / 2, 0.0)]
+    assert all(p.is_greedy for p in params)
+    t = SamplingTensors.build(params, seeds=[1, 2, 3, 4], steps=[0, 0, 0, 0], device=torch.device("cpu"))
+    mixed = [*params[:3], SamplingParams(temperature=1.0)]
+    tm = SamplingTensors.build(mixed, seeds=[1, 2, 3, 4], steps=[0, 0, 0, 0], device=torch.device("cpu"))
+    assert sample(logits, t).tolist() == logits.argmax(-1).tolist()
+    assert sample(logits, tm)[:3].tolist() == logits.argmax(-1)[:3].tolist()  # no NaN garbage from 1/t
+
+
+def test_top_k_and_seed_bounds() -> None:
+    from aioffload.sampling import MAX_TOP_K
+
+    with pytest.raises(ValueError, match="^top_k: "):
+        validate(SamplingParams(top_k=2**63))
+    validate(SamplingParams(top_k=MAX_TOP_K))
+    with pytest.raises(ValueError, match="^seed: "):
+        validate(SamplingParams(seed=2**64))
