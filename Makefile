@@ -45,3 +45,10 @@ lint: install-test
 
 clean:
 	rm -rf $(VENV)
+
+# Locust load test (load_tests/README.md): LOAD_ARGS go to load_tests/run.sh, e.g.
+#   make load LOAD_ARGS="-u 32 -r 8 -t 5m --max-p99-ttft-ms 2000 --min-output-tps 50"
+LOAD_ARGS ?=
+.PHONY: load
+load: install-test
+	PYTHON=$(BIN)/python load_tests/run.sh $(LOAD_ARGS)
