@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from aioffload.config import (
@@ -22,50 +23,30 @@ from aioffload.config import (
 DEMO_MODEL = str(Path(__file__).parent / "assets" / "demo")
 
 
-def _trigger(value: str) -> float | str:
-    if value == "auto":
-        return value
-    try:
-        t = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or 'auto', got {value!r}") from None
-    if not 0.0 <= t <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return t
+def _number(kind: type, ok: Callable[[float], bool], rule: str, allow: tuple[str, ...] = ()) -> Callable[[str], object]:
+    """An argparse type: `kind(value)` satisfying `ok`, else "must be <rule>" (exit status 2)."""
 
-
-def _positive(kind: type) -> object:
     def parse(value: str) -> object:
+        if value in allow:
+            return value
         try:
             v = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a {kind.__name__}, got {value!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value}")
         return v
 
-    parse.__name__ = f"positive {kind.__name__}"
     return parse
 
 
-def _fraction(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {value!r}") from None
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return v
+_trigger = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1] or 'auto'", allow=("auto",))
+_fraction = _number(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+_non_negative_float = _number(float, lambda v: v >= 0, ">= 0")
 
 
-def _non_negative_float(value: str) -> float:
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return v
+def _positive(kind: type) -> Callable[[str], object]:
+    return _number(kind, lambda v: v > 0, "an integer > 0" if kind is int else "a number > 0")
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:

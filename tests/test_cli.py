@@ -31,12 +31,12 @@ def test_serve_help_documents_every_flag_with_default() -> None:
 @pytest.mark.parametrize(
     "argv, fragment",
     [
-        (["--trigger", "1.5"], "--trigger: must be in [0, 1]"),
+        (["--trigger", "1.5"], "--trigger: must be a number in [0, 1] or 'auto', got 1.5"),
         (["--trigger", "fast"], "--trigger: must be a number in [0, 1] or 'auto'"),
-        (["--cpu-offload-gb", "-1"], "--cpu-offload-gb: must be >= 0"),
+        (["--cpu-offload-gb", "-1"], "--cpu-offload-gb: must be >= 0, got -1"),
         (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization: must be in (0, 1]"),
-        (["--max-num-seqs", "0"], "--max-num-seqs: must be > 0"),
-        (["--gpu-memory-gb", "-3"], "--gpu-memory-gb: must be > 0"),
+        (["--max-num-seqs", "0"], "--max-num-seqs: must be an integer > 0, got 0"),
+        (["--gpu-memory-gb", "-3"], "--gpu-memory-gb: must be a number > 0, got -3"),
         (["--dtype", "int3"], "--dtype: invalid choice"),
         (["--trigger", "0.95", "--gpu-memory-utilization", "0.9"], "above --gpu-memory-utilization"),
         (["--trigger", "0.5", "--cpu-offload-gb", "3"], "give only one"),
