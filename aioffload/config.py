@@ -207,4 +207,3 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     shutdown_timeout_s: float = 10.0
-    log_interval_s: float = 5.0

@@ -190,7 +190,7 @@ class Engine:
             self._dead = e
             for rid, st in list(self._states.items()):
                 st.finish("abort")
-                st.slot.put(st.final_output(f"engine error: {e}"))
+                st.slot.put(st.final_output())  # the error itself is in the log
                 del self._states[rid]
 
     def _should_hold(self) -> bool:

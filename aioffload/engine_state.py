@@ -100,7 +100,8 @@ class RequestState:
         self.finished = True
         self.req.finish_reason = self.req.finish_reason or reason
 
-    def final_output(self, error: str | None = None) -> RequestOutput:
+    def final_output(self) -> RequestOutput:
+        """The closing output of an aborted request."""
         out = self._output("", [])
         out.finished, out.finish_reason = True, "abort"
         return out

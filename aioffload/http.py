@@ -287,23 +287,6 @@ async def _load_engine(engine_config: EngineConfig, state: ServerState, server: 
     return True
 
 
-async def _log_stats(state: ServerState) -> None:
-    last: dict[str, float] = {}
-    while True:
-        await asyncio.sleep(state.config.log_interval_s)
-        if state.engine is None:
-            continue
-        s = state.engine.stats()
-        dt = state.config.log_interval_s
-        prompt_tps = (s.get("prompt_tokens_total", 0) - last.get("prompt_tokens_total", 0)) / dt
-        gen_tps = (s.get("generation_tokens_total", 0) - last.get("generation_tokens_total", 0)) / dt
-        if prompt_tps or gen_tps or s.get("num_running") or s.get("num_waiting"):
-            log.info("running %d, waiting %d, KV %.0f%%, prompt %.1f tok/s, generation %.1f tok/s",
-                     s.get("num_running", 0), s.get("num_waiting", 0), 100 * s.get("kv_usage", 0.0),
-                     prompt_tps, gen_tps)
-        last = s
-
-
 async def _serve(engine_config: EngineConfig, server_config: ServerConfig) -> tuple[int, bool]:
     """Returns (exit status, whether the model was still loading when the server stopped)."""
     app = build_app(None, server_config)
@@ -312,14 +295,12 @@ async def _serve(engine_config: EngineConfig, server_config: ServerConfig) -> tu
                             log_config=None, timeout_graceful_shutdown=5)  # logging is the CLI's
     server = _Server(config, state)
     loader = asyncio.create_task(_load_engine(engine_config, state, server))
-    stats_logger = asyncio.create_task(_log_stats(state))
     try:
         await server.serve()
     except SystemExit as e:  # uvicorn exits this way when it cannot bind
         return (e.code if isinstance(e.code, int) else 1), not loader.done()
     finally:
         loading = not loader.done()
-        stats_logger.cancel()
         loader.cancel()
     if loading or loader.cancelled():
         return 0, loading

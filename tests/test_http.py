@@ -397,7 +397,7 @@ def test_run_server_signal_drains_and_exits_zero(monkeypatch: pytest.MonkeyPatch
 
     helper = threading.Thread(target=client)
     helper.start()
-    status = run_server(EngineConfig(model="fake"), ServerConfig(port=port, log_interval_s=0.1))
+    status = run_server(EngineConfig(model="fake"), ServerConfig(port=port))
     helper.join(10)
     assert status == 0
     assert checks == {"loaded": True, "refused": True}
