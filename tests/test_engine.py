@@ -127,7 +127,17 @@ def test_offloaded_engine_is_bit_identical_including_chunked_and_preempted(tiny:
     engine = make_engine(tiny, num_blocks=40, budget=16, cpu_offload_gb=half_layers_gb(tiny))
     assert isinstance(engine.worker.layers, TransferQueue)
     assert engine.worker.placement.offloaded_layers == (2, 3)
+    preempted: list[str] = []
+    original = engine.scheduler._preempt
+
+    def spy(request):  # type: ignore[no-untyped-def]
+        preempted.append(request.request_id)
+        return original(request)
+
+    engine.scheduler._preempt = spy  # type: ignore[method-assign]
     assert run_all(engine, ps) == resident
+    assert preempted, "a 40-block pool for 12 sequences must preempt and resume some"
+    assert max(len(p) for p in ps) > 16  # prompts longer than the budget: chunked prefill happened
 
 
 def test_abort_stops_within_one_step_and_frees_blocks(tiny: str) -> None:

@@ -403,3 +403,35 @@ def _health_status(port: int) -> int | None:
         return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code
     except httpx.TransportError:
         return None
+
+
+# Field by field, bad values against the real server: with BAD_REQUESTS above, more than 50 cases.
+BAD_FIELDS: dict[str, list[Any]] = {
+    "max_tokens": ["ten", -1, 0, 1.5, [1], 10**6],
+    "temperature": [-0.5, "hot", 2.5, [0]],
+    "top_p": [0, 1.5, "x", -0.1],
+    "top_k": [-1, "k", 2**63, 1.5],
+    "n": [0, 2, "1", -1],
+    "seed": ["s", 2**70, 1.5],
+    "stop": [5, [""], [1, 2]],
+    "stream": ["yes", 3],
+    "echo": [True],
+    "prompt": [5, [], [1, -3], {"a": 1}, ""],
+    "model": [5, "another-model"],
+}
+FIELD_CASES = [(f, v) for f, values in BAD_FIELDS.items() for v in values]
+
+
+def test_bad_field_values_are_4xx_naming_the_field(client: httpx.Client) -> None:
+    assert len(FIELD_CASES) + len(BAD_REQUESTS) >= 50
+    wrong = []
+    for field, value in FIELD_CASES:
+        r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, field: value})
+        expected = 404 if (field, value) == ("model", "another-model") else 400
+        body = r.json()
+        param = body.get("error", {}).get("param") or ""
+        names_field = param == field or param.startswith((f"{field}[", f"{field}."))  # e.g. stop[0]
+        if r.status_code != expected or not names_field or "Traceback" in r.text:
+            wrong.append((field, value, r.status_code, body))
+    assert not wrong, wrong
+    assert client.get("/health").status_code == 200  # and the engine lived through all of it
