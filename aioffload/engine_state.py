@@ -123,8 +123,10 @@ class StepStats:
     def record_step(self, plan: StepPlan, seconds: float) -> None:
         for req in plan.requests:
             n = plan.num_scheduled_tokens[req.request_id]
-            # Tokens of the prompt (or recomputed after preemption) count as prompt tokens.
-            self.prompt_tokens_total += max(0, min(n, req.num_tokens - 1 - req.num_computed_tokens))
+            # Positions of the prompt, and outputs recomputed after a preemption, are prompt work;
+            # only the newest token's position is generation.
+            c = req.num_computed_tokens
+            self.prompt_tokens_total += max(0, min(c + n, max(req.num_prompt_tokens, req.num_tokens - 1)) - c)
         self.steps_total += 1
         self.step_time_ema = seconds if self.steps_total == 1 else 0.9 * self.step_time_ema + 0.1 * seconds
 

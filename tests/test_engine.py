@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -267,3 +268,17 @@ def test_event_loop_stays_free_during_a_step(tiny: str) -> None:
         return worst
 
     assert asyncio.run(main()) < 0.1
+
+
+def test_stats_log_line_reports_throughput_and_queue(tiny: str, caplog: pytest.LogCaptureFixture) -> None:
+    engine = make_engine(tiny)
+    engine.stats_.log_interval_s = 0.0  # log at every opportunity
+    with caplog.at_level("INFO", logger="aioffload.engine"):
+        run_all(engine, prompts(4))
+    lines = [r.getMessage() for r in caplog.records if "generation throughput" in r.getMessage()]
+    assert lines, "no throughput line was logged"
+    assert any(re.search(r"prompt throughput [\d.]+ tok/s, generation throughput [1-9][\d.]* tok/s, running \d+, "
+                         r"waiting \d+, KV usage [\d.]+%", ln) for ln in lines), lines
+    s = engine.stats()
+    assert s["generation_tokens_total"] == 4 * GREEDY.max_tokens
+    assert s["prompt_tokens_total"] == sum(len(p) for p in prompts(4))
