@@ -60,10 +60,11 @@ def _rope_cache_kernel(
     x2 = tl.load(base + HEAD_DIM // 2 + offs).to(tl.float32)
     if QK_NORM:
         # q heads take q_norm's weight, k heads k_norm's: two masked loads, no pointer select.
-        is_q = h < NUM_Q
-        w1 = tl.load(qn_ptr + offs, mask=is_q, other=0.0) + tl.load(kn_ptr + offs, mask=h >= NUM_Q, other=0.0)
+        is_q = (offs * 0 + h) < NUM_Q  # a per-element mask: Triton wants vector masks
+        is_k = (offs * 0 + h) >= NUM_Q
+        w1 = tl.load(qn_ptr + offs, mask=is_q, other=0.0) + tl.load(kn_ptr + offs, mask=is_k, other=0.0)
         w2 = tl.load(qn_ptr + HEAD_DIM // 2 + offs, mask=is_q, other=0.0) + tl.load(
-            kn_ptr + HEAD_DIM // 2 + offs, mask=h >= NUM_Q, other=0.0
+            kn_ptr + HEAD_DIM // 2 + offs, mask=is_k, other=0.0
         )
         rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM + eps)
         dt = qkv_ptr.dtype.element_ty
