@@ -102,8 +102,8 @@ def test_preemption_under_tiny_pool_gives_same_outputs(tiny: str) -> None:
     assert engine.block_manager.pool.num_free == 40
 
 
-def test_preempted_requests_really_were_preempted(tiny: str) -> None:
-    engine = make_engine(tiny, num_blocks=40, budget=32)
+def spy_preemptions(engine: Engine) -> list[str]:
+    """Ids of the requests the engine's scheduler preempts from now on, in order."""
     preempted: list[str] = []
     original = engine.scheduler._preempt
 
@@ -112,6 +112,12 @@ def test_preempted_requests_really_were_preempted(tiny: str) -> None:
         return original(request)
 
     engine.scheduler._preempt = spy  # type: ignore[method-assign]
+    return preempted
+
+
+def test_preempted_requests_really_were_preempted(tiny: str) -> None:
+    engine = make_engine(tiny, num_blocks=40, budget=32)
+    preempted = spy_preemptions(engine)
     run_all(engine, prompts(12))
     assert preempted, "the tiny pool should have forced at least one preemption"
 
@@ -128,14 +134,7 @@ def test_offloaded_engine_is_bit_identical_including_chunked_and_preempted(tiny:
     engine = make_engine(tiny, num_blocks=40, budget=16, cpu_offload_gb=half_layers_gb(tiny))
     assert isinstance(engine.worker.layers, TransferQueue)
     assert engine.worker.placement.offloaded_layers == (2, 3)
-    preempted: list[str] = []
-    original = engine.scheduler._preempt
-
-    def spy(request):  # type: ignore[no-untyped-def]
-        preempted.append(request.request_id)
-        return original(request)
-
-    engine.scheduler._preempt = spy  # type: ignore[method-assign]
+    preempted = spy_preemptions(engine)
     assert run_all(engine, ps) == resident
     assert preempted, "a 40-block pool for 12 sequences must preempt and resume some"
     assert max(len(p) for p in ps) > 16  # prompts longer than the budget: chunked prefill happened
