@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,27 +29,11 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] int64: flat cache slot each token's K/V goes to
     block_tables: torch.Tensor  # [S, B] int32
-    seq_lens: torch.Tensor  # [S] int32: K/V length of each sequence after this step
     row_seq: torch.Tensor  # [T] int32: sequence index of each query row
     row_ctx: torch.Tensor  # [T] int32: keys visible to each query row (causal limit)
     last_token_idx: torch.Tensor  # [S] int64: row of each sequence's last token
     query_lens: list[int]  # host copies for the eager, per-sequence paths
     seq_lens_host: list[int]
-
-
-class AttentionBackend(Protocol):
-    name: str
-
-    def forward(
-        self,
-        q: torch.Tensor,  # [T, Hq, D]
-        k: torch.Tensor,  # [T, Hkv, D]
-        v: torch.Tensor,  # [T, Hkv, D]
-        k_cache: torch.Tensor,  # [num_blocks + 1, block_size, Hkv, D]
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor: ...  # [T, Hq, D]
 
 
 def write_kv(
@@ -68,11 +51,40 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> to
     return cache[block_table[:nb].long()].flatten(0, 1)[:length]
 
 
-class SdpaBackend:
+class AttentionBackend:
+    """`attend` reads K/V from the paged cache only; the model's rope op has already
+    written this step's K/V (`forward` does both, for callers that have raw K/V)."""
+
+    name: str
+
+    def attend(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k_cache: torch.Tensor,  # [num_blocks + 1, block_size, Hkv, D]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        raise NotImplementedError
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        return self.attend(q, k_cache, v_cache, meta, scale)
+
+
+class SdpaBackend(AttentionBackend):
     name = "sdpa"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    def attend(self, q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
         out = torch.empty_like(q)
         start = 0
         for s, (ql, sl) in enumerate(zip(meta.query_lens, meta.seq_lens_host, strict=True)):
@@ -89,7 +101,7 @@ class SdpaBackend:
         return out
 
 
-class TritonPagedBackend:
+class TritonPagedBackend(AttentionBackend):
     name = "torch"
 
     def __init__(self) -> None:
@@ -97,16 +109,11 @@ class TritonPagedBackend:
 
         self._kernel = paged_kernel.paged_attention
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        return self.attend(q, k_cache, v_cache, meta, scale)
-
     def attend(self, q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
-        """Attention only: this step's K/V are already in the cache (the fused rope kernel wrote them)."""
         return self._kernel(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale)
 
 
-class XformersBackend:
+class XformersBackend(AttentionBackend):
     name = "xformers"
 
     def __init__(self) -> None:
@@ -115,17 +122,16 @@ class XformersBackend:
 
         self._xops, self._fmha = xops, fmha
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
-        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    def attend(self, q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
         ks = torch.cat([gather_kv(k_cache, meta.block_tables[s], sl) for s, sl in enumerate(meta.seq_lens_host)])
         vs = torch.cat([gather_kv(v_cache, meta.block_tables[s], sl) for s, sl in enumerate(meta.seq_lens_host)])
-        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
         g = hq // hkv
         bias = self._fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask.from_seqlens(
             meta.query_lens, meta.seq_lens_host
         )
         # xformers' GQA layout: [1, T, Hkv, G, D] with K/V expanded over the group.
-        q5 = q.view(1, -1, hkv, g, d)
+        q5 = q.reshape(1, -1, hkv, g, d)
         k5 = ks.view(1, -1, hkv, 1, d).expand(-1, -1, -1, g, -1)
         v5 = vs.view(1, -1, hkv, 1, d).expand(-1, -1, -1, g, -1)
         o = self._xops.memory_efficient_attention_forward(q5, k5, v5, attn_bias=bias, scale=scale)

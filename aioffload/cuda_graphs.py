@@ -45,7 +45,6 @@ class CudaGraphRunner:
         self.rows[3].fill_(1)
         self.input_ids, self.positions, self.slot_mapping, self.row_ctx = self.rows.unbind(0)
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=i32, device=dev)
-        self.seq_lens = torch.ones(n, dtype=i32, device=dev)
         self.arange32 = torch.arange(n, dtype=i32, device=dev)
         self.arange64 = torch.arange(n, dtype=i64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -56,7 +55,6 @@ class CudaGraphRunner:
         return AttentionMetadata(
             slot_mapping=self.slot_mapping[:bs],
             block_tables=self.block_tables[:bs],
-            seq_lens=self.seq_lens[:bs],
             row_seq=self.arange32[:bs],
             row_ctx=self.row_ctx[:bs],
             last_token_idx=self.arange64[:bs],

@@ -188,10 +188,9 @@ class Engine:
         except BaseException as e:  # a fatal worker error: fail every request, clearly
             log.exception("engine loop died")
             self._dead = e
-            for rid, st in list(self._states.items()):
-                st.finish("abort")
-                st.slot.put(st.final_output())  # the error itself is in the log
-                del self._states[rid]
+            for st in self._states.values():
+                st.abort()  # the error itself is in the log
+            self._states.clear()
 
     def _should_hold(self) -> bool:
         s = self.scheduler
@@ -218,8 +217,7 @@ class Engine:
             if st is None:
                 continue
             self.scheduler.abort(rid)
-            st.finish("abort")
-            st.slot.put(st.final_output())
+            st.abort()
 
     def _postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:
         updated = self.scheduler.update(plan, sampled)

@@ -96,15 +96,12 @@ class RequestState:
         out.finished, out.finish_reason = True, reason
         return out
 
-    def finish(self, reason: str) -> None:
+    def abort(self) -> None:
+        """End the stream with an "abort" output (the scheduler has dropped the request)."""
         self.finished = True
-        self.req.finish_reason = self.req.finish_reason or reason
-
-    def final_output(self) -> RequestOutput:
-        """The closing output of an aborted request."""
         out = self._output("", [])
         out.finished, out.finish_reason = True, "abort"
-        return out
+        self.slot.put(out)
 
 
 class StepStats:

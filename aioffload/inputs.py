@@ -63,7 +63,6 @@ def build_inputs(chunks: Sequence[SeqChunk], block_size: int, device: torch.devi
     meta = AttentionMetadata(
         slot_mapping=t(slots, torch.int64),
         block_tables=t(tables, torch.int32),
-        seq_lens=t(slens, torch.int32),
         row_seq=t(row_seq, torch.int32),
         row_ctx=t(row_ctx, torch.int32),
         last_token_idx=t(last, torch.int64),

@@ -143,6 +143,16 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tenso
     return ((h >> 9) * 2 + 1).to(torch.float32) * (1.0 / (1 << 24))
 
 
+def sample_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]
+) -> list[int]:
+    """One step's token ids (a host sync). An all-greedy batch is a plain argmax: no
+    sampling tensors are built, which matters for a 6 ms decode step."""
+    if all(p.is_greedy for p in params):
+        return logits.argmax(dim=-1).tolist()
+    return sample(logits, SamplingTensors.build(params, seeds, steps, logits.device)).tolist()
+
+
 def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Pick one token per row. logits: [S, V] (any float dtype) -> token ids [S] int64 on logits' device.
 

@@ -177,7 +177,6 @@ def load_weights(
     for i in range(cfg.num_layers):
         offload = i in offloaded
         flat = host_buffer() if offload or staging is None else staging
-        flat.zero_()  # alignment padding must be defined: offloaded buffers are compared bitwise
         _fill_layer(ckpt, i, flat, layout)
         if offload:
             host[i] = flat
@@ -195,10 +194,14 @@ def load_weights(
 
 
 def _fill_layer(ckpt: Checkpoint, i: int, flat: torch.Tensor, layout: LayerLayout) -> None:
-    for spec in layout.params:
+    """Read layer i's tensors into `flat`; the alignment gaps between them are zeroed, so a
+    layer's buffer is fully defined (offloaded buffers are compared bitwise in tests)."""
+    ends = [p.offset for p in layout.params[1:]] + [layout.numel]
+    for spec, end in zip(layout.params, ends):
         offset = spec.offset
         for src in spec.sources:
             e = ckpt.entries[f"model.layers.{i}.{src}"]
             n = e.nbytes // e.dtype.itemsize
             read_into(e, flat[offset : offset + n])
             offset += n
+        flat[offset:end].zero_()

@@ -20,7 +20,7 @@ from aioffload.inputs import SeqChunk, build_inputs
 from aioffload.kv_cache import KVCache, kv_bytes_per_block
 from aioffload.model.loader import build_model
 from aioffload.placement import Placement, estimate_activation_bytes, plan_placement
-from aioffload.sampling import SamplingParams, SamplingTensors, sample
+from aioffload.sampling import SamplingParams, sample_tokens
 from aioffload.scheduler import offload_token_budget
 from aioffload.transfer_queue import TransferQueue
 from aioffload.weights import Checkpoint
@@ -211,7 +211,4 @@ class Worker:
             if isinstance(self.layers, TransferQueue):
                 self.layers.reset()
             raise
-        if all(p.is_greedy for p in params):  # all greedy: skip building sampling tensors
-            return logits.argmax(-1).tolist()
-        st = SamplingTensors.build(params, seeds, steps, self.device)
-        return sample(logits, st).tolist()
+        return sample_tokens(logits, params, seeds, steps)

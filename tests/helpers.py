@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,16 @@ from aioffload.model.loader import build_model
 from aioffload.weights import Checkpoint
 
 CPU = torch.device("cpu")
+
+
+def wait_for(cond: Callable[[], object], timeout: float, interval: float = 0.01) -> bool:
+    """Poll `cond` until it is truthy (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
 BLOCK_SIZE = 4
 NUM_BLOCKS = 64
 

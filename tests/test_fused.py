@@ -32,7 +32,8 @@ SCRIPT = textwrap.dedent(
     _ti._patch_lang_tensor = _patch
     torch.set_num_threads(1)
     from aioffload.model import fused
-    from aioffload.model.llama import rms_norm, apply_rope, rope_cache
+    from aioffload.model.llama import rope_cache
+    from aioffload.model.ops import apply_rope, rms_norm
     from tests.tiny_models import make_checkpoint
     torch.manual_seed(0)
     res = {}
@@ -82,7 +83,7 @@ SCRIPT = textwrap.dedent(
         for backend, use_fused in ((SdpaBackend(), False), (TritonPagedBackend(), True)):
             model, _ = build_model(ck, torch.float32, torch.device("cpu"), backend, 128)
             if use_fused:
-                model.fused = fused
+                model.ops = fused
             bm = BlockManager(BlockPool(32, 4)); kv = KVCache(c.num_layers, 32, 4, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
             seqs = [[1, 5, 9, 33, 7, 100, 3], [1, 200, 201]]
             for i, s in enumerate(seqs):

@@ -10,13 +10,14 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from fake_engine import FakeEngine, serve
+from helpers import wait_for
 
 from aioffload.config import EngineConfig, ServerConfig
 from aioffload.http import build_app, run_server
@@ -52,15 +53,6 @@ def slow() -> Iterator[tuple[FakeEngine, str]]:
     engine = FakeEngine(model_name=MODEL, token_delay_s=0.05, max_running=1)
     with serve(build_app(engine, ServerConfig())) as url:
         yield engine, url
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
 
 
 def sse_events(raw: bytes) -> list[bytes]:
@@ -254,7 +246,7 @@ def test_stream_disconnect_aborts(slow: tuple[FakeEngine, str]) -> None:
             lines = r.iter_lines()  # keep a reference: a dropped iterator closes the response
             request_id = json.loads(next(lines)[6:])["id"]
             assert engine.kv_usage > 0
-    assert wait_for(lambda: request_id in engine.aborted and engine.kv_usage == 0)
+    assert wait_for(lambda: request_id in engine.aborted and engine.kv_usage == 0, timeout=1.0)
     assert not engine.running
 
 
@@ -263,7 +255,7 @@ def test_non_stream_disconnect_aborts(slow: tuple[FakeEngine, str]) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", json={"prompt": "go", "max_tokens": 200}, timeout=0.3)
     request_id = engine.calls[-1][2]
-    assert wait_for(lambda: request_id in engine.aborted and engine.kv_usage == 0)
+    assert wait_for(lambda: request_id in engine.aborted and engine.kv_usage == 0, timeout=1.0)
 
 
 def test_queue_full_is_503(slow: tuple[FakeEngine, str]) -> None:
@@ -312,7 +304,7 @@ def test_health_and_metrics_stay_fast_during_slow_steps(slow: tuple[FakeEngine, 
         done.set()
 
     threading.Thread(target=generate, daemon=True).start()
-    assert wait_for(lambda: bool(engine.running))
+    assert wait_for(lambda: bool(engine.running), timeout=1.0)
     with httpx.Client(base_url=url, timeout=5) as c:
         for path in ["/health", "/metrics"] * 5:
             t0 = time.perf_counter()

@@ -89,7 +89,7 @@ def random_step(step, block_size, num_kv_heads, group, head_dim, dtype, device, 
     k_cache, v_cache = rand(*cache_shape), rand(*cache_shape)
     meta = inp.meta
     if device.type != "cpu":
-        for name in ("slot_mapping", "block_tables", "seq_lens", "row_seq", "row_ctx", "last_token_idx"):
+        for name in ("slot_mapping", "block_tables", "row_seq", "row_ctx", "last_token_idx"):
             setattr(meta, name, getattr(meta, name).to(device))
     return q, k, v, k_cache, v_cache, meta
 

@@ -261,3 +261,14 @@ def test_top_k_and_seed_bounds() -> None:
     validate(SamplingParams(top_k=MAX_TOP_K))
     with pytest.raises(ValueError, match="^seed: "):
         validate(SamplingParams(seed=2**64))
+
+
+def test_sample_tokens_greedy_shortcut_agrees_with_sample() -> None:
+    from aioffload.sampling import sample_tokens
+
+    logits = torch.randn(3, 40)
+    greedy = [SamplingParams(temperature=0.0)] * 3
+    assert sample_tokens(logits, greedy, [1, 2, 3], [0, 0, 0]) == logits.argmax(-1).tolist()
+    mixed = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.0)]
+    t = SamplingTensors.build(mixed, [1, 2, 3], [4, 4, 4], torch.device("cpu"))
+    assert sample_tokens(logits, mixed, [1, 2, 3], [4, 4, 4]) == sample(logits, t).tolist()

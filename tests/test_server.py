@@ -14,12 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from helpers import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from server_proc import DEMO, REPO, ServerProc, free_port, start_server
 
@@ -76,15 +77,6 @@ def scrape(client: httpx.Client) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 ABORTS = 'aioffload_requests_total{finish_reason="abort"}'
@@ -208,8 +200,8 @@ def test_disconnect_mid_stream_aborts_and_frees_kv(client: httpx.Client) -> None
         during = scrape(client)
     # Leaving the block before the end closes the connection: the server sees a disconnect.
     assert during["aioffload_requests_running"] == 1 and not kv_all_free(during)
-    assert wait_for(lambda: kv_all_free(scrape(client))), scrape(client)
-    assert wait_for(lambda: scrape(client).get(ABORTS, 0) == before.get(ABORTS, 0) + 1)
+    assert wait_for(lambda: kv_all_free(scrape(client)), timeout=10.0), scrape(client)
+    assert wait_for(lambda: scrape(client).get(ABORTS, 0) == before.get(ABORTS, 0) + 1, timeout=10.0)
 
 
 def test_disconnect_while_waiting_for_a_json_body_aborts(server: ServerProc, client: httpx.Client) -> None:
@@ -217,7 +209,7 @@ def test_disconnect_while_waiting_for_a_json_body_aborts(server: ServerProc, cli
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.5))
-    assert wait_for(lambda: kv_all_free(scrape(client))), scrape(client)
+    assert wait_for(lambda: kv_all_free(scrape(client)), timeout=10.0), scrape(client)
     after = scrape(client)
     assert after.get(ABORTS, 0) == before.get(ABORTS, 0) + 1
     assert after["aioffload_generation_tokens_total"] - before["aioffload_generation_tokens_total"] < LONG

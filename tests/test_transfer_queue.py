@@ -160,12 +160,12 @@ class FailOnce(SdpaBackend):
         self.calls = 0
         self.fail_at: int | None = None
 
-    def forward(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def attend(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         if self.fail_at is not None and self.calls == self.fail_at:
             self.fail_at = None
             raise RuntimeError("injected failure")
         self.calls += 1
-        return super().forward(*args, **kwargs)
+        return super().attend(*args, **kwargs)
 
     def arm(self, layer: int) -> None:
         self.calls, self.fail_at = 0, layer

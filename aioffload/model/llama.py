@@ -10,6 +10,7 @@ transfer queue hands out staging slots; the model does not know which is which.
 from __future__ import annotations
 
 import math
+import types
 from typing import Protocol
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from aioffload.attention import AttentionBackend, AttentionMetadata
 from aioffload.config import ModelConfig
 from aioffload.kv_cache import KVCache
+from aioffload.model import ops
 from aioffload.model.layout import LayerWeights
 
 
@@ -27,14 +29,6 @@ class LayerSource(Protocol):
     def acquire(self, layer: int) -> LayerWeights: ...
 
     def release(self, layer: int) -> None: ...
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as HF: normalise in float32, cast back, then scale.
-    dtype = x.dtype
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -67,16 +61,6 @@ def rope_cache(cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device:
     return torch.stack([emb.cos(), emb.sin()], dim=1).to(dtype=dtype, device=device)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, H, D]; cos, sin: [T, 1, D]
-    return x * cos + _rotate_half(x) * sin
-
-
 class LlamaModel:
     """Weights-agnostic decoder. `embed`, `final_norm`, `lm_head` are device tensors
     (embed may stay on the host: only the gathered rows are copied)."""
@@ -102,12 +86,13 @@ class LlamaModel:
         self.dtype = final_norm.dtype
         self.rope = rope_cache(cfg, max_positions, self.dtype, device)
         self.scale = cfg.head_dim**-0.5
-        # CUDA with the Triton attention backend: fused kernels between the GEMVs.
-        self.fused = None
+        # The elementwise ops between the matmuls: Triton kernels on CUDA with the Triton
+        # attention backend, HF-exact PyTorch elsewhere; the same layer structure either way.
+        self.ops: types.ModuleType = ops
         if device.type == "cuda" and attention.name == "torch":
             from aioffload.model import fused
 
-            self.fused = fused
+            self.ops = fused
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.embed.device == input_ids.device:
@@ -124,70 +109,25 @@ class LlamaModel:
         meta: AttentionMetadata,
         kv: KVCache,
     ) -> torch.Tensor:  # logits [S, V] float32
-        cfg = self.cfg
+        """Each layer leaves its MLP output pending; the next layer's add + RMSNorm folds it
+        into the residual stream (one fused kernel on CUDA)."""
+        cfg, f = self.cfg, self.ops
         x = self.embed_tokens(input_ids)  # [T, H]
-        if self.fused is not None:
-            return self._forward_fused(x, positions, meta, kv)
-        cos_sin = self.rope[positions]  # [T, 2, D]
-        cos, sin = cos_sin[:, 0:1], cos_sin[:, 1:2]  # [T, 1, D]
-        for i in range(cfg.num_layers):
-            w = self.layers.acquire(i)
-            x = self._layer(x, w, cos, sin, meta, kv.k[i], kv.v[i])
-            self.layers.release(i)
-        x = x[meta.last_token_idx]  # [S, H]
-        x = rms_norm(x, self.final_norm, cfg.rms_norm_eps)
-        return F.linear(x, self.lm_head).float()
-
-    def _forward_fused(
-        self, x: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache
-    ) -> torch.Tensor:
-        """CUDA path: each layer leaves its MLP output pending; the next layer's fused
-        add + RMSNorm folds it into the residual stream."""
-        cfg, f = self.cfg, self.fused
-        assert f is not None
-        pending: torch.Tensor | None = None
         t = x.shape[0]
+        pending: torch.Tensor | None = None
         for i in range(cfg.num_layers):
             w = self.layers.acquire(i)
             h = f.add_rms_norm(x, pending, w.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(h, w.qkv_w, w.qkv_b)
+            qkv = F.linear(h, w.qkv_w, w.qkv_b)  # [T, q + 2kv]
             q = f.rope_and_cache(
                 qkv, positions, self.rope, meta.slot_mapping, kv.k[i], kv.v[i], cfg.num_heads, cfg.num_kv_heads,
                 cfg.head_dim, w.q_norm, w.k_norm, cfg.rms_norm_eps,
             )  # fmt: skip
             o = self.attention.attend(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, Hq, D]
-            h = f.add_rms_norm(x, F.linear(o.view(t, cfg.q_size), w.o_w), w.post_norm, cfg.rms_norm_eps)
-            pending = F.linear(f.silu_mul(F.linear(h, w.gate_up_w)), w.down_w)
+            h = f.add_rms_norm(x, F.linear(o.reshape(t, cfg.q_size), w.o_w), w.post_norm, cfg.rms_norm_eps)
+            pending = F.linear(f.silu_mul(F.linear(h, w.gate_up_w)), w.down_w)  # [T, H]
             self.layers.release(i)
+        assert pending is not None
         x = x[meta.last_token_idx]  # [S, H]
         h = f.add_rms_norm(x, pending[meta.last_token_idx], self.final_norm, cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()
-
-    def _layer(
-        self,
-        x: torch.Tensor,  # [T, H]
-        w: LayerWeights,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        meta: AttentionMetadata,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-    ) -> torch.Tensor:
-        cfg = self.cfg
-        t = x.shape[0]
-        h = rms_norm(x, w.input_norm, cfg.rms_norm_eps)
-        qkv = F.linear(h, w.qkv_w, w.qkv_b)  # [T, q + 2kv]
-        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
-        q = q.view(t, cfg.num_heads, cfg.head_dim)
-        k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-        if w.q_norm is not None:
-            q = rms_norm(q, w.q_norm, cfg.rms_norm_eps)
-            k = rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
-        o = self.attention.forward(q, k, v.contiguous(), k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
-        x = x + F.linear(o.reshape(t, cfg.q_size), w.o_w)
-        h = rms_norm(x, w.post_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(h, w.gate_up_w).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, w.down_w)
