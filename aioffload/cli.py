@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         if args.command == "serve":
-            from aioffload.http import run_server
+            from aioffload.serving.app import run_server
 
             server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
                                   shutdown_timeout_s=args.shutdown_timeout)  # fmt: skip
@@ -169,18 +169,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "generate":
             return asyncio.run(_generate(config, args))
         if args.command == "plan":
-            from aioffload.plan_cmd import run_plan
-
-            return run_plan(config)
+            return _plan(config)
         return int(args.run(config, args))
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
+def _plan(config: EngineConfig) -> int:
+    import torch
+
+    from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
+    from aioffload.offload.plan import run_plan
+
+    ckpt = Checkpoint.open(config.model)
+    # The dtype the server would pick on a GPU ("auto" = the checkpoint's), unless one is asked for.
+    dtype = ckpt.resolve_dtype(config.dtype, torch.device("cuda"))
+    return run_plan(config, ckpt.model_config, dtype, resolve_max_model_len(config, ckpt), str(ckpt.path))
+
+
 async def _generate(config: EngineConfig, args: argparse.Namespace) -> int:
-    from aioffload.engine import Engine
-    from aioffload.sampling import SamplingParams, validate
+    from aioffload.engine.async_engine import Engine
+    from aioffload.worker.sampling import SamplingParams, validate
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.sample_seed)  # fmt: skip

@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from aioffload.bench.synthetic import make_synthetic_checkpoint
+from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.config import CacheConfig, EngineConfig, SchedulerConfig
-from aioffload.inputs import SeqChunk, build_inputs
-from aioffload.sampling import SamplingParams
-from aioffload.weights import Checkpoint
-from aioffload.worker import Worker
+from aioffload.worker.inputs import SeqChunk, build_inputs
+from aioffload.worker.sampling import SamplingParams
+from aioffload.worker.worker import Worker
 
 
 def cuda_ms(fn, n: int = 50) -> float:

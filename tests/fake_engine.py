@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import uvicorn
 
 from aioffload.config import EngineConfig
-from aioffload.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
-from aioffload.sampling import SamplingParams
+from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
+from aioffload.worker.sampling import SamplingParams
 
 WORDS = [" alpha", " beta", " gamma", " delta", " epsilon", " zeta", " eta", " theta", " iota", " kappa"]
 BOS = 256

@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
-from aioffload.attention import AttentionBackend, SdpaBackend
-from aioffload.inputs import SeqChunk, build_inputs
-from aioffload.kv_cache import BlockManager, BlockPool, KVCache
+from aioffload.attention.backends import AttentionBackend, SdpaBackend
+from aioffload.attention.kv_cache import BlockManager, BlockPool, KVCache
+from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.model.llama import LayerSource, LlamaModel
-from aioffload.model.loader import build_model
-from aioffload.weights import Checkpoint
+from aioffload.worker.inputs import SeqChunk, build_inputs
+from aioffload.worker.model_loader import build_model
 
 CPU = torch.device("cpu")
 

@@ -12,12 +12,12 @@ import torch
 from aioffload.bench import common
 from aioffload.bench.offload import trigger_for
 from aioffload.bench.synthetic import MARKER, hf_config, make_synthetic_checkpoint
+from aioffload.checkpoint.checkpoint import Checkpoint
+from aioffload.checkpoint.safetensors_io import read_tensor
+from aioffload.checkpoint.tokenizer import Tokenizer
 from aioffload.cli import main
 from aioffload.config import CacheConfig, ModelConfig, OffloadConfig, SchedulerConfig
-from aioffload.placement import plan_placement
-from aioffload.safetensors_io import read_tensor
-from aioffload.tokenizer import Tokenizer
-from aioffload.weights import Checkpoint
+from aioffload.offload.placement import plan_placement
 
 # Small KV pool and context: the CPU attention path and the block pool stay cheap.
 SMALL = ["--device", "cpu", "--max-model-len", "64", "--num-kv-blocks", "64"]

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
-from aioffload.engine import Engine
-from aioffload.engine_state import OutputSlot
+from aioffload.engine.async_engine import Engine
+from aioffload.engine.outputs import PromptTooLongError, QueueFullError, RequestOutput
+from aioffload.engine.request_state import OutputSlot
 from aioffload.model.layout import layer_layout
-from aioffload.outputs import PromptTooLongError, QueueFullError, RequestOutput
-from aioffload.sampling import SamplingParams
-from aioffload.transfer_queue import TransferQueue
-from aioffload.weights import Checkpoint
+from aioffload.offload.transfer_queue import TransferQueue
+from aioffload.worker.sampling import SamplingParams
 from tests.tiny_models import add_word_tokenizer, make_checkpoint
 
 DEMO = str(Path(__file__).resolve().parents[1] / "aioffload" / "assets" / "demo")

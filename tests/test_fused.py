@@ -70,11 +70,11 @@ SCRIPT = textwrap.dedent(
         res[f"rope_k_{qk}"] = (kc.view(-1, hkv, d)[slots] - rk).abs().max().item()
         res[f"rope_v_{qk}"] = (vc.view(-1, hkv, d)[slots] - rv).abs().max().item()
     # the whole fused forward (Triton attention + fused ops) against the CPU SDPA path
-    from aioffload.attention import SdpaBackend, TritonPagedBackend
-    from aioffload.inputs import SeqChunk, build_inputs
-    from aioffload.kv_cache import BlockManager, BlockPool, KVCache
-    from aioffload.model.loader import build_model
-    from aioffload.weights import Checkpoint
+    from aioffload.attention.backends import SdpaBackend, TritonPagedBackend
+    from aioffload.worker.inputs import SeqChunk, build_inputs
+    from aioffload.attention.kv_cache import BlockManager, BlockPool, KVCache
+    from aioffload.worker.model_loader import build_model
+    from aioffload.checkpoint.checkpoint import Checkpoint
     from pathlib import Path
     for arch in ("llama3", "qwen3", "qwen2"):
         ck = Checkpoint.open(make_checkpoint(Path(sys.argv[1]), arch, tie=arch == "qwen2"))

@@ -10,16 +10,16 @@ import asyncio
 import pytest
 import torch
 
-from aioffload.attention import SdpaBackend, probe_xformers, select_backend
+from aioffload.attention.backends import SdpaBackend, probe_xformers, select_backend
+from aioffload.attention.kv_cache import BlockManager, BlockPool, KVCache
+from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
-from aioffload.engine import Engine
-from aioffload.inputs import SeqChunk, build_inputs
-from aioffload.kv_cache import BlockManager, BlockPool, KVCache
+from aioffload.engine.async_engine import Engine
 from aioffload.model.layout import layer_layout
-from aioffload.model.loader import build_model
-from aioffload.sampling import SamplingParams
-from aioffload.transfer_queue import TransferQueue
-from aioffload.weights import Checkpoint
+from aioffload.offload.transfer_queue import TransferQueue
+from aioffload.worker.inputs import SeqChunk, build_inputs
+from aioffload.worker.model_loader import build_model
+from aioffload.worker.sampling import SamplingParams
 from tests.tiny_models import add_word_tokenizer, make_checkpoint
 
 pytestmark = [

@@ -79,7 +79,8 @@ def _write_checkpoint(root: Path) -> int:
 _CHILD = r"""
 import json, resource, sys, time
 import torch
-from aioffload.weights import Checkpoint, load_weights
+from aioffload.checkpoint.checkpoint import Checkpoint
+from aioffload.worker.model_loader import load_weights
 
 def status():
     out = {}

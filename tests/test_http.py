@@ -20,7 +20,7 @@ from fake_engine import FakeEngine, serve
 from helpers import wait_for
 
 from aioffload.config import EngineConfig, ServerConfig
-from aioffload.http import build_app, run_server
+from aioffload.serving.app import build_app, run_server
 
 MODEL = "fake-model"
 MAX_BODY = 8192
@@ -365,7 +365,7 @@ def test_run_server_signal_drains_and_exits_zero(monkeypatch: pytest.MonkeyPatch
             time.sleep(0.3)
             return cls(model_name=MODEL, token_delay_s=0.02)
 
-    monkeypatch.setitem(sys.modules, "aioffload.engine", types.SimpleNamespace(Engine=SlowLoadingEngine))
+    monkeypatch.setitem(sys.modules, "aioffload.engine.async_engine", types.SimpleNamespace(Engine=SlowLoadingEngine))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aioffload.kv_cache import BlockManager, BlockPool, KVCache, kv_bytes_per_block, slot_mapping
+from aioffload.attention.kv_cache import BlockManager, BlockPool, KVCache, kv_bytes_per_block, slot_mapping
 
 
 def manager(num_blocks: int = 8, block_size: int = 4) -> BlockManager:

@@ -11,9 +11,9 @@ from fake_engine import FakeEngine, serve
 from prometheus_client.parser import text_string_to_metric_families
 
 from aioffload.config import ServerConfig
-from aioffload.http import build_app
-from aioffload.metrics import Metrics
-from aioffload.outputs import RequestOutput
+from aioffload.engine.outputs import RequestOutput
+from aioffload.serving.app import build_app
+from aioffload.serving.metrics import Metrics
 
 
 def samples(text: bytes | str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aioffload.attention import SdpaBackend
-from aioffload.inputs import SeqChunk, build_inputs
-from aioffload.kv_cache import BlockManager, BlockPool, KVCache
-from aioffload.model.loader import build_model
-from aioffload.weights import Checkpoint
+from aioffload.attention.backends import SdpaBackend
+from aioffload.attention.kv_cache import BlockManager, BlockPool, KVCache
+from aioffload.checkpoint.checkpoint import Checkpoint
+from aioffload.worker.inputs import SeqChunk, build_inputs
+from aioffload.worker.model_loader import build_model
 from tests.tiny_models import ARCHS, make_checkpoint
 
 CPU = torch.device("cpu")

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from aioffload.attention import SdpaBackend, TritonPagedBackend
-from aioffload.inputs import SeqChunk, build_inputs
+from aioffload.attention.backends import SdpaBackend, TritonPagedBackend
+from aioffload.worker.inputs import SeqChunk, build_inputs
 from tests.helpers import one_torch_thread
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # only in the child process (see above)
@@ -39,12 +39,12 @@ needs_interpreter = pytest.mark.skipif(
 
 @pytest.fixture
 def interpreted():
-    """aioffload.paged_kernel under the interpreter. Also works around triton 3.6's interpreter under
+    """aioffload.attention.paged_kernel under the interpreter. Also works around triton 3.6's interpreter under
     numpy >= 2.4 (triton-lang/triton#9171): a scalar loaded from memory is a 1-element array whose
     `__index__` (used by `range(0, ctx, BLOCK_N)`) calls int() on it, which numpy 2.4 rejects."""
     from triton.runtime import interpreter as triton_interpreter
 
-    from aioffload import paged_kernel
+    from aioffload.attention import paged_kernel
 
     original = triton_interpreter._patch_lang_tensor
 
@@ -211,7 +211,7 @@ def test_interpreter_cases():
 )
 @pytest.mark.parametrize("group, head_dim, block_size", [(4, 128, 16), (8, 64, 16), (1, 128, 32)])
 def test_cuda_kernel_matches_sdpa_bf16(step, group, head_dim, block_size):
-    from aioffload import paged_kernel as compiled
+    from aioffload.attention import paged_kernel as compiled
     dev = torch.device("cuda")
     q, k, v, k_cache, v_cache, meta = random_step(step, block_size, 4, group, head_dim, torch.bfloat16, dev)
     scale = head_dim**-0.5

@@ -11,7 +11,7 @@ import torch
 
 from aioffload.config import CacheConfig, ConfigError, ModelConfig, OffloadConfig, SchedulerConfig
 from aioffload.model.layout import layer_layout
-from aioffload.placement import (
+from aioffload.offload.placement import (
     HBM_BYTES_PER_S,
     Placement,
     estimate_activation_bytes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aioffload.sampling import (
+from aioffload.worker.sampling import (
     SamplingParams,
     SamplingTensors,
     find_stop_string,
@@ -241,7 +241,7 @@ def test_validate_accepts_good_params():
 
 
 def test_tiny_positive_temperature_samples_greedy() -> None:
-    from aioffload.sampling import MIN_TEMPERATURE
+    from aioffload.worker.sampling import MIN_TEMPERATURE
 
     logits = torch.randn(4, 50)
     params = [SamplingParams(temperature=t) for t in (1e-30, 1e-38, MIN_TEMPERATURE / 2, 0.0)]
@@ -254,7 +254,7 @@ def test_tiny_positive_temperature_samples_greedy() -> None:
 
 
 def test_top_k_and_seed_bounds() -> None:
-    from aioffload.sampling import MAX_TOP_K
+    from aioffload.worker.sampling import MAX_TOP_K
 
     with pytest.raises(ValueError, match="^top_k: "):
         validate(SamplingParams(top_k=2**63))
@@ -264,7 +264,7 @@ def test_top_k_and_seed_bounds() -> None:
 
 
 def test_sample_tokens_greedy_shortcut_agrees_with_sample() -> None:
-    from aioffload.sampling import sample_tokens
+    from aioffload.worker.sampling import sample_tokens
 
     logits = torch.randn(3, 40)
     greedy = [SamplingParams(temperature=0.0)] * 3

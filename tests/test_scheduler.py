@@ -7,11 +7,11 @@ from collections.abc import Callable
 
 import pytest
 
+from aioffload.attention.kv_cache import BlockManager, BlockPool
 from aioffload.config import SchedulerConfig
-from aioffload.kv_cache import BlockManager, BlockPool
-from aioffload.request import Request, RequestStatus
-from aioffload.sampling import SamplingParams
-from aioffload.scheduler import Scheduler, StepPlan
+from aioffload.engine.request import Request, RequestStatus
+from aioffload.engine.scheduler import Scheduler, StepPlan
+from aioffload.worker.sampling import SamplingParams
 
 VOCAB = 50
 EOS = 0  # fake_next never produces it
@@ -398,7 +398,7 @@ def test_random_workloads_never_stall_and_match_reference(seed: int) -> None:
 
 
 def test_offload_token_budget_raises_to_tokens_computed_within_the_floor() -> None:
-    from aioffload.scheduler import offload_token_budget
+    from aioffload.offload.batching import offload_token_budget
 
     # 8e9 parameters, 180 ms floor, 300 TFLOP/s counted: 0.18 * 300e12 / 16e9 = 3375 free tokens.
     assert offload_token_budget(2048, 0.18, 8_000_000_000, 300e12) == 3375
@@ -408,7 +408,7 @@ def test_offload_token_budget_raises_to_tokens_computed_within_the_floor() -> No
 
 
 def test_should_hold_only_for_fresh_arrivals_with_room() -> None:
-    from aioffload.scheduler import should_hold
+    from aioffload.engine.scheduler import should_hold
 
     assert should_hold(10.000, 9.999, num_running=3, max_num_seqs=8, hold_s=0.003)
     assert not should_hold(10.000, 9.990, num_running=3, max_num_seqs=8, hold_s=0.003)  # arrival is old

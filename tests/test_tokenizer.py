@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from aioffload.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
+from aioffload.checkpoint.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
 
 LLAMA3_SPECIALS = [
     "<|begin_of_text|>",

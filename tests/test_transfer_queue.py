@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aioffload.attention import SdpaBackend
-from aioffload.transfer_queue import ResidentLayers, TransferQueue
+from aioffload.attention.backends import SdpaBackend
+from aioffload.offload.transfer_queue import ResidentLayers, TransferQueue
 from tests.helpers import Runner, build, one_torch_thread, write_random_checkpoint
 
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from aioffload.checkpoint.checkpoint import Checkpoint, CheckpointError
+from aioffload.checkpoint.safetensors_io import read_header, read_tensor
 from aioffload.config import SUPPORTED_ARCHITECTURES
 from aioffload.model.layout import LayerWeights, layer_layout
-from aioffload.safetensors_io import read_header, read_tensor
-from aioffload.weights import Checkpoint, CheckpointError, load_weights
+from aioffload.worker.model_loader import load_weights
 from tests.helpers import CPU, Runner, build, copy_checkpoint, edit_json, one_torch_thread, save_sharded
 from tests.tiny_models import make_checkpoint
 

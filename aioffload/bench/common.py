@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from aioffload.attention.kv_cache import BlockManager, BlockPool
 from aioffload.config import EngineConfig
-from aioffload.inputs import SeqChunk
-from aioffload.kv_cache import BlockManager, BlockPool
-from aioffload.sampling import SamplingParams
-from aioffload.worker import Worker, measure_h2d_bytes_per_s
+from aioffload.worker.inputs import SeqChunk
+from aioffload.worker.sampling import SamplingParams
+from aioffload.worker.worker import Worker, measure_h2d_bytes_per_s
 
 GREEDY = SamplingParams(max_tokens=1 << 30, temperature=0.0)
 
@@ -70,7 +70,7 @@ def with_offload(config: EngineConfig, **changes: Any) -> EngineConfig:
 
 
 def build_worker(config: EngineConfig) -> Worker:
-    from aioffload.weights import Checkpoint
+    from aioffload.checkpoint.checkpoint import Checkpoint
 
     t = time.perf_counter()
     worker = Worker(config, Checkpoint.open(config.model))

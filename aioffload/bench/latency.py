@@ -18,7 +18,7 @@ import torch
 from aioffload.bench import common, hf
 from aioffload.bench.common import phase, say
 from aioffload.config import EngineConfig
-from aioffload.worker import Worker, pick_device
+from aioffload.worker.worker import Worker, pick_device
 
 NAME = "latency"
 
@@ -130,7 +130,7 @@ def _time_batch(worker: Worker, batch: int, args: argparse.Namespace, d2d: float
 
 
 def _hf_baseline(config: EngineConfig, args: argparse.Namespace, dev: torch.device, result: dict) -> None:
-    from aioffload.weights import Checkpoint
+    from aioffload.checkpoint.checkpoint import Checkpoint
 
     dtype = Checkpoint.open(config.model).resolve_dtype(config.dtype, dev)
     model = hf.load(config.model, dtype).to(dev)

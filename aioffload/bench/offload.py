@@ -19,10 +19,10 @@ import torch
 
 from aioffload.bench import common, hf
 from aioffload.bench.common import phase, say
+from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.config import EngineConfig, ModelConfig
 from aioffload.model.layout import layer_layout
-from aioffload.weights import Checkpoint
-from aioffload.worker import Worker, pick_device
+from aioffload.worker.worker import Worker, pick_device
 
 NAME = "offload"
 ENGINE_TARGET_EFFICIENCY = 0.7  # engine output tok/s target: 0.7 x concurrency / copy floor
@@ -202,8 +202,8 @@ def _decode_phase(worker: Worker, args: argparse.Namespace, floor: float | None,
 
 async def _engine_run(config: EngineConfig, worker: Worker, prompts: list[list[int]], output_len: int) -> dict:
     from aioffload.bench.throughput import measure_engine
-    from aioffload.engine import Engine
-    from aioffload.tokenizer import Tokenizer
+    from aioffload.checkpoint.tokenizer import Tokenizer
+    from aioffload.engine.async_engine import Engine
 
     engine = Engine(config, worker, Tokenizer.from_dir(config.model), "bench")
     try:

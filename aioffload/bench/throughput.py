@@ -16,10 +16,10 @@ import torch
 from aioffload.bench import common
 from aioffload.bench.common import say
 from aioffload.config import EngineConfig
-from aioffload.sampling import SamplingParams
+from aioffload.worker.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from aioffload.engine import Engine
+    from aioffload.engine.async_engine import Engine
 
 NAME = "throughput"
 
@@ -65,7 +65,7 @@ async def measure_engine(engine: Engine, prompts: list[list[int]], output_len: i
 
 
 async def _run_engine(config: EngineConfig, prompts: list[list[int]], output_len: int) -> dict:
-    from aioffload.engine import Engine
+    from aioffload.engine.async_engine import Engine
 
     engine = Engine.from_config(config)
     try:
@@ -81,7 +81,7 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
     if min(args.num_prompts, args.input_len, args.output_len) < 1:
         raise ValueError("--num-prompts, --input-len and --output-len must be >= 1")
     config = common.resolve_model(config, args)
-    from aioffload.weights import Checkpoint
+    from aioffload.checkpoint.checkpoint import Checkpoint
 
     vocab = Checkpoint.open(config.model).model_config.vocab_size
     prompts = common.random_prompts(args.num_prompts, args.input_len, vocab, args.prompt_seed)

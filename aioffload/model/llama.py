@@ -16,9 +16,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from aioffload.attention import AttentionBackend, AttentionMetadata
+from aioffload.attention.backends import AttentionBackend, AttentionMetadata
+from aioffload.attention.kv_cache import KVCache
 from aioffload.config import ModelConfig
-from aioffload.kv_cache import KVCache
 from aioffload.model import ops
 from aioffload.model.layout import LayerWeights
 

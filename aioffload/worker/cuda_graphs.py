@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-from aioffload.attention import AttentionMetadata
-from aioffload.inputs import SeqChunk
-from aioffload.kv_cache import KVCache
+from aioffload.attention.backends import AttentionMetadata
+from aioffload.attention.kv_cache import KVCache
 from aioffload.model.llama import LlamaModel
+from aioffload.worker.inputs import SeqChunk
 
 log = logging.getLogger("aioffload.cuda_graphs")
 

@@ -14,17 +14,18 @@ import random
 import time
 from collections.abc import AsyncIterator
 
+from aioffload.attention.kv_cache import BlockManager, BlockPool
+from aioffload.checkpoint.checkpoint import Checkpoint
+from aioffload.checkpoint.tokenizer import Tokenizer
 from aioffload.config import EngineConfig
-from aioffload.engine_state import OutputSlot, RequestState, StepStats
-from aioffload.inputs import SeqChunk
-from aioffload.kv_cache import BlockManager, BlockPool
-from aioffload.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
-from aioffload.request import Request
-from aioffload.sampling import SamplingParams
-from aioffload.scheduler import Scheduler, StepPlan, should_hold
-from aioffload.tokenizer import Tokenizer
-from aioffload.weights import Checkpoint
-from aioffload.worker import Worker
+from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
+from aioffload.engine.request import Request
+from aioffload.engine.request_state import OutputSlot, RequestState
+from aioffload.engine.scheduler import Scheduler, StepPlan, should_hold
+from aioffload.engine.stats import StepStats
+from aioffload.worker.inputs import SeqChunk
+from aioffload.worker.sampling import SamplingParams
+from aioffload.worker.worker import Worker
 
 log = logging.getLogger("aioffload.engine")
 
@@ -167,7 +168,7 @@ class Engine:
                 self._apply_aborts()
                 if not self.scheduler.has_unfinished:
                     self._wake.clear()
-                    self.stats_.maybe_log(self)
+                    self._maybe_log()
                     await self._wake.wait()
                     continue
                 if self.hold_s and self._should_hold():
@@ -182,7 +183,7 @@ class Engine:
                 self.stats_.record_step(plan, time.perf_counter() - t0)
                 self._apply_aborts()  # aborts that arrived during the step
                 self._postprocess(plan, sampled)
-                self.stats_.maybe_log(self)
+                self._maybe_log()
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a fatal worker error: fail every request, clearly
@@ -191,6 +192,10 @@ class Engine:
             for st in self._states.values():
                 st.abort()  # the error itself is in the log
             self._states.clear()
+
+    def _maybe_log(self) -> None:
+        s = self.scheduler
+        self.stats_.maybe_log(s.num_running, s.num_waiting, self.block_manager.usage)
 
     def _should_hold(self) -> bool:
         s = self.scheduler

@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from aioffload.sampling import SamplingParams
+from aioffload.worker.sampling import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -1,6 +1,6 @@
 """The device side of a step: inputs -> forward -> sampling. It never decides who runs.
 
-At start-up the worker places the weights (placement.py), loads them, sizes the KV
+At start-up the worker places the weights (offload/placement.py), loads them, sizes the KV
 cache from the memory really left after a warm-up forward at the largest step, and
 captures CUDA graphs when every weight is resident. Each decision is logged.
 """
@@ -13,17 +13,17 @@ from collections.abc import Sequence
 
 import torch
 
-from aioffload.attention import select_backend
+from aioffload.attention.backends import select_backend
+from aioffload.attention.kv_cache import KVCache, kv_bytes_per_block
+from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
 from aioffload.config import ConfigError, EngineConfig
-from aioffload.cuda_graphs import CudaGraphRunner
-from aioffload.inputs import SeqChunk, build_inputs
-from aioffload.kv_cache import KVCache, kv_bytes_per_block
-from aioffload.model.loader import build_model
-from aioffload.placement import Placement, estimate_activation_bytes, plan_placement
-from aioffload.sampling import SamplingParams, sample_tokens
-from aioffload.scheduler import offload_token_budget
-from aioffload.transfer_queue import TransferQueue
-from aioffload.weights import Checkpoint
+from aioffload.offload.batching import offload_token_budget
+from aioffload.offload.placement import Placement, estimate_activation_bytes, plan_placement
+from aioffload.offload.transfer_queue import TransferQueue
+from aioffload.worker.cuda_graphs import CudaGraphRunner
+from aioffload.worker.inputs import SeqChunk, build_inputs
+from aioffload.worker.model_loader import build_model
+from aioffload.worker.sampling import SamplingParams, sample_tokens
 
 log = logging.getLogger("aioffload.worker")
 
@@ -52,16 +52,6 @@ def measure_h2d_bytes_per_s(device: torch.device, nbytes: int = 256 << 20) -> fl
     end.record()
     end.synchronize()
     return 4 * nbytes / (start.elapsed_time(end) / 1e3)
-
-
-def resolve_max_model_len(config: EngineConfig, ckpt: Checkpoint) -> int:
-    limit = ckpt.model_config.max_position_embeddings
-    wanted = config.scheduler.max_model_len
-    if wanted is None:
-        return min(limit, 4096)
-    if wanted > limit:
-        raise ConfigError(f"--max-model-len {wanted} exceeds the model's max_position_embeddings {limit}")
-    return wanted
 
 
 class Worker:

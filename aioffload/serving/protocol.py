@@ -12,7 +12,7 @@ from typing import Any, Literal
 import msgspec
 from starlette.responses import Response
 
-from aioffload.sampling import SamplingParams, validate
+from aioffload.worker.sampling import SamplingParams, validate
 
 MAX_STOP_STRINGS = 16
 

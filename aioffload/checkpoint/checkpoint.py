@@ -2,26 +2,22 @@
 
 `Checkpoint.open` checks everything it can from headers alone (files, architecture,
 every tensor's presence and shape) so bad input fails before any allocation, with a
-message naming the file. `load_weights` then reads each decoder layer straight into
-its final flat buffer: a GPU buffer for resident layers, a pinned host buffer for
-offloaded ones (DESIGN.md section 3).
+message naming the file. `read_layer_into` reads one decoder layer straight into a
+caller-owned flat buffer (the worker's model assembly decides where that buffer lives).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from aioffload.config import ConfigError, ModelConfig
-from aioffload.model.layout import LayerLayout, LayerWeights, layer_layout, source_shapes
-from aioffload.pinned import pinned_empty
-from aioffload.progress import Progress
-from aioffload.safetensors_io import SafetensorsError, TensorEntry, read_header, read_into
+from aioffload.checkpoint.safetensors_io import SafetensorsError, TensorEntry, read_header, read_into
+from aioffload.config import ConfigError, EngineConfig, ModelConfig
+from aioffload.model.layout import LayerLayout, layer_layout, source_shapes
 
 log = logging.getLogger("aioffload.weights")
 
@@ -126,76 +122,11 @@ def _read_entries(root: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-@dataclass
-class LoadedWeights:
-    layout: LayerLayout
-    embed: torch.Tensor  # [V, H], on the device, or on the host when embed_on_host
-    final_norm: torch.Tensor  # [H]
-    lm_head: torch.Tensor  # [V, H]
-    resident: dict[int, LayerWeights]  # layer -> views into a device buffer
-    host: dict[int, torch.Tensor]  # layer -> flat pinned host buffer (offloaded layers)
-
-
-def load_weights(
-    ckpt: Checkpoint,
-    dtype: torch.dtype,
-    device: torch.device,
-    offloaded: frozenset[int] = frozenset(),
-    embed_on_host: bool = False,
-) -> LoadedWeights:
-    """Read every tensor once into its final place. Offloaded layers go to pinned host memory
-    (plain host memory on a CPU-only machine), everything else to `device`."""
-    cfg, layout = ckpt.model_config, ckpt.layout
-    pin = device.type == "cuda"
-    layer_bytes = layout.nbytes(dtype)
-    elem = torch.empty((), dtype=dtype).element_size()
-    total = cfg.num_layers * layer_bytes + 2 * cfg.vocab_size * cfg.hidden_size * elem
-    progress = Progress("loading weights", total, unit_scale=1e9, unit="GB")
-    t0 = time.perf_counter()
-
-    def load(name: str, dev: torch.device) -> torch.Tensor:
-        e = ckpt.entries[name]
-        host = torch.empty(e.shape, dtype=dtype)
-        read_into(e, host)
-        progress.advance(host.numel() * elem)
-        return host.to(dev)
-
-    embed = load("model.embed_tokens.weight", torch.device("cpu") if embed_on_host else device)
-    final_norm = load("model.norm.weight", device)
-    if "lm_head.weight" in ckpt.entries:
-        lm_head = load("lm_head.weight", device)
-    else:
-        lm_head = embed if embed.device == device else embed.to(device)
-
-    def host_buffer() -> torch.Tensor:
-        return pinned_empty(layout.numel, dtype) if pin else torch.empty(layout.numel, dtype=dtype)
-
-    # Resident layers pass through one reused pinned staging buffer on their way to the GPU.
-    staging = host_buffer() if pin and len(offloaded) < cfg.num_layers else None
-    resident: dict[int, LayerWeights] = {}
-    host: dict[int, torch.Tensor] = {}
-    for i in range(cfg.num_layers):
-        offload = i in offloaded
-        flat = host_buffer() if offload or staging is None else staging
-        _fill_layer(ckpt, i, flat, layout)
-        if offload:
-            host[i] = flat
-        else:
-            dev_flat = flat.to(device, non_blocking=False) if flat.device != device else flat
-            resident[i] = LayerWeights(dev_flat, layout)
-        progress.advance(layer_bytes)
-    progress.close()
-    log.info(
-        "loaded %s: %d layers (%d resident, %d offloaded), %s, %.1f GB in %.1f s",
-        ckpt.path.name, cfg.num_layers, len(resident), len(host), str(dtype).removeprefix("torch."),
-        total / 1e9, time.perf_counter() - t0,
-    )  # fmt: skip
-    return LoadedWeights(layout, embed, final_norm, lm_head, resident, host)
-
-
-def _fill_layer(ckpt: Checkpoint, i: int, flat: torch.Tensor, layout: LayerLayout) -> None:
-    """Read layer i's tensors into `flat`; the alignment gaps between them are zeroed, so a
+def read_layer_into(ckpt: Checkpoint, i: int, flat: torch.Tensor) -> None:
+    """Read decoder layer i's tensors into its flat buffer `flat` (laid out as `ckpt.layout`). The
+    alignment gaps between them are zeroed, so a
     layer's buffer is fully defined (offloaded buffers are compared bitwise in tests)."""
+    layout = ckpt.layout
     ends = [p.offset for p in layout.params[1:]] + [layout.numel]
     for spec, end in zip(layout.params, ends):
         offset = spec.offset
@@ -205,3 +136,14 @@ def _fill_layer(ckpt: Checkpoint, i: int, flat: torch.Tensor, layout: LayerLayou
             read_into(e, flat[offset : offset + n])
             offset += n
         flat[offset:end].zero_()
+
+
+def resolve_max_model_len(config: EngineConfig, ckpt: Checkpoint) -> int:
+    """--max-model-len, or min(model limit, 4096); ConfigError when it exceeds the model's limit."""
+    limit = ckpt.model_config.max_position_embeddings
+    wanted = config.scheduler.max_model_len
+    if wanted is None:
+        return min(limit, 4096)
+    if wanted > limit:
+        raise ConfigError(f"--max-model-len {wanted} exceeds the model's max_position_embeddings {limit}")
+    return wanted

@@ -105,7 +105,7 @@ class TritonPagedBackend(AttentionBackend):
     name = "torch"
 
     def __init__(self) -> None:
-        from aioffload import paged_kernel
+        from aioffload.attention import paged_kernel
 
         self._kernel = paged_kernel.paged_attention
 

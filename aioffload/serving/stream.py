@@ -16,13 +16,13 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from aioffload.http_types import ApiError, ResponseShape, error_body, error_response, json_response
-from aioffload.metrics import RequestTracker
-from aioffload.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
-from aioffload.sampling import SamplingParams
+from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
+from aioffload.serving.metrics import RequestTracker
+from aioffload.serving.protocol import ApiError, ResponseShape, error_body, error_response, json_response
+from aioffload.worker.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from aioffload.engine import Engine
+    from aioffload.engine.async_engine import Engine
 
 log = logging.getLogger("aioffload.http")
 

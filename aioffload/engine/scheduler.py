@@ -18,9 +18,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from aioffload.attention.kv_cache import BlockManager
 from aioffload.config import SchedulerConfig
-from aioffload.kv_cache import BlockManager
-from aioffload.request import Request, RequestStatus
+from aioffload.engine.request import Request, RequestStatus
 
 
 @dataclass(frozen=True)
@@ -208,17 +208,6 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self._requests[request.request_id]
-
-
-def offload_token_budget(base: int, floor_s: float, num_params: int, gpu_flops: float, cap: int = 16384) -> int:
-    """Token budget while offload is active (DESIGN.md section 5).
-
-    Every step costs at least the copy floor `floor_s`, and a token costs ~2 FLOPs per
-    weight; tokens the GPU computes within the floor are free. `gpu_flops` is the dense
-    rate we count on (0 on the CPU: no raise). Never below `base`, never above `cap`.
-    """
-    free_tokens = int(floor_s * gpu_flops / (2 * max(1, num_params)))
-    return max(base, min(free_tokens, cap))
 
 
 def should_hold(now: float, newest_arrival: float | None, num_running: int, max_num_seqs: int, hold_s: float) -> bool:

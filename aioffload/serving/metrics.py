@@ -18,7 +18,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from aioffload.outputs import RequestOutput
+from aioffload.engine.outputs import RequestOutput
 
 _TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                  20.0, 40.0, 80.0)

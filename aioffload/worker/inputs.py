@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aioffload.attention import AttentionMetadata
+from aioffload.attention.backends import AttentionMetadata
 
 
 @dataclass(frozen=True)

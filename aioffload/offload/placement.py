@@ -13,8 +13,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from aioffload.attention.kv_cache import kv_bytes_per_block
 from aioffload.config import CacheConfig, ConfigError, ModelConfig, OffloadConfig, SchedulerConfig
-from aioffload.kv_cache import kv_bytes_per_block
 from aioffload.model.layout import layer_layout
 
 HBM_BYTES_PER_S = 3.0e12  # device-memory bandwidth assumed by trigger "auto" (H100/H200 class)

@@ -30,8 +30,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from aioffload.config import EngineConfig, ServerConfig
-from aioffload.http_stream import Generation, internal_error
-from aioffload.http_types import (
+from aioffload.serving.metrics import Metrics
+from aioffload.serving.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
@@ -44,11 +44,11 @@ from aioffload.http_types import (
     json_response,
     sampling_params,
 )
-from aioffload.metrics import Metrics
-from aioffload.sampling import SamplingParams
+from aioffload.serving.stream import Generation, internal_error
+from aioffload.worker.sampling import SamplingParams
 
 if TYPE_CHECKING:
-    from aioffload.engine import Engine
+    from aioffload.engine.async_engine import Engine
 
 log = logging.getLogger("aioffload.http")
 
@@ -270,7 +270,7 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
 
 
 async def _load_engine(engine_config: EngineConfig, state: ServerState, server: _Server) -> bool:
-    from aioffload.engine import Engine  # lazy: importing torch is slow
+    from aioffload.engine.async_engine import Engine  # lazy: importing torch is slow
 
     try:
         engine = await _in_daemon_thread(lambda: Engine.from_config(engine_config))

@@ -1,0 +1,1 @@
+"""Attention backends, paged kernels and the paged KV cache."""

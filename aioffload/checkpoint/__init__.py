@@ -1,0 +1,1 @@
+"""Hugging Face folders: config and tensors (safetensors), tokenizer and chat template."""

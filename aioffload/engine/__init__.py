@@ -1,0 +1,1 @@
+"""The asyncio engine, request state and outputs, and the scheduler (no tensors)."""

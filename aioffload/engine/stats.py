@@ -1,0 +1,55 @@
+"""Engine step statistics: counters for /metrics and the periodic throughput log line."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from aioffload.engine.scheduler import StepPlan
+
+log = logging.getLogger("aioffload.engine")
+
+
+class StepStats:
+    """Counters for /metrics and the periodic throughput log line."""
+
+    def __init__(self, log_interval_s: float = 5.0) -> None:
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+        self.steps_total = 0
+        self.step_time_ema = 0.0
+        self.log_interval_s = log_interval_s
+        self._last_log = time.monotonic()
+        self._last_prompt = 0
+        self._last_gen = 0
+
+    def record_step(self, plan: StepPlan, seconds: float) -> None:
+        for req in plan.requests:
+            n = plan.num_scheduled_tokens[req.request_id]
+            # Positions of the prompt, and outputs recomputed after a preemption, are prompt work;
+            # only the newest token's position is generation.
+            c = req.num_computed_tokens
+            self.prompt_tokens_total += max(0, min(c + n, max(req.num_prompt_tokens, req.num_tokens - 1)) - c)
+        self.steps_total += 1
+        self.step_time_ema = seconds if self.steps_total == 1 else 0.9 * self.step_time_ema + 0.1 * seconds
+
+    def copy_busy_fraction(self, bytes_per_step: int, h2d_bytes_per_s: float) -> float:
+        if not bytes_per_step or not self.step_time_ema:
+            return 0.0
+        return min(1.0, bytes_per_step / h2d_bytes_per_s / self.step_time_ema)
+
+    def maybe_log(self, num_running: int, num_waiting: int, kv_usage: float) -> None:
+        """Every `log_interval_s`, one throughput line (skipped while idle)."""
+        now = time.monotonic()
+        dt = now - self._last_log
+        if dt < self.log_interval_s:
+            return
+        p = (self.prompt_tokens_total - self._last_prompt) / dt
+        g = (self.generation_tokens_total - self._last_gen) / dt
+        if p or g or num_running or num_waiting:
+            log.info(
+                "prompt throughput %.1f tok/s, generation throughput %.1f tok/s, running %d, waiting %d, "
+                "KV usage %.1f%%",
+                p, g, num_running, num_waiting, kv_usage * 100,
+            )  # fmt: skip
+        self._last_log, self._last_prompt, self._last_gen = now, self.prompt_tokens_total, self.generation_tokens_total

@@ -1,0 +1,1 @@
+"""Placement, the plan, pinned host memory and the transfer queue."""

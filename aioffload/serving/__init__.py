@@ -1,0 +1,1 @@
+"""The HTTP face: app (routes, auth, shutdown), stream (SSE), protocol (wire types), metrics."""

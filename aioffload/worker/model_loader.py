@@ -1,0 +1,112 @@
+"""Assemble a runnable LlamaModel from a checkpoint and a placement.
+
+`load_weights` reads every tensor once into its final place: a device buffer for
+resident layers, a pinned host buffer for offloaded ones (DESIGN.md section 3), so
+peak host memory stays near the offloaded bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from aioffload.attention.backends import AttentionBackend
+from aioffload.checkpoint.checkpoint import Checkpoint, read_layer_into
+from aioffload.checkpoint.safetensors_io import read_into
+from aioffload.model.layout import LayerLayout, LayerWeights
+from aioffload.model.llama import LayerSource, LlamaModel
+from aioffload.offload.pinned import pinned_empty
+from aioffload.offload.transfer_queue import ResidentLayers, TransferQueue
+from aioffload.progress import Progress
+
+log = logging.getLogger("aioffload.weights")
+
+
+def build_model(
+    ckpt: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    attention: AttentionBackend,
+    max_positions: int,
+    offloaded: frozenset[int] = frozenset(),
+    embed_on_host: bool = False,
+    ring_size: int = 2,
+) -> tuple[LlamaModel, LayerSource]:
+    w = load_weights(ckpt, dtype, device, offloaded, embed_on_host)
+    layers: LayerSource
+    if w.host:
+        layers = TransferQueue(w.resident, w.host, w.layout, device, ring_size)
+    else:
+        layers = ResidentLayers(w.resident)
+    model = LlamaModel(ckpt.model_config, w.embed, w.final_norm, w.lm_head, layers, attention, max_positions, device)
+    return model, layers
+
+
+@dataclass
+class LoadedWeights:
+    layout: LayerLayout
+    embed: torch.Tensor  # [V, H], on the device, or on the host when embed_on_host
+    final_norm: torch.Tensor  # [H]
+    lm_head: torch.Tensor  # [V, H]
+    resident: dict[int, LayerWeights]  # layer -> views into a device buffer
+    host: dict[int, torch.Tensor]  # layer -> flat pinned host buffer (offloaded layers)
+
+
+def load_weights(
+    ckpt: Checkpoint,
+    dtype: torch.dtype,
+    device: torch.device,
+    offloaded: frozenset[int] = frozenset(),
+    embed_on_host: bool = False,
+) -> LoadedWeights:
+    """Read every tensor once into its final place. Offloaded layers go to pinned host memory
+    (plain host memory on a CPU-only machine), everything else to `device`."""
+    cfg, layout = ckpt.model_config, ckpt.layout
+    pin = device.type == "cuda"
+    layer_bytes = layout.nbytes(dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    total = cfg.num_layers * layer_bytes + 2 * cfg.vocab_size * cfg.hidden_size * elem
+    progress = Progress("loading weights", total, unit_scale=1e9, unit="GB")
+    t0 = time.perf_counter()
+
+    def load(name: str, dev: torch.device) -> torch.Tensor:
+        e = ckpt.entries[name]
+        host = torch.empty(e.shape, dtype=dtype)
+        read_into(e, host)
+        progress.advance(host.numel() * elem)
+        return host.to(dev)
+
+    embed = load("model.embed_tokens.weight", torch.device("cpu") if embed_on_host else device)
+    final_norm = load("model.norm.weight", device)
+    if "lm_head.weight" in ckpt.entries:
+        lm_head = load("lm_head.weight", device)
+    else:
+        lm_head = embed if embed.device == device else embed.to(device)
+
+    def host_buffer() -> torch.Tensor:
+        return pinned_empty(layout.numel, dtype) if pin else torch.empty(layout.numel, dtype=dtype)
+
+    # Resident layers pass through one reused pinned staging buffer on their way to the GPU.
+    staging = host_buffer() if pin and len(offloaded) < cfg.num_layers else None
+    resident: dict[int, LayerWeights] = {}
+    host: dict[int, torch.Tensor] = {}
+    for i in range(cfg.num_layers):
+        offload = i in offloaded
+        flat = host_buffer() if offload or staging is None else staging
+        read_layer_into(ckpt, i, flat)
+        if offload:
+            host[i] = flat
+        else:
+            dev_flat = flat.to(device, non_blocking=False) if flat.device != device else flat
+            resident[i] = LayerWeights(dev_flat, layout)
+        progress.advance(layer_bytes)
+    progress.close()
+    log.info(
+        "loaded %s: %d layers (%d resident, %d offloaded), %s, %.1f GB in %.1f s",
+        ckpt.path.name, cfg.num_layers, len(resident), len(host), str(dtype).removeprefix("torch."),
+        total / 1e9, time.perf_counter() - t0,
+    )  # fmt: skip
+    return LoadedWeights(layout, embed, final_norm, lm_head, resident, host)
