@@ -31,6 +31,23 @@ class LayerSource(Protocol):
     def release(self, layer: int) -> None: ...
 
 
+class Mlp(Protocol):
+    """Computes layer i's MLP output from its post-attention input. The dense default is
+    below; offloaded layers split between host and GPU, and MoE layers, plug in here."""
+
+    def __call__(self, layer: int, h: torch.Tensor, w: LayerWeights) -> torch.Tensor: ...  # [T, H] -> [T, H]
+
+
+class DenseMlp:
+    """down(silu(gate(h)) * up(h)), with the ops module's fused SiLU x up."""
+
+    def __init__(self, ops: types.ModuleType) -> None:
+        self.ops = ops
+
+    def __call__(self, layer: int, h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
+        return F.linear(self.ops.silu_mul(F.linear(h, w.gate_up_w)), w.down_w)  # [T, H]
+
+
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     d = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
@@ -75,6 +92,7 @@ class LlamaModel:
         attention: AttentionBackend,
         max_positions: int,
         device: torch.device,
+        mlp: Mlp | None = None,
     ) -> None:
         self.cfg = cfg
         self.embed = embed
@@ -93,6 +111,7 @@ class LlamaModel:
             from aioffload.model import fused
 
             self.ops = fused
+        self.mlp: Mlp = mlp or DenseMlp(self.ops)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.embed.device == input_ids.device:
@@ -125,7 +144,7 @@ class LlamaModel:
             )  # fmt: skip
             o = self.attention.attend(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, Hq, D]
             h = f.add_rms_norm(x, F.linear(o.reshape(t, cfg.q_size), w.o_w), w.post_norm, cfg.rms_norm_eps)
-            pending = F.linear(f.silu_mul(F.linear(h, w.gate_up_w)), w.down_w)  # [T, H]
+            pending = self.mlp(i, h, w)  # [T, H]
             self.layers.release(i)
         assert pending is not None
         x = x[meta.last_token_idx]  # [S, H]
