@@ -12,6 +12,7 @@ from pathlib import Path
 from aioffload.config import (
     ATTENTION_BACKENDS,
     DTYPES,
+    HYBRID_MODES,
     CacheConfig,
     ConfigError,
     EngineConfig,
@@ -87,6 +88,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--h2d-gbps", type=_positive(float), default=None,
                    help="host-to-device bandwidth to plan with (default: measured at startup, 25 on the CPU)")
     o.add_argument("--embed-on-host", action="store_true", help="keep the input embedding table on the host")
+    o.add_argument("--hybrid", choices=HYBRID_MODES, default=d[3].hybrid,
+                   help="host cores compute a share of each offloaded layer while the rest streams: auto = on when "
+                        "offload is active on CUDA and the start-up calibration says it pays (default: %(default)s)")
+    o.add_argument("--host-threads", type=_positive(int), default=None,
+                   help="threads computing the host share (default: physical cores - 1)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -109,6 +115,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         offload=OffloadConfig(
             trigger=args.trigger, cpu_offload_gb=args.cpu_offload_gb, prefetch=args.offload_prefetch,
             gpu_memory_gb=args.gpu_memory_gb, h2d_gbps=args.h2d_gbps, embed_on_host=args.embed_on_host,
+            hybrid=args.hybrid, host_threads=args.host_threads,
         ),
     ).validate()  # fmt: skip
 

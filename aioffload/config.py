@@ -19,6 +19,7 @@ SUPPORTED_ARCHITECTURES = (
 )
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "torch", "xformers", "sdpa")
+HYBRID_MODES = ("auto", "on", "off")
 
 
 class ConfigError(ValueError):
@@ -135,6 +136,8 @@ class OffloadConfig:
     gpu_memory_gb: float | None = None  # emulate a card of this size
     h2d_gbps: float | None = None  # None = measure at startup (GPU) / 25 assumed
     embed_on_host: bool = False
+    hybrid: str = "auto"  # auto | on | off: the host computes a share of each offloaded layer
+    host_threads: int | None = None  # host-compute threads; None = physical cores - 1
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,10 @@ class EngineConfig:
             raise ConfigError(f"--offload-prefetch must be >= 1, got {o.prefetch}")
         if o.gpu_memory_gb is not None and o.gpu_memory_gb <= 0:
             raise ConfigError(f"--gpu-memory-gb must be > 0, got {o.gpu_memory_gb}")
+        if o.hybrid not in HYBRID_MODES:
+            raise ConfigError(f"--hybrid must be one of {', '.join(HYBRID_MODES)}, got {o.hybrid!r}")
+        if o.host_threads is not None and o.host_threads < 1:
+            raise ConfigError(f"--host-threads must be >= 1, got {o.host_threads}")
         if o.h2d_gbps is not None and o.h2d_gbps <= 0:
             raise ConfigError(f"--h2d-gbps must be > 0, got {o.h2d_gbps}")
         if isinstance(o.trigger, float | int) and not isinstance(o.trigger, bool):

@@ -137,6 +137,23 @@ def test_offload_bench(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.Monk
     assert f["trigger_1_offloaded_layers"] == 0 and f["trigger_fit_offloaded_layers"] == 0
     assert f["trigger_1_step_ms"] > 0 and f["trigger_fit_step_ms"] > 0 and f["ratio"] > 0
     assert "no CUDA device" in data["accelerate"]["skipped"]
+    assert data["hybrid"] == {"mode": "auto", "on": False, "decode": []}  # auto: no split on the CPU device
+
+
+def test_offload_bench_hybrid_phase(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _bench("offload", synth_dir, tmp_path, monkeypatch, "--gpu-memory-gb", "1", "--resident-layers", "2",
+                  "--offload-prefetch", "1", "--batch-sizes", "1,3", "--context-len", "6", "--steps", "2",
+                  "--warmup", "1", "--check-prompts", "2", "--check-tokens", "6", "--hybrid", "on", "--host-threads", "1",
+                  "--skip-engine", "--skip-resident", "--skip-accelerate")  # fmt: skip
+    assert data["errors"] == {}
+    h = data["hybrid"]
+    assert h["on"] is True and h["mode"] == "on" and h["threads"] == 1 and h["num_chunks"] >= 1
+    assert [d["batch"] for d in h["decode"]] == [1, 3]
+    for d in h["decode"]:
+        assert d["step_ms"] > 0 and d["ratio_to_off"] > 0 and d["ratio_to_floor"] > 0
+        assert d["predicted_split_ms"] > 0 and d["host_only_floor_ms"] > 0 and 0 <= d["host_share"] <= 1
+    assert h["greedy"]["identical"] is True and h["greedy"]["tokens"] == 6
+    assert "engine" not in data and "trigger_1_step_ms" not in data["fit_vs_trigger1"]
 
 
 def test_offload_bench_records_a_failed_phase_and_goes_on(

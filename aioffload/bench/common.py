@@ -321,3 +321,49 @@ def greedy_tokens(worker: Worker, prompts: Sequence[Sequence[int]], n: int) -> l
     for _ in range(n - 1):
         d.decode()
     return d.outputs()
+
+
+Greedy = tuple[list[list[int]], list[list[float]]]  # tokens and top-2 logit gaps, per prompt
+
+
+def greedy_with_gaps(worker: Worker, prompts: Sequence[Sequence[int]], n: int) -> Greedy:
+    """greedy_tokens, plus for each emitted token the gap between the top two logits it was chosen
+    from (how near a tie it was: a float summation order that differs can flip a tie only).
+    The model's forward is wrapped for the call to see the logits; the CUDA-graph path is not
+    used by offloaded workers, which is where this is needed."""
+    seen: list[torch.Tensor] = []
+    orig = worker.model.forward
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        out = orig(*args, **kwargs)
+        top = out.float().topk(2, dim=-1).values  # [S, 2]
+        seen.append((top[:, 0] - top[:, 1]).cpu())
+        return out
+
+    worker.model.forward = forward  # type: ignore[method-assign]
+    gaps: list[list[float]] = [[] for _ in prompts]
+    try:
+        d = StepDriver(worker, prompts, max_new_tokens=n)
+        while any(dn < pl for dn, pl in zip(d.done, d.prompt_lens)):  # prefill, whole prompts at once
+            before = [len(s) for s in d.seqs]
+            rows = [(i, pl - dn) for i, (dn, pl) in enumerate(zip(d.done, d.prompt_lens)) if dn < pl]
+            d._run(rows)
+            for r, (i, _) in enumerate(rows):
+                if len(d.seqs[i]) > before[i]:
+                    gaps[i].append(float(seen[-1][r]))
+        for _ in range(n - 1):
+            d.decode()
+            for i in range(len(prompts)):
+                gaps[i].append(float(seen[-1][i]))
+    finally:
+        del worker.model.forward  # back to the class's method
+    return d.outputs(), gaps
+
+
+def first_divergence(a: list[list[int]], b: list[list[int]]) -> tuple[int, int] | None:
+    """(prompt, position) of the first token where two greedy runs differ, or None."""
+    for p, (x, y) in enumerate(zip(a, b)):
+        for j, (s, t) in enumerate(zip(x, y)):
+            if s != t:
+                return p, j
+    return None

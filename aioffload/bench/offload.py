@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from aioffload.bench import common, hf
+from aioffload.bench import common, hf, hybrid
 from aioffload.bench.common import phase, say
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.config import EngineConfig, ModelConfig
@@ -47,6 +47,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resident-steps", type=int, default=32,
                    help="timed batch-1 steps of the trigger-fits vs trigger-1.0 comparison (default: 32)")
     p.add_argument("--skip-accelerate", action="store_true", help="skip the HF Accelerate baseline")
+    p.add_argument("--skip-engine", action="store_true", help="skip the concurrent-requests engine run")
+    p.add_argument("--skip-resident", action="store_true", help="skip the all-resident (trigger fits vs 1.0) phases")
     p.add_argument("--accelerate-gpu-budget", default="6GiB", help="Accelerate max_memory for the GPU (6GiB)")
     p.add_argument("--accelerate-cpu-budget", default="110GiB", help="Accelerate max_memory for the CPU (110GiB)")
     p.add_argument("--accelerate-batch-sizes", type=common.int_list, default=[1, 8], help="(default: 1,8)")
@@ -96,7 +98,9 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
     gpu_gb = config.offload.gpu_memory_gb or 24.0
     R.update(model=config.model, device=common.device_name(dev), dtype=str(dtype), emulated_gpu_gb=gpu_gb,
              max_num_seqs=seqs, model_gb=round(_weight_bytes(mcfg, dtype.itemsize) / 1e9, 2))  # fmt: skip
-    off_cfg: EngineConfig | None = common.with_offload(base, gpu_memory_gb=gpu_gb)
+    # The streaming baseline is --hybrid off; the hybrid phase then runs the --hybrid given (default auto).
+    hybrid_mode = config.offload.hybrid
+    off_cfg: EngineConfig | None = common.with_offload(base, gpu_memory_gb=gpu_gb, hybrid="off")
     if config.offload.trigger == 1.0 and config.offload.cpu_offload_gb is None:
         with phase(R, "derive_trigger"):
             trigger, r = trigger_for(mcfg, dtype.itemsize, gpu_gb * 1e9, config.offload.prefetch,
@@ -135,27 +139,35 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
     if worker is not None:
         floor = _copy_floor(worker, bw, R)
         _decode_phase(worker, args, floor, R)
-        with phase(R, "engine"):
-            prompts_e = common.random_prompts(args.num_prompts, args.input_len, mcfg.vocab_size, seed=0)
-            R["engine"] = asyncio.run(_engine_run(worker.config, worker, prompts_e, args.output_len))
-            e = R["engine"]
-            if floor:
-                e["target_tok_s"] = round(ENGINE_TARGET_EFFICIENCY * args.num_prompts / floor, 1)
-                e["ratio_to_target"] = round(e["output_tok_s"] / e["target_tok_s"], 3)
-            say(f"engine: {e['output_tok_s']} output tok/s, {e['requests_per_s']} req/s in {e['elapsed_s']} s; "
-                f"target {e.get('target_tok_s')} ({e.get('ratio_to_target')}x)")  # fmt: skip
+        if not args.skip_engine:
+            with phase(R, "engine"):
+                prompts_e = common.random_prompts(args.num_prompts, args.input_len, mcfg.vocab_size, seed=0)
+                R["engine"] = asyncio.run(_engine_run(worker.config, worker, prompts_e, args.output_len))
+                e = R["engine"]
+                if floor:
+                    e["target_tok_s"] = round(ENGINE_TARGET_EFFICIENCY * args.num_prompts / floor, 1)
+                    e["ratio_to_target"] = round(e["output_tok_s"] / e["target_tok_s"], 3)
+                say(f"engine: {e['output_tok_s']} output tok/s, {e['requests_per_s']} req/s in {e['elapsed_s']} s; "
+                    f"target {e.get('target_tok_s')} ({e.get('ratio_to_target')}x)")  # fmt: skip
+        greedy_gaps = None
         with phase(R, "greedy_offload"):
-            greedy_off = common.greedy_tokens(worker, prompts, args.check_tokens)
+            greedy_gaps = common.greedy_with_gaps(worker, prompts, args.check_tokens)
+            greedy_off = greedy_gaps[0]
         del worker
         common.free_device_memory()
+        if hybrid_mode != "off" and off_cfg is not None:
+            with phase(R, "hybrid_worker"):
+                hybrid.hybrid_phase(common.with_offload(off_cfg, hybrid=hybrid_mode), args, floor, R, prompts,
+                                    greedy_gaps)  # fmt: skip
     res_cfg = common.with_offload(base, gpu_memory_gb=None, trigger=1.0, cpu_offload_gb=None)
     fit_trigger = config.cache.gpu_memory_utilization  # the highest trigger validate() allows below 1.0
     fit_cfg = common.with_offload(res_cfg, trigger=fit_trigger).validate()
     R["fit_vs_trigger1"] = {"fit_trigger": fit_trigger}
-    with phase(R, "resident_trigger_1"):
-        _resident_phase(res_cfg, "trigger_1", prompts if greedy_off is not None else None, args, R, greedy_off)
-    with phase(R, "resident_trigger_fit"):
-        _resident_phase(fit_cfg, "trigger_fit", None, args, R, None)
+    if not args.skip_resident:
+        with phase(R, "resident_trigger_1"):
+            _resident_phase(res_cfg, "trigger_1", prompts if greedy_off is not None else None, args, R, greedy_off)
+        with phase(R, "resident_trigger_fit"):
+            _resident_phase(fit_cfg, "trigger_fit", None, args, R, None)
     f = R["fit_vs_trigger1"]
     if "trigger_fit_step_ms" in f and "trigger_1_step_ms" in f:
         f["ratio"] = round(f["trigger_fit_step_ms"] / f["trigger_1_step_ms"], 3)
@@ -283,6 +295,7 @@ def _table(R: dict) -> None:
                      e.get("ratio_to_target")])  # fmt: skip
     if "greedy" in R:
         rows.append(["greedy offload == resident", R["greedy"]["identical"], None, None])
+    rows += hybrid.table_rows(R)
     f = R.get("fit_vs_trigger1", {})
     rows.append([f"b=1 ms trigger {f.get('fit_trigger')} vs 1.0", f.get("trigger_fit_step_ms"),
                  f.get("trigger_1_step_ms"), f.get("ratio")])  # fmt: skip

@@ -122,11 +122,11 @@ def _read_entries(root: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def read_layer_into(ckpt: Checkpoint, i: int, flat: torch.Tensor) -> None:
-    """Read decoder layer i's tensors into its flat buffer `flat` (laid out as `ckpt.layout`). The
-    alignment gaps between them are zeroed, so a
-    layer's buffer is fully defined (offloaded buffers are compared bitwise in tests)."""
-    layout = ckpt.layout
+def read_layer_into(ckpt: Checkpoint, i: int, flat: torch.Tensor, layout: LayerLayout | None = None) -> None:
+    """Read decoder layer i's tensors named by `layout` (default `ckpt.layout`: all of them) into
+    the flat buffer `flat`. The alignment gaps after each are zeroed, so the buffer is fully
+    defined (offloaded buffers are compared bitwise in tests)."""
+    layout = layout or ckpt.layout
     ends = [p.offset for p in layout.params[1:]] + [layout.numel]
     for spec, end in zip(layout.params, ends):
         offset = spec.offset

@@ -32,3 +32,34 @@ def pinned_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(numel, dtype=dtype, pin_memory=True)
     weakref.finalize(t, _unregister, t.data_ptr())
     return t
+
+
+_TYPESTR = {1: "<i1", 2: "<i2", 4: "<i4", 8: "<i8"}
+
+
+class _DeviceView:
+    """Exposes a mapped host range to torch as CUDA memory (__cuda_array_interface__)."""
+
+    def __init__(self, ptr: int, numel: int, itemsize: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (numel,), "typestr": _TYPESTR[itemsize], "data": (ptr, False), "version": 3,
+        }  # fmt: skip
+
+
+def mapped_pinned(numel: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(host tensor, CUDA tensor) over the same page-locked, device-mapped host memory.
+
+    A kernel reading the CUDA tensor reads host memory over PCIe directly, with no copy-engine
+    queue in between: an 8 KB read took 46 us on the H200 while the weight stream was copying,
+    where a 64 KB copy on a second stream waited 16.6 ms behind it. Under unified addressing a
+    registered host pointer is also its device pointer."""
+    t = torch.empty(numel, dtype=dtype)
+    nbytes = t.numel() * t.element_size()
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 2)  # cudaHostRegisterMapped
+    if int(getattr(err, "value", err)) != 0:
+        raise RuntimeError(f"cudaHostRegister(mapped) failed: {err}")
+    weakref.finalize(t, _unregister, t.data_ptr())
+    raw = torch.as_tensor(_DeviceView(t.data_ptr(), numel, t.element_size()), device=device)
+    dev = raw.view(dtype)
+    dev._aioffload_host = t  # type: ignore[attr-defined]  # keep the host memory alive with its view
+    return t, dev

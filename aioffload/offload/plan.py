@@ -27,4 +27,20 @@ def run_plan(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, max_le
     print(f"model {source} ({mcfg.architecture}, {mcfg.num_layers} layers, {str(dtype).removeprefix('torch.')})")
     print(f"device memory {total / 1e9:.1f} GB, host-to-device {h2d / 1e9:.1f} GB/s, max-model-len {max_len}")
     print(format_plan(placement, mcfg, config.cache.block_size))
+    if placement.offload_active and config.offload.hybrid != "off":
+        print(hybrid_report(config, mcfg, dtype, h2d, len(placement.offloaded_layers)))
     return 0
+
+
+def hybrid_report(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, h2d: float, num_offloaded: int) -> str:
+    """The host/GPU split per batch size, from a calibration of this machine's host cores."""
+    from aioffload.model.layout import layer_layout
+    from aioffload.offload.calibrate import calibrate_host, default_host_threads
+    from aioffload.offload.split_cost import SplitCostModel, format_table
+    from aioffload.offload.split_layout import split_layout
+
+    split = split_layout(layer_layout(mcfg), mcfg.hidden_size, mcfg.intermediate_size)
+    rates = calibrate_host(split, dtype, config.offload.host_threads or default_host_threads())
+    cost = SplitCostModel.for_layout(split, torch.empty((), dtype=dtype).element_size(), h2d, rates)
+    head = f"hybrid {config.offload.hybrid}: host cores of this machine calibrated (no copy load during it)"
+    return head + "\n" + format_table(cost, (1, 8, 64, 256), num_offloaded)

@@ -19,6 +19,8 @@ from aioffload.checkpoint.safetensors_io import read_into
 from aioffload.model.layout import LayerLayout, LayerWeights
 from aioffload.model.llama import LayerSource, LlamaModel
 from aioffload.offload.pinned import pinned_empty
+from aioffload.offload.split_layout import SplitLayout, fill_mlp
+from aioffload.offload.split_mlp import HostCompute, SplitMlp
 from aioffload.offload.transfer_queue import ResidentLayers, TransferQueue
 from aioffload.progress import Progress
 
@@ -34,14 +36,21 @@ def build_model(
     offloaded: frozenset[int] = frozenset(),
     embed_on_host: bool = False,
     ring_size: int = 2,
+    split: SplitLayout | None = None,
+    host_compute: HostCompute | None = None,
 ) -> tuple[LlamaModel, LayerSource]:
-    w = load_weights(ckpt, dtype, device, offloaded, embed_on_host)
+    """The model over its weights. With `split` (and `host_compute`), offloaded layers are laid
+    out for a host/GPU split of their MLP and computed by both sides (offload/split_mlp.py)."""
+    w = load_weights(ckpt, dtype, device, offloaded, embed_on_host, split if offloaded else None)
     layers: LayerSource
     if w.host:
-        layers = TransferQueue(w.resident, w.host, w.layout, device, ring_size)
+        layers = TransferQueue(w.resident, w.host, w.layout, device, ring_size, split)
     else:
         layers = ResidentLayers(w.resident)
     model = LlamaModel(ckpt.model_config, w.embed, w.final_norm, w.lm_head, layers, attention, max_positions, device)
+    if split is not None and w.host:
+        assert host_compute is not None, "a split layout needs a HostCompute"
+        model.mlp = SplitMlp(model.mlp, host_compute)
     return model, layers
 
 
@@ -61,9 +70,11 @@ def load_weights(
     device: torch.device,
     offloaded: frozenset[int] = frozenset(),
     embed_on_host: bool = False,
+    split: SplitLayout | None = None,
 ) -> LoadedWeights:
     """Read every tensor once into its final place. Offloaded layers go to pinned host memory
-    (plain host memory on a CPU-only machine), everything else to `device`."""
+    (plain host memory on a CPU-only machine), in the split layout when `split` is given;
+    everything else to `device`."""
     cfg, layout = ckpt.model_config, ckpt.layout
     pin = device.type == "cuda"
     layer_bytes = layout.nbytes(dtype)
@@ -86,8 +97,8 @@ def load_weights(
     else:
         lm_head = embed if embed.device == device else embed.to(device)
 
-    def host_buffer() -> torch.Tensor:
-        return pinned_empty(layout.numel, dtype) if pin else torch.empty(layout.numel, dtype=dtype)
+    def host_buffer(numel: int = layout.numel) -> torch.Tensor:
+        return pinned_empty(numel, dtype) if pin else torch.empty(numel, dtype=dtype)
 
     # Resident layers pass through one reused pinned staging buffer on their way to the GPU.
     staging = host_buffer() if pin and len(offloaded) < cfg.num_layers else None
@@ -95,8 +106,12 @@ def load_weights(
     host: dict[int, torch.Tensor] = {}
     for i in range(cfg.num_layers):
         offload = i in offloaded
-        flat = host_buffer() if offload or staging is None else staging
-        read_layer_into(ckpt, i, flat)
+        if offload and split is not None:
+            flat = host_buffer(split.numel)
+            _read_split_layer(ckpt, i, flat, split, dtype)
+        else:
+            flat = host_buffer() if offload or staging is None else staging
+            read_layer_into(ckpt, i, flat)
         if offload:
             host[i] = flat
         else:
@@ -110,3 +125,16 @@ def load_weights(
         total / 1e9, time.perf_counter() - t0,
     )  # fmt: skip
     return LoadedWeights(layout, embed, final_norm, lm_head, resident, host)
+
+
+def _read_split_layer(ckpt: Checkpoint, i: int, flat: torch.Tensor, split: SplitLayout, dtype: torch.dtype) -> None:
+    """Layer i into `flat` in the split layout: attention weights straight from the file, the MLP
+    matrices through one temporary each (down^T is a transpose of the stored matrix)."""
+    read_layer_into(ckpt, i, flat, split.attn)
+    mlp = {}
+    for name in ("gate", "up", "down"):
+        e = ckpt.entries[f"model.layers.{i}.mlp.{name}_proj.weight"]
+        t = torch.empty(e.shape, dtype=dtype)
+        read_into(e, t)
+        mlp[name] = t
+    fill_mlp(split, flat, mlp["gate"], mlp["up"], mlp["down"])

@@ -21,6 +21,7 @@ from aioffload.offload.batching import offload_token_budget
 from aioffload.offload.placement import Placement, estimate_activation_bytes, plan_placement
 from aioffload.offload.transfer_queue import TransferQueue
 from aioffload.worker.cuda_graphs import CudaGraphRunner
+from aioffload.worker.hybrid import HybridPlan, plan_hybrid
 from aioffload.worker.inputs import SeqChunk, build_inputs
 from aioffload.worker.model_loader import build_model
 from aioffload.worker.sampling import SamplingParams, sample_tokens
@@ -78,10 +79,15 @@ class Worker:
             estimate_activation_bytes(mcfg, elem, sched.max_num_batched_tokens, sched.max_num_seqs),
         )  # fmt: skip
         log.info("placement: %s", self.placement.reason)
+        self.hybrid: HybridPlan | None = plan_hybrid(
+            config.offload, mcfg, ckpt.layout, len(self.placement.offloaded_layers), self.dtype, self.device,
+            self.h2d_bytes_per_s,
+        )  # fmt: skip
         self.model, self.layers = build_model(
             ckpt, self.dtype, self.device, self.attention, self.max_model_len,
             offloaded=frozenset(self.placement.offloaded_layers), embed_on_host=self.placement.embed_on_host,
-            ring_size=config.offload.prefetch,
+            ring_size=config.offload.prefetch, split=self.hybrid.split if self.hybrid else None,
+            host_compute=self.hybrid.host if self.hybrid else None,
         )  # fmt: skip
         self.offload_active = isinstance(self.layers, TransferQueue)
         self.offload_bytes_per_step = self.layers.bytes_per_step if isinstance(self.layers, TransferQueue) else 0
@@ -191,6 +197,8 @@ class Worker:
     ) -> list[int]:
         """Run one step; returns one sampled token id per chunk (callers ignore those of
         sequences still mid-prefill)."""
+        if self.hybrid is not None and isinstance(self.layers, TransferQueue):
+            self.layers.set_split(self.hybrid.chooser(sum(len(c.token_ids) for c in chunks)))
         try:
             if self.graphs is not None and self.graphs.can_run(chunks):
                 logits = self.graphs.run(chunks)

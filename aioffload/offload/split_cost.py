@@ -1,0 +1,143 @@
+"""The cost model of a split offloaded layer, and the split chooser (pure arithmetic).
+
+For a step of T tokens with the host computing k of the C chunks of every offloaded layer:
+
+    copy(k)  = (layer bytes - k x chunk bytes) / host-to-device bandwidth
+    host(k)  = host_rates(T, k) + sync                      (k > 0; sync: event wake, future, add)
+    gpu(k)   = GPU time of its share: 2 x (params - k x chunk params) x T / dense rate
+    layer(k) = max(copy(k), host(k), gpu(k))                the three lanes run at once
+
+and the chooser takes the k with the smallest layer(k) (the smaller k on ties), so k = 0
+wherever the host is slower than streaming the whole layer. On the CPU device the "GPU"
+share is a CPU computation too, timed with the same calibrated rates.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from aioffload.offload.split_layout import SplitLayout
+
+
+@dataclass(frozen=True)
+class HostRates:
+    """Measured host time of an MLP share at each calibrated batch: seconds = per_chunk x k + fixed.
+    Between batches, linear interpolation; beyond the largest, no host share is offered."""
+
+    batch_sizes: tuple[int, ...]
+    per_chunk_s: tuple[float, ...]
+    fixed_s: tuple[float, ...]
+    threads: int
+
+    @property
+    def max_tokens(self) -> int:
+        return self.batch_sizes[-1]
+
+    def seconds(self, tokens: int, k: int) -> float:
+        if tokens > self.max_tokens:
+            return math.inf
+        b = self.batch_sizes
+        i = bisect.bisect_left(b, tokens)
+        if b[i] == tokens or i == 0:
+            return self.per_chunk_s[i] * k + self.fixed_s[i]
+        w = (tokens - b[i - 1]) / (b[i] - b[i - 1])
+        lo = self.per_chunk_s[i - 1] * k + self.fixed_s[i - 1]
+        hi = self.per_chunk_s[i] * k + self.fixed_s[i]
+        return lo + w * (hi - lo)
+
+
+@dataclass(frozen=True)
+class SplitCostModel:
+    num_chunks: int
+    chunk_bytes: int  # one chunk's gate + up + down^T bytes
+    chunk_params: int
+    layer_bytes: int  # bytes streamed when the host computes nothing (the whole layer)
+    layer_params: int
+    h2d_bytes_per_s: float
+    host: HostRates
+    sync_s: float = 250e-6  # per split layer: blocking-event wake + future + zero-copy add (H200: ~0.05-0.1 ms each)
+    gpu_flops: float = 300e12  # dense rate counted on for the GPU share
+    gpu_is_host: bool = False  # CPU device: the "GPU" share runs on the host too (same rates)
+
+    @classmethod
+    def for_layout(cls, split: SplitLayout, elem: int, h2d: float, rates: HostRates,
+                   gpu_is_host: bool = False) -> SplitCostModel:  # fmt: skip
+        return cls(
+            num_chunks=split.num_chunks, chunk_bytes=split.chunk_numel * elem, chunk_params=split.chunk_numel,
+            layer_bytes=split.numel * elem, layer_params=split.numel, h2d_bytes_per_s=h2d, host=rates,
+            gpu_is_host=gpu_is_host,
+        )  # fmt: skip
+
+    def layer_s(self, tokens: int, k: int) -> float:
+        """Predicted seconds of one offloaded layer in a step of `tokens` tokens, host share k."""
+        copy = (self.layer_bytes - k * self.chunk_bytes) / self.h2d_bytes_per_s
+        if self.gpu_is_host:
+            gpu = self.host.seconds(tokens, self.num_chunks - k) if k < self.num_chunks else 0.0
+        else:
+            gpu = 2.0 * (self.layer_params - k * self.chunk_params) * tokens / self.gpu_flops
+        if k == 0:
+            return max(copy, gpu)
+        return max(copy, gpu, self.host.seconds(tokens, k) + self.sync_s)
+
+    def best_k(self, tokens: int) -> int:
+        """The host share (chunks) with the smallest predicted layer time; 0 on ties or beyond the
+        calibrated batches."""
+        if tokens > self.host.max_tokens:
+            return 0
+        best, best_s = 0, self.layer_s(tokens, 0)
+        for k in range(1, self.num_chunks + 1):
+            s = self.layer_s(tokens, k)
+            if s < best_s * (1 - 1e-9):
+                best, best_s = k, s
+        return best
+
+    def table(self, batch_sizes: Sequence[int]) -> list[dict[str, float]]:
+        """Rows for the start-up log and `aioffload plan`: per batch, the chosen share and the
+        predicted layer time against streaming it whole."""
+        rows = []
+        for t in batch_sizes:
+            k = self.best_k(t)
+            rows.append({
+                "tokens": t, "host_chunks": k, "host_share": round(k / self.num_chunks, 3),
+                "layer_ms": round(self.layer_s(t, k) * 1e3, 3), "stream_ms": round(self.layer_s(t, 0) * 1e3, 3),
+                "host_only_ms": round(self.host.seconds(t, self.num_chunks) * 1e3, 3),
+            })  # fmt: skip
+        return rows
+
+
+class SplitChooser:
+    """best_k for every step size up to the calibrated maximum, computed once."""
+
+    def __init__(self, model: SplitCostModel) -> None:
+        self.model = model
+        self._k = [0] + [model.best_k(t) for t in range(1, model.host.max_tokens + 1)]
+
+    def __call__(self, tokens: int) -> int:
+        return self._k[tokens] if tokens < len(self._k) else 0
+
+    @property
+    def pays(self) -> bool:
+        """True when some calibrated step size gets a host share."""
+        return any(self._k)
+
+
+def format_table(model: SplitCostModel, batch_sizes: Sequence[int], num_layers: int) -> str:
+    """The chosen split per batch size, one line each (start-up log, `aioffload plan`)."""
+    lines = [
+        f"host share per offloaded layer ({model.host.threads} host threads, {model.num_chunks} chunks of "
+        f"{model.chunk_bytes / 1e6:.2f} MB, {model.h2d_bytes_per_s / 1e9:.1f} GB/s host->GPU):"
+    ]
+    for r in model.table(batch_sizes):
+        step = r["layer_ms"] * num_layers
+        t = int(r["tokens"])
+        rate = model.chunk_bytes / max(model.host.seconds(t, 1) - model.host.seconds(t, 0), 1e-12) / 1e9
+        lines.append(
+            f"  batch {int(r['tokens']):>4}: host reads {rate:5.1f} GB/s; host {int(r['host_chunks']):>3}/"
+            f"{model.num_chunks} chunks "
+            f"({r['host_share']:.0%}), {r['layer_ms']:.2f} ms/layer vs {r['stream_ms']:.2f} streamed "
+            f"-> {step:.1f} ms for {num_layers} layers ({r['layer_ms'] / r['stream_ms']:.2f}x the copy floor)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Whether offloaded layers are split between host and GPU (`--hybrid auto|on|off`), and how.
+
+Decided at start-up, before the weights load (the split needs its own host layout):
+calibrate the host's MLP-share speed with the real layer shapes, build the cost model
+(offload/split_cost.py) and, in `auto`, keep the split only when it pays at some batch size
+on a CUDA device. Every decision and the chosen split per batch size go to the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from aioffload.config import ModelConfig, OffloadConfig
+from aioffload.model.layout import LayerLayout
+from aioffload.offload.calibrate import calibrate_host, default_host_threads
+from aioffload.offload.split_cost import SplitChooser, SplitCostModel, format_table
+from aioffload.offload.split_layout import SplitLayout, split_layout
+from aioffload.offload.split_mlp import HostCompute
+
+log = logging.getLogger("aioffload.worker")
+
+LOG_BATCHES = (1, 8, 64, 256)
+
+
+@dataclass
+class HybridPlan:
+    split: SplitLayout
+    cost: SplitCostModel
+    chooser: SplitChooser
+    host: HostCompute
+
+
+def plan_hybrid(
+    offload: OffloadConfig,
+    mcfg: ModelConfig,
+    layout: LayerLayout,
+    num_offloaded: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    h2d_bytes_per_s: float,
+) -> HybridPlan | None:
+    """The split to run with, or None (every offloaded layer streams whole); logs why."""
+    mode = offload.hybrid
+    if not num_offloaded:
+        return None
+    if mode == "off":
+        log.info("hybrid: off (--hybrid off): offloaded layers stream whole")
+        return None
+    if mode == "auto" and device.type != "cuda":
+        log.info("hybrid: off (auto on the CPU device: nothing to gain; --hybrid on runs the split here too)")
+        return None
+    split = split_layout(layout, mcfg.hidden_size, mcfg.intermediate_size)
+    threads = offload.host_threads or default_host_threads()
+    t = time.perf_counter()
+    rates = calibrate_host(split, dtype, threads, device=device)
+    elem = torch.empty((), dtype=dtype).element_size()
+    cost = SplitCostModel.for_layout(split, elem, h2d_bytes_per_s, rates, gpu_is_host=device.type != "cuda")
+    chooser = SplitChooser(cost)
+    log.info("hybrid: host calibrated in %.1f s\n%s", time.perf_counter() - t,
+             format_table(cost, LOG_BATCHES, num_offloaded))  # fmt: skip
+    if mode == "auto" and not chooser.pays:
+        log.info("hybrid: off (auto: the host is slower than streaming at every batch size)")
+        return None
+    log.info("hybrid: on (%s): the host computes a share of each of the %d offloaded layers' MLP, chosen per step",
+             mode, num_offloaded)  # fmt: skip
+    host = HostCompute(rates.max_tokens, mcfg.hidden_size, dtype, device, threads)
+    return HybridPlan(split, cost, chooser, host)

@@ -1,0 +1,162 @@
+"""Split execution of offloaded layers (host share + streamed GPU share) against the resident model,
+for host shares 0, all and several between, through prefill, decode and chunked prefill; and greedy
+text on the demo model with --hybrid on equal to --hybrid off."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from aioffload.attention.backends import SdpaBackend
+from aioffload.checkpoint.checkpoint import Checkpoint
+from aioffload.cli import DEMO_MODEL
+from aioffload.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
+from aioffload.engine.async_engine import Engine
+from aioffload.offload.split_layout import SplitWeights, split_layout
+from aioffload.offload.split_mlp import HostCompute, SplitMlp
+from aioffload.offload.transfer_queue import TransferQueue
+from aioffload.worker.model_loader import build_model
+from aioffload.worker.sampling import SamplingParams
+from tests.helpers import CPU, Runner, build, one_torch_thread, write_random_checkpoint
+
+PROMPTS = [[1, 5, 9, 33, 7, 100, 3], [1, 200, 201, 17], [1, 42] * 6]
+LAYERS, CHUNK = 5, 32  # intermediate 128 -> 4 chunks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with one_torch_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return write_random_checkpoint(tmp_path_factory.mktemp("hybrid"), layers=LAYERS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(path):
+    return {None: Runner(build(path)[0], PROMPTS).generate(4), 3: Runner(build(path)[0], PROMPTS).generate(2, chunk=3)}
+
+
+@pytest.fixture(scope="module")
+def host():
+    h = HostCompute(64, 64, torch.float32, CPU, threads=1)
+    yield h
+    h.close()
+
+
+def build_split(path, host, offloaded, ring=2):
+    ckpt = Checkpoint.open(path)
+    cfg = ckpt.model_config
+    sp = split_layout(ckpt.layout, cfg.hidden_size, cfg.intermediate_size, CHUNK)
+    model, layers = build_model(ckpt, torch.float32, CPU, SdpaBackend(), 512, offloaded=offloaded, ring_size=ring,
+                                split=sp, host_compute=host)  # fmt: skip
+    assert isinstance(layers, TransferQueue) and isinstance(model.mlp, SplitMlp)
+    return model, layers
+
+
+def assert_close(ours, ref):
+    pre, dec, gen = ours
+    pre_r, dec_r, gen_r = ref
+    assert torch.allclose(pre, pre_r, rtol=1e-5, atol=1e-5), (pre - pre_r).abs().max()
+    for a, b in zip(dec, dec_r, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+    assert gen == gen_r
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 4])  # host chunks of 4: none, some, all
+@pytest.mark.parametrize("chunk", [None, 3])  # whole prefill, chunked prefill
+def test_split_layers_match_the_resident_model(path, reference, host, k, chunk):
+    model, layers = build_split(path, host, frozenset({1, 3, 4}))
+    layers.set_split(k)
+    runner = Runner(model, PROMPTS)
+    assert_close(runner.generate(4 if chunk is None else 2, chunk=chunk), reference[chunk])
+
+
+def test_share_changes_between_steps_and_slots_top_up(path, reference, host):
+    """Loads issued with a large host share, then a step that wants none: the queue tops the
+    prefetched slots up and the result is unchanged."""
+    model, layers = build_split(path, host, frozenset({0, 2, 3, 4}), ring=3)
+    layers.set_split(4)  # the first loads (issued at construction) carry k = 0; this sets later ones
+    runner = Runner(model, PROMPTS)
+    pre, _ = runner.prefill()
+    assert torch.allclose(pre, reference[None][0], rtol=1e-5, atol=1e-5)
+    seen = []
+    orig = layers.acquire
+
+    def spy(layer):
+        w = orig(layer)
+        if isinstance(w, SplitWeights):
+            seen.append(w.k)
+        return w
+
+    layers.acquire = spy  # type: ignore[method-assign]
+    nxt = pre.argmax(-1).tolist()
+    gen: list[list[int]] = [[] for _ in PROMPTS]
+    _, dec_ref, gen_ref = reference[None]
+    for step, k in enumerate((0, 2, 4, 1)):
+        for i, t in enumerate(nxt):
+            gen[i].append(t)
+        layers.set_split(k)
+        logits = runner.decode_step(nxt)
+        assert torch.allclose(logits, dec_ref[step], rtol=1e-5, atol=1e-5)
+        nxt = logits.argmax(-1).tolist()
+    assert seen == [0] * 4 + [2] * 4 + [4] * 4 + [1] * 4  # every layer computed with its step's share
+    assert gen == gen_ref
+
+
+def test_host_share_runs_on_its_own_thread(path, host):
+    model, layers = build_split(path, host, frozenset({2}))
+    layers.set_split(2)
+    names = []
+    orig = host._run
+
+    def spy(*args):
+        import threading
+
+        names.append(threading.current_thread().name)
+        return orig(*args)
+
+    host._run = spy  # type: ignore[method-assign]
+    try:
+        Runner(model, PROMPTS).prefill()
+    finally:
+        host._run = orig  # type: ignore[method-assign]
+    assert names and all(n.startswith("aioffload-host") for n in names)
+
+
+def engine_text(hybrid: str, prompts: list[str], tokens: int = 24) -> tuple[list[str], Engine]:
+    cfg = EngineConfig(
+        model=DEMO_MODEL, device="cpu", cache=CacheConfig(num_blocks=128),
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64),
+        offload=OffloadConfig(cpu_offload_gb=0.006, hybrid=hybrid, host_threads=1),  # 2 of 4 layers
+    )  # fmt: skip
+    engine = Engine.from_config(cfg.validate())
+
+    async def run() -> list[str]:
+        params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+
+        async def one(i: int, p: str) -> str:
+            return "".join([o.text async for o in engine.generate(p, params, f"r{i}")])
+
+        try:
+            return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+        finally:
+            await engine.shutdown(1.0)
+
+    return asyncio.run(run()), engine
+
+
+def test_demo_model_greedy_text_identical_with_hybrid_on_and_off():
+    prompts = ["The Python tutorial", "A list is", "Exceptions are raised when"]
+    off, e_off = engine_text("off", prompts)
+    on, e_on = engine_text("on", prompts)
+    assert e_off.worker.hybrid is None and len(e_off.worker.placement.offloaded_layers) == 2  # about half
+    assert e_on.worker.hybrid is not None
+    ks = {e_on.worker.hybrid.chooser(t) for t in (1, 3, 16)}
+    assert ks - {0}, f"the CPU calibration gave the host no share at all: {ks}"
+    assert on == off
+    assert all(len(t) > 20 for t in on)
