@@ -143,8 +143,8 @@ def test_offload_bench(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.Monk
 def test_offload_bench_hybrid_phase(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = _bench("offload", synth_dir, tmp_path, monkeypatch, "--gpu-memory-gb", "1", "--resident-layers", "2",
                   "--offload-prefetch", "1", "--batch-sizes", "1,3", "--context-len", "6", "--steps", "2",
-                  "--warmup", "1", "--check-prompts", "2", "--check-tokens", "6", "--hybrid", "on", "--host-threads", "1",
-                  "--skip-engine", "--skip-resident", "--skip-accelerate")  # fmt: skip
+                  "--warmup", "1", "--check-prompts", "2", "--check-tokens", "6", "--hybrid", "on",
+                  "--host-threads", "1", "--skip-engine", "--skip-resident", "--skip-accelerate")  # fmt: skip
     assert data["errors"] == {}
     h = data["hybrid"]
     assert h["on"] is True and h["mode"] == "on" and h["threads"] == 1 and h["num_chunks"] >= 1

@@ -12,10 +12,10 @@ from aioffload.model.layout import layer_layout
 from aioffload.offload.split_layout import SplitWeights, fill_mlp, pick_chunk, split_layout
 from aioffload.offload.split_mlp import mlp_share, silu_mul_chunks
 
-H, I = 64, 128
+H, INTER = 64, 128
 
 
-def cfg(inter: int = I) -> ModelConfig:
+def cfg(inter: int = INTER) -> ModelConfig:
     return ModelConfig(
         architecture="LlamaForCausalLM", vocab_size=32, hidden_size=H, intermediate_size=inter, num_layers=1,
         num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, rope_theta=1e4, max_position_embeddings=64,
@@ -33,9 +33,9 @@ def test_pick_chunk_is_the_largest_divisor_up_to_128() -> None:
 
 @pytest.mark.parametrize("chunk", [16, 32, 128])
 def test_streamed_range_is_contiguous_and_shrinks_by_one_chunk(chunk: int) -> None:
-    sp = split_layout(layer_layout(cfg()), H, I, chunk)
+    sp = split_layout(layer_layout(cfg()), H, INTER, chunk)
     c = sp.num_chunks
-    assert c == I // chunk
+    assert c == INTER // chunk
     ranges = [sp.streamed_range(k) for k in range(c + 1)]
     assert ranges[0] == (0, sp.numel)  # no host share: the whole layer streams
     lo_c, hi_c = ranges[c]
@@ -53,8 +53,8 @@ def test_streamed_range_is_contiguous_and_shrinks_by_one_chunk(chunk: int) -> No
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_host_and_gpu_partials_add_up_to_the_dense_mlp(chunk: int) -> None:
     torch.manual_seed(0)
-    sp = split_layout(layer_layout(cfg()), H, I, chunk)
-    gate, up, down = torch.randn(I, H), torch.randn(I, H), torch.randn(H, I)
+    sp = split_layout(layer_layout(cfg()), H, INTER, chunk)
+    gate, up, down = torch.randn(INTER, H), torch.randn(INTER, H), torch.randn(H, INTER)
     flat = torch.full((sp.numel,), float("nan"))
     fill_mlp(sp, flat, gate, up, down)
     h = torch.randn(5, H, dtype=torch.float64).float()
@@ -81,7 +81,7 @@ def test_silu_mul_chunks_reverses_the_chunk_order() -> None:
 
 
 def test_split_weights_views_cover_exactly_their_chunks() -> None:
-    sp = split_layout(layer_layout(cfg()), H, I, 32)
+    sp = split_layout(layer_layout(cfg()), H, INTER, 32)
     flat = torch.arange(sp.numel, dtype=torch.float64)
     w = SplitWeights(flat, sp, 1, flat)
     lo, hi = sp.streamed_range(1)
