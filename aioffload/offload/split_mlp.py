@@ -17,6 +17,7 @@ future (a sleeping wait); nothing ever spins on the GPU.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -59,6 +60,7 @@ class HostCompute:
         self.cuda = device.type == "cuda"
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aioffload-host", initializer=torch.set_num_threads,
                                        initargs=(threads,))  # fmt: skip
+        self.trace: list[tuple[float, ...]] | None = None  # set to [] to record per-share timestamps
         n = max_tokens * hidden
         if self.cuda:
             self.h_host = pinned_empty(n, dtype).view(max_tokens, hidden)  # [Tmax, H]
@@ -73,18 +75,23 @@ class HostCompute:
         partial [T, H] as a device tensor. At most one share is in flight (the step waits for it
         before the next layer), which is what makes the single set of buffers safe."""
         t = h.shape[0]
+        t0 = time.perf_counter() if self.trace is not None else 0.0
         if self.cuda:
             self.h_host[:t].copy_(h, non_blocking=True)
             self.ready.record()
-            return self.pool.submit(self._run, self.h_host[:t], gate_up, down_t, chunk, True)
-        return self.pool.submit(self._run, h, gate_up, down_t, chunk, False)
+            return self.pool.submit(self._run, self.h_host[:t], gate_up, down_t, chunk, True, t0)
+        return self.pool.submit(self._run, h, gate_up, down_t, chunk, False, t0)
 
     def _run(self, x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, chunk: int,
-             wait: bool) -> torch.Tensor:  # fmt: skip
+             wait: bool, t_submit: float) -> torch.Tensor:  # fmt: skip
+        t_start = time.perf_counter() if self.trace is not None else 0.0
         if wait:
             self.ready.synchronize()
+        t_ready = time.perf_counter() if self.trace is not None else 0.0
         t = x.shape[0]
         mlp_share(x, gate_up, down_t, chunk, out=self.out_host[:t])
+        if self.trace is not None:
+            self.trace.append((t_submit, t_start, t_ready, time.perf_counter()))
         return self.out_dev[:t]
 
     def close(self) -> None:
