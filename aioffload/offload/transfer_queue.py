@@ -94,6 +94,7 @@ class TransferQueue:
 
     def set_split(self, k: int) -> None:
         """This step's host share (chunks), also used by the loads issued from now on."""
+        assert self.split is not None and 0 <= k <= self.split.num_chunks, f"host share {k} of {self.split}"
         self.step_k = self.load_k = k
 
     def streamed_bytes(self, k: int) -> int:
