@@ -112,7 +112,7 @@ def test_host_share_runs_on_its_own_thread(path, host):
     model, layers = build_split(path, host, frozenset({2}))
     layers.set_split(2)
     names = []
-    orig = host._run
+    orig = host._job
 
     def spy(*args):
         import threading
@@ -120,12 +120,29 @@ def test_host_share_runs_on_its_own_thread(path, host):
         names.append(threading.current_thread().name)
         return orig(*args)
 
-    host._run = spy  # type: ignore[method-assign]
+    host._job = spy  # type: ignore[method-assign]
     try:
         Runner(model, PROMPTS).prefill()
     finally:
-        host._run = orig  # type: ignore[method-assign]
+        host._job = orig  # type: ignore[method-assign]
     assert names and all(n.startswith("aioffload-host") for n in names)
+
+
+def test_chooser_learns_the_host_time_of_real_steps(path, host):
+    """A host slower in real steps than at calibration: observed times shrink the chosen share."""
+    from aioffload.offload.split_cost import HostRates, SplitChooser, SplitCostModel
+
+    rates = HostRates((1, 8), (1e-4, 2e-4), (0.0, 0.0), threads=1)
+    model = SplitCostModel(num_chunks=8, chunk_bytes=int(5.5e6), chunk_params=1, layer_bytes=int(50e6),
+                           layer_params=1, h2d_bytes_per_s=55e9, host=rates, sync_s=0.0)  # fmt: skip
+    ch = SplitChooser(model)
+    k0 = ch(1)
+    assert 0 < k0 <= 8
+    for _ in range(30):
+        ch.observe(1, k0, 3 * rates.seconds(1, k0))  # three times slower than calibrated
+    assert ch.factor[1] == pytest.approx(3.0, rel=0.01)
+    assert 0 < ch(1) < k0
+    assert ch(8) == model.best_k(8)  # other step sizes keep their own estimate
 
 
 def engine_text(hybrid: str, prompts: list[str], tokens: int = 24) -> tuple[list[str], Engine]:

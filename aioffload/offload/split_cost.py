@@ -15,6 +15,7 @@ share is a CPU computation too, timed with the same calibrated rates.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class SplitCostModel:
     sync_s: float = 250e-6  # per split layer: blocking-event wake + future + zero-copy add (H200: ~0.05-0.1 ms each)
     gpu_flops: float = 300e12  # dense rate counted on for the GPU share
     gpu_is_host: bool = False  # CPU device: the "GPU" share runs on the host too (same rates)
+    host_scale: float = 1.0  # measured / calibrated host time (SplitChooser.observe)
 
     @classmethod
     def for_layout(cls, split: SplitLayout, elem: int, h2d: float, rates: HostRates,
@@ -80,7 +82,7 @@ class SplitCostModel:
             gpu = 2.0 * (self.layer_params - k * self.chunk_params) * tokens / self.gpu_flops
         if k == 0:
             return max(copy, gpu)
-        return max(copy, gpu, self.host.seconds(tokens, k) + self.sync_s)
+        return max(copy, gpu, self.host_scale * self.host.seconds(tokens, k) + self.sync_s)
 
     def best_k(self, tokens: int) -> int:
         """The host share (chunks) with the smallest predicted layer time; 0 on ties or beyond the
@@ -109,14 +111,31 @@ class SplitCostModel:
 
 
 class SplitChooser:
-    """best_k for every step size up to the calibrated maximum, computed once."""
+    """best_k for every step size up to the calibrated maximum, computed once, then corrected by
+    what the host really takes in steps: `observe` keeps, per step size, a running ratio of
+    measured to calibrated host time (the calibration cannot reproduce a real step's memory
+    traffic exactly) and re-chooses that size's share with it."""
 
-    def __init__(self, model: SplitCostModel) -> None:
+    def __init__(self, model: SplitCostModel, smoothing: float = 0.2) -> None:
         self.model = model
+        self.smoothing = smoothing
         self._k = [0] + [model.best_k(t) for t in range(1, model.host.max_tokens + 1)]
+        self.factor = [1.0] * len(self._k)  # measured / calibrated host time, per step size
 
     def __call__(self, tokens: int) -> int:
         return self._k[tokens] if tokens < len(self._k) else 0
+
+    def observe(self, tokens: int, k: int, host_s: float) -> None:
+        """One host share of k chunks for a step of `tokens` tokens took host_s seconds."""
+        if not 0 < tokens < len(self._k) or k <= 0:
+            return
+        predicted = self.model.host.seconds(tokens, k)
+        if predicted <= 0:
+            return
+        f = self.factor[tokens]
+        self.factor[tokens] = f + self.smoothing * (host_s / predicted - f)
+        scaled = dataclasses.replace(self.model, host_scale=self.factor[tokens])
+        self._k[tokens] = scaled.best_k(tokens)
 
     @property
     def pays(self) -> bool:

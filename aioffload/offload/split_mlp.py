@@ -10,15 +10,18 @@ Per offloaded layer, with the share k chosen for the step (offload/split_cost.py
 
 The host partial lands in mapped pinned memory that the add kernel reads directly: a
 64 KB host-to-device copy queued behind the weight stream waited 16.6 ms on the H200
-(BENCHMARKS.md), a zero-copy read 46 us. The step thread waits for the host share on a
-future (a sleeping wait); nothing ever spins on the GPU.
+(BENCHMARKS.md), a zero-copy read 46 us. The GPU waits for the host on a word in that
+memory (HostCompute); the host waits for the GPU on a blocking event; nothing spins.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,56 +49,133 @@ def mlp_share(h: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, chun
     return torch.matmul(act, down_t, out=out)
 
 
+Ticket = tuple[int, Future[None]]  # (sequence number, job)
+
+
 class HostCompute:
     """One dedicated host thread (its own OpenMP team of `threads`) computing host MLP shares.
 
-    On CUDA the layer input is copied into a small pinned buffer and an event recorded; the
-    thread waits on that event (blocking sync: it sleeps) and writes its partial into mapped
-    pinned memory whose device view the GPU adds. On the CPU device the thread reads the input
-    in place and writes a plain buffer: the same code, the "GPU" side being the step thread.
+    `start` queues a share and `finish` gives its partial as a device tensor usable in stream order.
+    On CUDA nothing on the step thread waits: `start` copies the layer input into a pinned buffer
+    and records an event; the host thread waits on that event (blocking sync: it sleeps), writes
+    its partial into mapped pinned memory and then bumps a sequence word there; `finish` makes the
+    compute stream wait for that word (cuStreamWaitValue32) before the add. So the step thread
+    launches the whole step ahead, as on the streamed path, and no kernel launch sits between the
+    host's result and the next layer (on the H200 those launches cost ~0.8 ms per layer when the
+    step thread waited for the host instead). Two buffers of each kind alternate: job n+2 can only
+    start once the GPU has consumed job n (stream order), which makes two enough.
+
+    Without the driver call (or on the CPU device) `finish` waits for the job on the step thread.
     """
 
-    def __init__(self, max_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device, threads: int) -> None:
+    def __init__(self, max_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device, threads: int,
+                 max_in_flight: int = 64) -> None:  # fmt: skip
         self.max_tokens, self.device, self.threads = max_tokens, device, threads
         self.cuda = device.type == "cuda"
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aioffload-host", initializer=torch.set_num_threads,
                                        initargs=(threads,))  # fmt: skip
         self.trace: list[tuple[float, ...]] | None = None  # set to [] to record per-share timestamps
+        self.observed: deque[tuple[int, int, float]] = deque(maxlen=4096)  # (tokens, chunks, host seconds)
+        self.error: BaseException | None = None
+        self._seq = 0
         n = max_tokens * hidden
+        self.stream_wait: StreamWait | None = None
         if self.cuda:
-            self.h_host = pinned_empty(n, dtype).view(max_tokens, hidden)  # [Tmax, H]
-            out_host, out_dev = mapped_pinned(n, dtype, device)
-            self.out_host, self.out_dev = out_host.view(max_tokens, hidden), out_dev.view(max_tokens, hidden)
-            self.ready = torch.cuda.Event(blocking=True)
+            self.h_host = [pinned_empty(n, dtype).view(max_tokens, hidden) for _ in range(2)]  # [Tmax, H] each
+            outs = [mapped_pinned(n, dtype, device) for _ in range(2)]
+            self.out_host = [o[0].view(max_tokens, hidden) for o in outs]
+            self.out_dev = [o[1].view(max_tokens, hidden) for o in outs]
+            # A word in memory of its own: a small tensor could share a page with another registration.
+            self.flag_host = mapped_pinned(1 << 16, torch.int32, device)[0][:1]
+            self.flag_host.zero_()
+            self.events = [torch.cuda.Event(blocking=True) for _ in range(max_in_flight + 2)]
+            self.stream_wait = StreamWait.load()
         else:
-            self.out_host = self.out_dev = torch.empty(max_tokens, hidden, dtype=dtype)
+            self.out_host = self.out_dev = [torch.empty(max_tokens, hidden, dtype=dtype) for _ in range(2)]
 
-    def submit(self, h: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, chunk: int) -> Future[torch.Tensor]:
-        """Start the host share for layer input h [T, H] (T <= max_tokens); the future gives the
-        partial [T, H] as a device tensor. At most one share is in flight (the step waits for it
-        before the next layer), which is what makes the single set of buffers safe."""
-        t = h.shape[0]
+    @property
+    def asynchronous(self) -> bool:
+        return self.stream_wait is not None
+
+    def start(self, h: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, chunk: int) -> Ticket:
+        """Queue the host share for layer input h [T, H] (T <= max_tokens); returns a ticket for `finish`."""
+        self._seq += 1
+        seq, b, t = self._seq, self._seq % 2, h.shape[0]
         t0 = time.perf_counter() if self.trace is not None else 0.0
         if self.cuda:
-            self.h_host[:t].copy_(h, non_blocking=True)
-            self.ready.record()
-            return self.pool.submit(self._run, self.h_host[:t], gate_up, down_t, chunk, True, t0)
-        return self.pool.submit(self._run, h, gate_up, down_t, chunk, False, t0)
+            self.h_host[b][:t].copy_(h, non_blocking=True)
+            ev = self.events[seq % len(self.events)]
+            ev.record()
+            fut = self.pool.submit(self._job, seq, self.h_host[b][:t], gate_up, down_t, chunk, ev, t0)
+        else:
+            fut = self.pool.submit(self._job, seq, h, gate_up, down_t, chunk, None, t0)
+        return seq, fut
 
-    def _run(self, x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, chunk: int,
-             wait: bool, t_submit: float) -> torch.Tensor:  # fmt: skip
-        t_start = time.perf_counter() if self.trace is not None else 0.0
-        if wait:
-            self.ready.synchronize()
-        t_ready = time.perf_counter() if self.trace is not None else 0.0
-        t = x.shape[0]
-        mlp_share(x, gate_up, down_t, chunk, out=self.out_host[:t])
-        if self.trace is not None:
-            self.trace.append((t_submit, t_start, t_ready, time.perf_counter()))
-        return self.out_dev[:t]
+    def finish(self, ticket: Ticket, tokens: int) -> torch.Tensor:
+        """The partial [T, H] of `ticket` as a device tensor, valid for work queued after this call."""
+        seq, fut = ticket
+        if self.stream_wait is not None:
+            self.stream_wait(torch.cuda.current_stream(self.device).cuda_stream, self.flag_host.data_ptr(), seq)
+        else:
+            fut.result()
+            self.check()
+        return self.out_dev[seq % 2][:tokens]
+
+    def _job(self, seq: int, x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, chunk: int,
+             ready: torch.cuda.Event | None, t_submit: float) -> None:  # fmt: skip
+        t_start = time.perf_counter()
+        try:
+            if ready is not None:
+                ready.synchronize()
+            t_ready = time.perf_counter()
+            t = x.shape[0]
+            mlp_share(x, gate_up, down_t, chunk, out=self.out_host[seq % 2][:t])
+            t_done = time.perf_counter()
+            self.observed.append((t, gate_up.shape[0] // (2 * chunk), t_done - t_ready))
+            if self.trace is not None:
+                self.trace.append((t_submit, t_start, t_ready, t_done))
+        except BaseException as e:  # the GPU waits on the sequence word: it must be written anyway
+            self.error = self.error or e
+            log.exception("host share failed")
+        finally:
+            if self.cuda:
+                self.flag_host.fill_(seq & 0x7FFFFFFF)
+
+    def check(self) -> None:
+        """Raise the first host-share failure (the worker calls this after each step)."""
+        if self.error is not None:
+            e, self.error = self.error, None
+            raise RuntimeError("a host share of an offloaded layer failed") from e
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+class StreamWait:
+    """cuStreamWaitValue32 through the CUDA driver (ctypes): the stream waits until a 32-bit word,
+    here in mapped host memory, is >= a value (wrap-around safe). No PyTorch API exposes it."""
+
+    GEQ = 0x0
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    @classmethod
+    def load(cls) -> StreamWait | None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            fn = getattr(lib, "cuStreamWaitValue32_v2", None) or lib.cuStreamWaitValue32
+        except (OSError, AttributeError) as e:
+            log.warning("hybrid: cuStreamWaitValue32 unavailable (%s): the step thread waits for each host share", e)
+            return None
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return cls(fn)
+
+    def __call__(self, stream: int, addr: int, value: int) -> None:
+        res = self.fn(ctypes.c_void_p(stream), ctypes.c_uint64(addr), ctypes.c_uint32(value & 0x7FFFFFFF), self.GEQ)
+        if res != 0:
+            raise RuntimeError(f"cuStreamWaitValue32 failed with CUresult {res}")
 
 
 class SplitMlp:
@@ -113,7 +193,7 @@ class SplitMlp:
         if k == 0:
             return mlp_share(h, w.gate_up, w.down_t, ch)
         assert w.host_gate_up is not None and w.host_down_t is not None
-        job = self.host.submit(h, w.host_gate_up, w.host_down_t, ch)
+        ticket = self.host.start(h, w.host_gate_up, w.host_down_t, ch)
         gpu = mlp_share(h, w.gate_up, w.down_t, ch) if k < c else None  # runs while the host computes
-        host = job.result()
+        host = self.host.finish(ticket, h.shape[0])
         return gpu.add_(host) if gpu is not None else host.clone()

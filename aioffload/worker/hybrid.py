@@ -32,6 +32,21 @@ class HybridPlan:
     cost: SplitCostModel
     chooser: SplitChooser
     host: HostCompute
+    last_share: float = 0.0  # host share of the last step (0..1), for stats
+
+    def before_step(self, tokens: int) -> int:
+        """The host share (chunks) for a step of `tokens` tokens."""
+        k = self.chooser(tokens)
+        self.last_share = k / self.split.num_chunks
+        return k
+
+    def after_step(self) -> None:
+        """Raise a failed host share; feed the measured host times back into the chooser."""
+        self.host.check()
+        obs = self.host.observed
+        while obs:
+            tokens, k, seconds = obs.popleft()
+            self.chooser.observe(tokens, k, seconds)
 
 
 def plan_hybrid(
@@ -67,5 +82,7 @@ def plan_hybrid(
         return None
     log.info("hybrid: on (%s): the host computes a share of each of the %d offloaded layers' MLP, chosen per step",
              mode, num_offloaded)  # fmt: skip
-    host = HostCompute(rates.max_tokens, mcfg.hidden_size, dtype, device, threads)
+    host = HostCompute(rates.max_tokens, mcfg.hidden_size, dtype, device, threads, max_in_flight=num_offloaded)
+    log.info("hybrid: the GPU waits for host shares %s", "on a word in mapped memory (cuStreamWaitValue32)"
+             if host.asynchronous else "through the step thread (no stream wait available)")  # fmt: skip
     return HybridPlan(split, cost, chooser, host)

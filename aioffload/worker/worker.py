@@ -198,7 +198,7 @@ class Worker:
         """Run one step; returns one sampled token id per chunk (callers ignore those of
         sequences still mid-prefill)."""
         if self.hybrid is not None and isinstance(self.layers, TransferQueue):
-            self.layers.set_split(self.hybrid.chooser(sum(len(c.token_ids) for c in chunks)))
+            self.layers.set_split(self.hybrid.before_step(sum(len(c.token_ids) for c in chunks)))
         try:
             if self.graphs is not None and self.graphs.can_run(chunks):
                 logits = self.graphs.run(chunks)
@@ -209,4 +209,7 @@ class Worker:
             if isinstance(self.layers, TransferQueue):
                 self.layers.reset()
             raise
-        return sample_tokens(logits, params, seeds, steps)
+        tokens = sample_tokens(logits, params, seeds, steps)  # waits for the step (host shares included)
+        if self.hybrid is not None:
+            self.hybrid.after_step()
+        return tokens

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 
 from aioffload.bench import common
 from aioffload.bench.offload import trigger_for
@@ -40,44 +39,31 @@ def worker_for(path: str, prefetch: int, threads: int):  # type: ignore[no-untyp
 
 
 def trace_steps(worker, steps: int = 4) -> dict:  # type: ignore[no-untyped-def]
+    """Host-clock timeline of `steps` batch-1 decode steps, per host share (offloaded layer):
+    host_ms (computing), wait_input_us (host thread idle until the layer input is there),
+    gpu_gap_us (host share done -> next layer's input ready: the add, the next layer's attention
+    and the input copy on the GPU, plus the event wake-up), period_ms (input to next input)."""
     mlp = worker.model.mlp
     assert isinstance(mlp, SplitMlp)
     host: HostCompute = mlp.host
-    calls: list[tuple[float, float]] = []
-    orig_call = SplitMlp.__call__
-
-    def call(self, layer, h, w):  # type: ignore[no-untyped-def]
-        t0 = time.perf_counter()
-        out = orig_call(self, layer, h, w)
-        calls.append((t0, time.perf_counter()))
-        return out
-
     prompts = common.random_prompts(1, 128, worker.model_config.vocab_size)
     d = common.StepDriver(worker, prompts, max_new_tokens=steps + 4)
     d.prefill()
     d.decode()
     host.trace = []
-    SplitMlp.__call__ = call  # type: ignore[method-assign]
     try:
         step_s = [d.decode() for _ in range(steps)]
     finally:
-        SplitMlp.__call__ = orig_call  # type: ignore[method-assign]
         trace, host.trace = host.trace, None
-    # Per split layer (resident layers also pass through __call__: keep those with a host job).
-    n = len(trace)
-    per_layer = []
-    split_calls = [c for c in calls if c[1] - c[0] > 5e-4][-n:]  # split layers wait for the host
-    for i in range(n - 1):
-        sub, start, ready, done = trace[i]
-        call_end = split_calls[i][1] if i < len(split_calls) else done
-        per_layer.append({
-            "pool_wake_us": (start - sub) * 1e6, "wait_input_us": (ready - start) * 1e6,
-            "host_ms": (done - ready) * 1e3, "result_wake_us": (call_end - done) * 1e6,
-            "to_next_submit_us": (trace[i + 1][0] - call_end) * 1e6, "layer_ms": (trace[i + 1][0] - sub) * 1e3,
-        })  # fmt: skip
-    keys = per_layer[0].keys() if per_layer else []
-    med = {k: round(statistics.median(p[k] for p in per_layer), 3) for k in keys}
-    return {"step_ms": [round(s * 1e3, 2) for s in step_s], "layers": len(per_layer) // max(1, steps), "median": med}
+    rows = []
+    for (_, st, rd, dn), (_, _, rd2, _) in zip(trace, trace[1:]):
+        if rd2 - dn > 0.02:  # the step boundary (resident layers, sampling, the next step's launch)
+            continue
+        rows.append({"host_ms": (dn - rd) * 1e3, "wait_input_us": (rd - st) * 1e6, "gpu_gap_us": (rd2 - dn) * 1e6,
+                     "period_ms": (rd2 - rd) * 1e3})  # fmt: skip
+    med = {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]} if rows else {}
+    return {"step_ms": [round(x * 1e3, 2) for x in step_s], "shares": len(trace), "median": med,
+            "async": host.asynchronous}  # fmt: skip
 
 
 def profile_one_step(worker, name: str) -> None:  # type: ignore[no-untyped-def]
@@ -103,11 +89,12 @@ def main() -> None:
             for thr in sorted({threads, 16}):
                 if thr != w.hybrid.host.threads:  # same worker, another host pool
                     w.model.mlp.host.close()
-                    w.model.mlp.host = HostCompute(256, w.model_config.hidden_size, w.dtype, w.device, thr)
+                    w.model.mlp.host = HostCompute(256, w.model_config.hidden_size, w.dtype, w.device, thr, 24)
                 name = f"ring{prefetch}_threads{thr}"
                 s = common.summarize(common.time_steps(w, 1, 128, 6, 2), 1e3)
                 t = trace_steps(w)
-                rows.append({"variant": name, "step_p50_ms": s["p50"], **t["median"], "k": w.hybrid.chooser(1)})
+                rows.append({"variant": name, "step_p50_ms": s["p50"], **t["median"], "k": w.hybrid.chooser(1),
+                             "factor_b1": round(w.hybrid.chooser.factor[1], 2)})
                 R[name] = {"decode_b1": s, **t}
                 print(json.dumps(rows[-1]), flush=True)
                 if prefetch == 3 and thr == 16:
