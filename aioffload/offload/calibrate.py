@@ -2,7 +2,10 @@
 
 In a thread with the same OpenMP team size as the host-compute thread, time the share of
 `k_hi` and `k_lo` chunks at each batch size (median of a few runs after a warm-up) and fit
-seconds = per_chunk x k + fixed. On CUDA the weight stream is kept busy meanwhile (pinned
+seconds = per_chunk x k + fixed. The runs rotate over weight copies larger together than the
+host's last-level cache (300 MB on the H200 host): a step reads each offloaded layer once, from
+DRAM, and timing one buffer over and over measured the cache (64.5 GB/s against 37 GB/s in
+real steps). On CUDA the weight stream is kept busy meanwhile (pinned
 host-to-device copies, polled, never synchronised on), since that is how the host computes
 in a real step: DMA and host matmuls share the host's memory bandwidth (about 10-30% slower
 on the H200 host, BENCHMARKS.md).
@@ -60,12 +63,14 @@ class _CopyLoad:
         self.thread = threading.Thread(target=self._run, daemon=True, name="aioffload-calib-copy")
 
     def _run(self) -> None:
-        while not self.stop.is_set():
+        done = [torch.cuda.Event(), torch.cuda.Event()]
+        i = 0
+        while not self.stop.is_set():  # two copies queued at all times: the link never idles
             with torch.cuda.stream(self.stream):
                 self.dev.copy_(self.host, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self.stream)
-            while not done.query():
+            done[i % 2].record(self.stream)
+            i += 1
+            while i > 1 and not done[i % 2].query():
                 time.sleep(2e-4)
 
     def __enter__(self) -> _CopyLoad:
@@ -84,26 +89,34 @@ def calibrate_host(
     batch_sizes: Sequence[int] = DEFAULT_BATCHES,
     device: torch.device | None = None,
     reps: int = 3,
+    cache_bytes: int = 320 << 20,
 ) -> HostRates:
     """Measure the host share's speed for `split`'s shapes; `device` (CUDA) adds copy contention."""
     c = split.num_chunks
     k_hi = max(1, c // 2)
     k_lo = max(1, k_hi // 2) if k_hi > 1 else 0
     result: dict[str, list[float]] = {"per": [], "fixed": []}
+    elem = torch.empty((), dtype=dtype).element_size()
+    share_bytes = k_hi * 3 * split.chunk * split.hidden * elem
+    copies = max(1, min(8, -(-cache_bytes // share_bytes) + 1))  # > the cache together
 
     def run() -> None:
         torch.set_num_threads(threads)
         gen = torch.Generator().manual_seed(0)
-        gate_up = (torch.randn(k_hi * 2 * split.chunk, split.hidden, generator=gen) * 0.02).to(dtype)
-        down_t = (torch.randn(k_hi * split.chunk, split.hidden, generator=gen) * 0.02).to(dtype)
+        weights = []
+        for _ in range(copies):
+            gate_up = torch.empty(k_hi * 2 * split.chunk, split.hidden, dtype=dtype).normal_(0, 0.02, generator=gen)
+            down_t = torch.empty(k_hi * split.chunk, split.hidden, dtype=dtype).normal_(0, 0.02, generator=gen)
+            weights.append((gate_up, down_t))
 
         def timed(x: torch.Tensor, k: int) -> float:
             if k == 0:
                 return 0.0
-            gu, dt = gate_up[: k * 2 * split.chunk], down_t[: k * split.chunk]
-            mlp_share(x, gu, dt, split.chunk)  # warm-up (allocator, oneDNN primitive)
+            views = [(gu[: k * 2 * split.chunk], dt[: k * split.chunk]) for gu, dt in weights]
+            mlp_share(x, *views[-1], split.chunk)  # warm-up (allocator, oneDNN primitive)
             times = []
-            for _ in range(reps):
+            for r in range(max(reps, len(views))):
+                gu, dt = views[r % len(views)]
                 t = time.perf_counter()
                 mlp_share(x, gu, dt, split.chunk)
                 times.append(time.perf_counter() - t)
