@@ -143,6 +143,10 @@ def test_chooser_learns_the_host_time_of_real_steps(path, host):
     assert ch.factor[1] == pytest.approx(3.0, rel=0.01)
     assert 0 < ch(1) < k0
     assert ch(8) == model.best_k(8)  # other step sizes keep their own estimate
+    k8 = ch(8)
+    for i in range(40):  # +-2% noise around the calibration: no flapping
+        ch.observe(8, k8, rates.seconds(8, k8) * (1.02 if i % 2 else 0.98))
+    assert ch(8) == k8
 
 
 def engine_text(hybrid: str, prompts: list[str], tokens: int = 24) -> tuple[list[str], Engine]:

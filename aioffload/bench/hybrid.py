@@ -40,7 +40,8 @@ def hybrid_phase(cfg: EngineConfig, args: argparse.Namespace, floor_s: float | N
                 k = hp.chooser(b)
                 e = {"batch": b, "host_chunks": k, "host_share": round(k / c, 3), "step_ms": s["p50"],
                      "mean_ms": s["avg"], "stats_ms": s, "tok_s": round(b / (s["p50"] / 1e3), 1),
-                     "predicted_split_ms": round(n_off * hp.cost.layer_s(b, k) * 1e3, 2),
+                     "predicted_split_ms": round(n_off * hp.chooser.scaled(b).layer_s(b, k) * 1e3, 2),
+                     "host_time_factor": round(hp.chooser.factor[b], 3) if b < len(hp.chooser.factor) else None,
                      "host_only_floor_ms": round(n_off * hp.cost.host.seconds(b, c) * 1e3, 2)}  # fmt: skip
                 if floor_s:
                     e["floor_ms"] = round(floor_s * 1e3, 3)

@@ -116,9 +116,10 @@ class SplitChooser:
     measured to calibrated host time (the calibration cannot reproduce a real step's memory
     traffic exactly) and re-chooses that size's share with it."""
 
-    def __init__(self, model: SplitCostModel, smoothing: float = 0.2) -> None:
+    def __init__(self, model: SplitCostModel, smoothing: float = 0.2, hysteresis: float = 0.03) -> None:
         self.model = model
         self.smoothing = smoothing
+        self.hysteresis = hysteresis  # re-choose only for a predicted gain above this fraction
         self._k = [0] + [model.best_k(t) for t in range(1, model.host.max_tokens + 1)]
         self.factor = [1.0] * len(self._k)  # measured / calibrated host time, per step size
 
@@ -134,8 +135,16 @@ class SplitChooser:
             return
         f = self.factor[tokens]
         self.factor[tokens] = f + self.smoothing * (host_s / predicted - f)
-        scaled = dataclasses.replace(self.model, host_scale=self.factor[tokens])
-        self._k[tokens] = scaled.best_k(tokens)
+        scaled = self.scaled(tokens)
+        best, now = scaled.best_k(tokens), self._k[tokens]
+        # A share that changes every step costs top-up copies and jitter: move only for a real gain.
+        if scaled.layer_s(tokens, best) < (1 - self.hysteresis) * scaled.layer_s(tokens, now):
+            self._k[tokens] = best
+
+    def scaled(self, tokens: int) -> SplitCostModel:
+        """The cost model with the host time measured for this step size."""
+        f = self.factor[tokens] if 0 < tokens < len(self.factor) else 1.0
+        return dataclasses.replace(self.model, host_scale=f)
 
     @property
     def pays(self) -> bool:
