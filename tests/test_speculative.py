@@ -247,3 +247,17 @@ def test_preemption_and_abort_keep_outputs_and_free_every_block() -> None:
     for r in reqs[:3]:
         assert r.output_token_ids == reference(r.prompt_token_ids, r.sampling, 48)
     assert reqs[3].finish_reason == "abort" and reqs[3].status is RequestStatus.FINISHED
+
+
+def test_the_log_line_reports_the_mean_accepted_length(caplog: pytest.LogCaptureFixture) -> None:
+    from aioffload.engine.stats import StepStats
+
+    stats = StepStats(log_interval_s=0.0)
+    stats.record_verification(proposed=8, accepted=5, emitted=6)
+    stats.record_verification(proposed=4, accepted=0, emitted=1)
+    assert stats.mean_accepted_length == 3.5
+    with caplog.at_level("INFO", logger="aioffload.engine"):
+        stats.maybe_log(num_running=1, num_waiting=0, kv_usage=0.5)
+        stats.maybe_log(num_running=1, num_waiting=0, kv_usage=0.5)  # no verification since: no figure
+    first, second = (r.getMessage() for r in caplog.records)
+    assert first.endswith("KV usage 50.0%, mean accepted length 3.50") and second.endswith("KV usage 50.0%")
