@@ -88,15 +88,16 @@ class DraftModel:
         self.kv = KVCache(c.num_layers, num_blocks, self.block_size, c.num_kv_heads, c.head_dim, self.dtype,
                           self.device)  # fmt: skip
         probe = [SeqChunk([0], 0, [0])]
-        for i in range(3):  # warm-up, then the timed one
+        times = []
+        for _ in range(4):  # a warm-up, then the fastest of three
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t = time.perf_counter()
             self._forward(probe)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            if i == 2:
-                self.step_s = time.perf_counter() - t
+            times.append(time.perf_counter() - t)
+        self.step_s = min(times[1:])
         log.info("draft KV cache: %d blocks; a draft step takes %.2f ms", num_blocks, self.step_s * 1e3)
 
     def _forward(self, chunks: Sequence[SeqChunk], input_ids: torch.Tensor | None = None) -> torch.Tensor:
