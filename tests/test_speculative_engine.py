@@ -143,6 +143,15 @@ def test_preemption_in_a_tiny_pool_keeps_greedy_output(perturbed: str, method: s
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_chunked_prefill_under_offload_keeps_greedy_output(plain: dict, perturbed: str, method: str) -> None:
+    # A 16-token budget chunks every prompt (the draft runs each chunk too); layers stream from the host.
+    e = engine(method, perturbed if method == "draft" else None, budget=16, cpu_offload_gb=0.005)
+    assert e.worker.offload_active
+    assert summary(run(e, GREEDY)) == plain
+    assert e.stats()["spec_accepted_tokens_total"] > 0
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_abort_mid_stream_leaves_the_others_identical(plain: dict, perturbed: str, method: str) -> None:
     e = engine(method, perturbed if method == "draft" else None)
     got = summary(run(e, GREEDY, abort="r0"))
