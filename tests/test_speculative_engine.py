@@ -46,6 +46,7 @@ def engine(method: str = "off", draft: str | None = None, num_blocks: int = 512,
            seqs: int = 16, cap: int = 16, **offload: object) -> Engine:  # fmt: skip
     cfg = EngineConfig(
         model=DEMO,
+        device="cpu",  # the CPU acceptance figures (tests/test_speculative_gpu.py is the CUDA side)
         cache=CacheConfig(num_blocks=num_blocks, block_size=4),
         scheduler=SchedulerConfig(max_model_len=192, max_num_batched_tokens=budget, max_num_seqs=seqs),
         offload=OffloadConfig(**offload),  # type: ignore[arg-type]
