@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from aioffload.attention.kv_cache import BlockManager, BlockPool, KVCache, slot_mapping
@@ -104,3 +105,25 @@ def test_proposals_are_the_drafts_greedy_continuation_and_rollback_keeps_kv_vali
     prop = w.draft.propose(chunks, [3], [GREEDY], [0], [0])
     d_seq, _, _ = decode(draft_alone, seq, steps=2, k=0)
     assert prop.token_ids == [d_seq[len(seq) : len(seq) + 3]] and prop.probs is None and prop.full == [False]
+
+
+def test_sampled_proposals_seeded_share_the_targets_noise_unseeded_carry_q() -> None:
+    from aioffload.worker.sampling import SamplingTensors, sample
+
+    w = worker(DEMO)
+    assert w.draft is not None
+    prompt = [int(t) for t in torch.randint(2, 4000, (12,), generator=torch.Generator().manual_seed(8))]
+    bm = BlockManager(BlockPool(w.num_blocks, w.block_size))
+    assert bm.allocate_slots(0, len(prompt) + 1) and bm.allocate_slots(1, len(prompt) + 1)
+    seeded, unseeded = SamplingParams(temperature=0.9, seed=5), SamplingParams(temperature=0.9)
+    chunks = [SeqChunk(prompt, 0, bm.block_table(0)), SeqChunk(prompt, 0, bm.block_table(1))]
+    prop = w.draft.propose(chunks, [1, 1], [seeded, unseeded], [5, 5], [3, 3])
+    assert prop.full == [False, True] and prop.probs is not None
+    # Seeded: the draft's draw with the target's noise at output index 3 (seed 5, step 3).
+    logits = w.draft._forward([SeqChunk(prompt, 0, bm.block_table(0))])
+    want = sample(logits, SamplingTensors.build([seeded], [5], [3], w.device)).item()
+    assert prop.token_ids[0] == [want]
+    # Unseeded: an independent draw, with its distribution q kept for the rejection sampler.
+    q = prop.probs[1]
+    assert q.sum().item() == pytest.approx(1.0, abs=1e-5) and q[prop.token_ids[1][0]] > 0
+    assert prop.probs[0].abs().sum() == 0  # one-hot proposals carry no q

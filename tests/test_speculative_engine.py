@@ -52,7 +52,10 @@ def engine(method: str = "off", draft: str | None = None, num_blocks: int = 512,
         offload=OffloadConfig(**offload),  # type: ignore[arg-type]
         speculative=SpeculativeConfig(method=method, draft_model=draft, num_tokens=cap),
     ).validate()
-    return Engine.from_config(cfg)
+    e = Engine.from_config(cfg)
+    if e.speculation is not None:  # k from acceptance alone: a shared machine's timings must not decide it
+        e.speculation.draft_step_s = 0.0
+    return e
 
 
 def run(e: Engine, params: list[SamplingParams], abort: str | None = None) -> dict[str, list[RequestOutput]]:
@@ -167,13 +170,25 @@ def test_sampled_prompt_lookup_gives_the_plain_runs_tokens_for_a_seed() -> None:
     assert summary(run(engine("ngram"), params)) == summary(run(engine("off"), params))
 
 
-def test_sampled_draft_tokens_are_reproducible_for_a_seed(perturbed: str) -> None:
+def test_sampled_draft_gives_the_plain_runs_tokens_for_a_seed(perturbed: str) -> None:
+    """Seeded requests: the draft draws with the target's noise, so k (which follows timing and
+    load) never changes the text."""
     params = [SamplingParams(max_tokens=30, temperature=0.8, seed=7 + i, ignore_eos=True) for i in range(3)]
-    first, e = summary(run(engine("draft", perturbed), params)), engine("draft", perturbed)
-    assert summary(run(e, params)) == first
+    e = engine("draft", perturbed)
+    assert summary(run(e, params)) == summary(run(engine("off"), params))
     assert 0 < e.stats()["spec_accepted_tokens_total"] < e.stats()["spec_proposed_tokens_total"]
-    other = [SamplingParams(max_tokens=30, temperature=0.8, seed=100 + i, ignore_eos=True) for i in range(3)]
-    assert summary(run(engine("draft", perturbed), other)) != first
+
+
+def test_unseeded_sampled_requests_use_standard_rejection_sampling(perturbed: str) -> None:
+    params = [SamplingParams(max_tokens=24, temperature=0.8, ignore_eos=True) for _ in range(3)]
+    e = engine("draft", DEMO)
+    got = summary(run(e, params))
+    assert all(len(v[0]) == 24 for v in got.values())
+    s = e.stats()  # q = p: u * q(d) < p(d) always holds, up to float rounding
+    assert s["spec_accepted_tokens_total"] >= 0.98 * s["spec_proposed_tokens_total"] > 0
+    e = engine("draft", perturbed)
+    run(e, params)
+    assert 0 < e.stats()["spec_accepted_tokens_total"] < e.stats()["spec_proposed_tokens_total"]
 
 
 def test_auto_speculates_only_while_offload_is_active(plain: dict) -> None:

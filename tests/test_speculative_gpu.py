@@ -37,6 +37,8 @@ def outputs(method: str, params: SamplingParams, draft: str | None = None, **off
         speculative=SpeculativeConfig(method=method, draft_model=draft),
     ).validate()  # fmt: skip
     engine = Engine.from_config(cfg)
+    if engine.speculation is not None:  # k from acceptance alone (the tiny eager draft costs what the target does)
+        engine.speculation.draft_step_s = 0.0
 
     async def one(i: int, p: str) -> list[int]:
         return [t async for out in engine.generate(p, params, f"r{i}") for t in out.token_ids]

@@ -199,8 +199,10 @@ def _demo(config: EngineConfig, args: argparse.Namespace) -> dict:
     out = {}
     for name, spec in (("off", SpeculativeConfig(method="off")), ("ngram", SpeculativeConfig(method="ngram")),
                        ("draft", SpeculativeConfig(method="draft", draft_model=DEMO))):  # fmt: skip
-        out[name] = asyncio.run(_engine_texts(Engine.from_config(base.replace(speculative=spec)), prompts,
-                                              args.output_len))  # fmt: skip
+        engine = Engine.from_config(base.replace(speculative=spec))
+        if engine.speculation is not None:  # k from acceptance alone: this draft costs what its target does
+            engine.speculation.draft_step_s = 0.0
+        out[name] = asyncio.run(_engine_texts(engine, prompts, args.output_len))
         say(f"demo model, {name}: acceptance {out[name]['acceptance']}, mean accepted length "
             f"{out[name]['mean_accepted_length']}, {out[name]['steps']} steps")  # fmt: skip
     off = out["off"].pop("tokens")

@@ -31,7 +31,7 @@ from aioffload.worker.sampling import SamplingParams, SamplingTensors, probs, sa
 
 log = logging.getLogger("aioffload.draft")
 
-DRAFT_SEED_SALT = 0x5DEECE66D  # the draft's noise: independent of the target's for the same (seed, step)
+DRAFT_SEED_SALT = 0x5DEECE66D  # unseeded requests: the draft's noise, independent of the target's
 
 
 def check_same_vocabulary(target: Path, target_cfg: ModelConfig, draft: Path, draft_cfg: ModelConfig) -> None:
@@ -59,7 +59,7 @@ def check_same_vocabulary(target: Path, target_cfg: ModelConfig, draft: Path, dr
 class Proposals:
     token_ids: list[list[int]]  # per chunk, num_draft[i] proposed tokens
     probs: torch.Tensor | None  # [P, V] q of each proposal (sequence-major) where `full`; None if none is
-    full: list[bool]  # per chunk: its proposals were sampled from q (a non-greedy request)
+    full: list[bool]  # per chunk: its proposals were drawn from q with noise of their own (verify by p/q)
 
 
 class DraftModel:
@@ -116,13 +116,18 @@ class DraftModel:
     ) -> Proposals:
         """Run every chunk's known tokens, then propose num_draft[i] tokens after chunk i.
 
-        Greedy requests get the draft's argmax; sampled ones a draw from the draft's own filtered
-        distribution q (kept for the rejection sampler), with noise independent of the target's.
+        Greedy requests get the draft's argmax. Sampled requests with a seed get the draft's
+        Gumbel-max draw with the target's own noise for that output index: verified as one-hot
+        proposals, the tokens stay the plain sampler's, so a seed gives the same text whatever k
+        the scheduler picked (acceptance P(argmax(log p + g) = argmax(log q + g)), 1 when q = p).
+        Sampled requests without a seed get an independent draw from q, kept for standard
+        rejection sampling (acceptance sum(min(p, q)), the most any verifier gets).
         """
         logits = self._forward(chunks)  # [S, V]: the next-token logits of every chunk
         k_max = max(num_draft, default=0)
         active = [s for s, k in enumerate(num_draft) if k > 0]
-        full = [num_draft[s] > 0 and not params[s].is_greedy for s in range(len(chunks))]
+        full = [num_draft[s] > 0 and not params[s].is_greedy and params[s].seed is None for s in range(len(chunks))]
+        noise = [seeds[s] ^ DRAFT_SEED_SALT if full[s] else seeds[s] for s in range(len(chunks))]
         if k_max == 0:
             return Proposals([[] for _ in chunks], None, full)
         dev = self.device
@@ -131,18 +136,20 @@ class DraftModel:
         for s in active:
             offset[s], total = total, total + num_draft[s]
         tokens = torch.zeros(total, dtype=torch.int64, device=dev)  # [P]
-        # [P, V]; rows of greedy requests are never read: their proposals are one-hot
+        # [P, V]; rows of one-hot proposals (greedy or seeded requests) are never read
         q = torch.zeros(total, logits.shape[-1], device=dev) if any(full) else None
         live = active
         cur = logits[torch.tensor(live, device=dev)]  # [L, V]
         for j in range(k_max):
-            t = SamplingTensors.build([params[s] for s in live], [seeds[s] ^ DRAFT_SEED_SALT for s in live],
+            t = SamplingTensors.build([params[s] for s in live], [noise[s] for s in live],
                                       [steps[s] + j for s in live], dev)  # fmt: skip
             picked = cur.argmax(dim=-1) if t.all_greedy else sample(cur, t)  # [L]
             slots = torch.tensor([offset[s] + j for s in live], device=dev)
             tokens[slots] = picked
-            if q is not None and not t.all_greedy:
-                q[slots] = probs(cur, t)
+            keep = [i for i, s in enumerate(live) if full[s]]
+            if q is not None and keep:
+                rows = torch.tensor(keep, device=dev)
+                q[slots[rows]] = probs(cur[rows], t.select(rows))
             nxt = [i for i, s in enumerate(live) if num_draft[s] > j + 1]
             if not nxt:
                 break

@@ -6,13 +6,16 @@ d_{j+1} is checked at row j; the first rejection ends the sequence's tokens with
 from the residual, and when all k are accepted row k gives one more token (the bonus).
 
 Two proposal kinds, both leaving every emitted token distributed exactly as the target's:
-- one-hot (prompt lookup, greedy drafts): the target draws x_j from p_j with the very noise the plain
-  sampler uses for (seed, step + j); d_{j+1} is accepted iff x_j == d_{j+1}, otherwise x_j is emitted.
-  That is standard rejection sampling for q = one-hot(d): accepted with probability p(d), and on
-  rejection x ~ p(. | x != d) = norm(max(0, p - q)). It also makes the tokens identical to a plain
-  run with the same seed, whatever k the scheduler picked.
-- full (a draft model sampling from its own q_j): accept iff u * q(d) < p(d), u keyed by
-  (seed, step + j, ACCEPT_KEY); on rejection draw from norm(max(0, p - q)) with the plain noise.
+- one-hot (prompt lookup, greedy drafts, a draft's draw with the target's own noise for seeded
+  requests): the target draws x_j from p_j with the very noise the plain sampler uses for
+  (seed, step + j); d_{j+1} is accepted iff x_j == d_{j+1}, otherwise x_j is emitted. For a
+  proposal independent of that noise this is standard rejection sampling for q = one-hot(d):
+  accepted with probability p(d), and on rejection x ~ p(. | x != d) = norm(max(0, p - q)). Either
+  way every emitted token is the plain sampler's draw: a seed gives the same tokens as a plain
+  run, whatever k the scheduler picked.
+- full (a draft model's independent draw from its q_j, for requests without a seed): standard
+  rejection sampling: accept iff u * q(d) < p(d), u keyed by (seed, step + j, ACCEPT_KEY); on
+  rejection draw from norm(max(0, p - q)) with the plain noise.
 
 Greedy rows are one-hot targets: accept iff d is the target's argmax, which then replaces it.
 """
