@@ -59,9 +59,12 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
     R: dict = {"bench": NAME, "torch": torch.__version__, "errors": {}}
     with phase(R, "checkpoint"):
         config = common.resolve_model(config, args)
-    mcfg = Checkpoint.open(config.model).model_config
-    dev = pick_device(config.device)
-    dtype = Checkpoint.open(config.model).resolve_dtype(config.dtype, dev)
+    if "checkpoint" in R["errors"]:
+        common.write_json("speculative.json", R)
+        return 1
+    ckpt = Checkpoint.open(config.model)
+    mcfg, dev = ckpt.model_config, pick_device(config.device)
+    dtype = ckpt.resolve_dtype(config.dtype, dev)
     gpu_gb = config.offload.gpu_memory_gb or 24.0
     seqs = max(config.scheduler.max_num_seqs, max(args.batch_sizes) * (max(args.extra_rows + [args.agree_k]) + 1))
     off = common.with_offload(common.with_scheduler(config, max_num_seqs=seqs), gpu_memory_gb=gpu_gb)
