@@ -238,9 +238,11 @@ class Worker:
                 self.layers.reset()
             raise
         if all(c.num_logits == 1 for c in chunks):
-            return StepOutput([[t] for t in sample_tokens(logits, params, seeds, steps)], [0] * len(chunks))
-        proposals = [list(c.token_ids[len(c.token_ids) - c.num_logits + 1 :]) for c in chunks]
-        tokens = verify(logits, proposals, params, seeds, steps, draft_probs, full)
-        if self.draft is not None:
-            self.draft.complete(chunks, tokens)
-        return StepOutput(tokens, [len(p) for p in proposals])
+            out = StepOutput([[t] for t in sample_tokens(logits, params, seeds, steps)], [0] * len(chunks))
+        else:
+            proposals = [list(c.token_ids[len(c.token_ids) - c.num_logits + 1 :]) for c in chunks]
+            out = StepOutput(verify(logits, proposals, params, seeds, steps, draft_probs, full),
+                             [len(p) for p in proposals])  # fmt: skip
+        if self.draft is not None and any(out.num_proposed):
+            self.draft.complete(chunks, out.token_ids)
+        return out
