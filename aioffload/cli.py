@@ -13,12 +13,14 @@ from aioffload.config import (
     ATTENTION_BACKENDS,
     DTYPES,
     HYBRID_MODES,
+    SPECULATIVE_METHODS,
     CacheConfig,
     ConfigError,
     EngineConfig,
     OffloadConfig,
     SchedulerConfig,
     ServerConfig,
+    SpeculativeConfig,
 )
 
 DEMO_MODEL = str(Path(__file__).parent / "assets" / "demo")
@@ -51,7 +53,7 @@ def _positive(kind: type) -> Callable[[str], object]:
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    d = (EngineConfig(model=""), CacheConfig(), SchedulerConfig(), OffloadConfig())
+    d = (EngineConfig(model=""), CacheConfig(), SchedulerConfig(), OffloadConfig(), SpeculativeConfig())
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=DEMO_MODEL, help="Hugging Face model folder (default: the embedded demo model)")
     g.add_argument("--dtype", choices=DTYPES, default=d[0].dtype, help="weight dtype (default: %(default)s)")
@@ -93,6 +95,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "offload is active on CUDA and the start-up calibration says it pays (default: %(default)s)")
     o.add_argument("--host-threads", type=_positive(int), default=None,
                    help="threads computing the host share (default: physical cores - 1)")
+    sp = p.add_argument_group("speculative decoding")
+    sp.add_argument("--speculative", choices=SPECULATIVE_METHODS, default=d[4].method,
+                    help="proposals verified in the same step: ngram = prompt lookup, draft = --draft-model; "
+                         "auto = ngram while offload is active, off otherwise (default: %(default)s)")
+    sp.add_argument("--draft-model", default=None,
+                    help="small checkpoint with the target's tokenizer, always resident (with --speculative draft)")
+    sp.add_argument("--num-speculative-tokens", type=_positive(int), default=d[4].num_tokens,
+                    help="the most proposals per sequence per step; the scheduler picks k <= this from measured "
+                         "acceptance and the free token budget (default: %(default)s)")
+    sp.add_argument("--ngram-min", type=_positive(int), default=d[4].ngram_min,
+                    help="shortest suffix prompt lookup matches (default: %(default)s)")
+    sp.add_argument("--ngram-max", type=_positive(int), default=d[4].ngram_max,
+                    help="longest suffix prompt lookup matches (default: %(default)s)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -116,6 +131,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             trigger=args.trigger, cpu_offload_gb=args.cpu_offload_gb, prefetch=args.offload_prefetch,
             gpu_memory_gb=args.gpu_memory_gb, h2d_gbps=args.h2d_gbps, embed_on_host=args.embed_on_host,
             hybrid=args.hybrid, host_threads=args.host_threads,
+        ),
+        speculative=SpeculativeConfig(
+            method=args.speculative, draft_model=args.draft_model, num_tokens=args.num_speculative_tokens,
+            ngram_min=args.ngram_min, ngram_max=args.ngram_max,
         ),
     ).validate()  # fmt: skip
 

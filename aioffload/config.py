@@ -20,6 +20,8 @@ SUPPORTED_ARCHITECTURES = (
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "torch", "xformers", "sdpa")
 HYBRID_MODES = ("auto", "on", "off")
+SPECULATIVE_METHODS = ("auto", "off", "ngram", "draft")
+MAX_SPECULATIVE_TOKENS = 64
 
 
 class ConfigError(ValueError):
@@ -141,6 +143,33 @@ class OffloadConfig:
 
 
 @dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (DESIGN.md section 8, lever 2): proposals verified in the same step."""
+
+    method: str = "auto"  # auto = ngram while offload is active, off otherwise | off | ngram | draft
+    draft_model: str | None = None  # --speculative draft: a small checkpoint with the target's tokenizer
+    num_tokens: int = 16  # --num-speculative-tokens: the most proposals a sequence carries in one step
+    ngram_min: int = 2  # prompt lookup matches the last n tokens, n from ngram_max down to ngram_min
+    ngram_max: int = 4
+
+    def validate(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ConfigError(f"--speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
+        if self.method == "draft" and not self.draft_model:
+            raise ConfigError("--speculative draft needs --draft-model DIR")
+        if self.draft_model and self.method != "draft":
+            raise ConfigError(f"--draft-model is only used with --speculative draft (got --speculative {self.method})")
+        if not 1 <= self.num_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(
+                f"--num-speculative-tokens must be in [1, {MAX_SPECULATIVE_TOKENS}], got {self.num_tokens}"
+            )
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ConfigError(
+                f"need 1 <= --ngram-min <= --ngram-max, got --ngram-min {self.ngram_min} --ngram-max {self.ngram_max}"
+            )
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     dtype: str = "auto"
@@ -152,6 +181,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -204,6 +234,7 @@ class EngineConfig:
                     f"--trigger {o.trigger} is above --gpu-memory-utilization {c.gpu_memory_utilization}: "
                     "weights would leave no room for the KV cache; lower the trigger"
                 )
+        self.speculative.validate()
         return self
 
 

@@ -170,3 +170,24 @@ def test_offload_bench_records_a_failed_phase_and_goes_on(
     assert "no trigger stops at 2" in data["errors"]["derive_trigger"]
     assert "greedy" not in data and "decode" not in data
     assert data["fit_vs_trigger1"]["trigger_1_step_ms"] > 0 and data["fit_vs_trigger1"]["ratio"] > 0
+
+
+def test_speculative_bench(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OUT", str(tmp_path))
+    rc = main(["bench", "speculative", "--synthetic", "tiny", "--synthetic-dir", str(synth_dir), "--device", "cpu",
+               "--max-model-len", "512", "--num-kv-blocks", "256", "--gpu-memory-gb", "1", "--resident-layers", "2",
+               "--offload-prefetch", "1", "--batch-sizes", "1,2", "--extra-rows", "0,3", "--steps", "2",
+               "--warmup", "1", "--agree-k", "3", "--num-prompts", "2", "--output-len", "8"])  # fmt: skip
+    data = json.loads((tmp_path / "speculative.json").read_text())
+    assert rc == 0, data["errors"]
+    assert data["plan"]["offloaded_layers"] == 2 and data["floor_ms"] > 0
+    assert [(v["batch"], v["extra_rows"]) for v in data["verification"]] == [(1, 0), (1, 3), (2, 0), (2, 3)]
+    assert all(v["step_ms"] > 0 for v in data["verification"])
+    for a in data["agreeing"]:  # the target's own continuation as proposals: all k accepted, plus one
+        assert a["identical"] is True and a["tokens_per_step"] == 4 and a["upper_bound"] is True
+        assert a["ms_per_token"] == pytest.approx(a["step_ms"] / 4, rel=1e-3)
+    n = data["ngram_synthetic"]
+    assert n["identical"] is True and n["off"]["proposed"] == 0 and n["off"]["steps"] >= 8
+    d = data["demo"]
+    assert d["ngram"]["identical"] is True and d["draft"]["identical"] is True
+    assert d["draft"]["accepted"] == d["draft"]["proposed"]  # an identical draft: every proposal accepted

@@ -96,6 +96,24 @@ def test_free_returns_every_block():
     assert bm.allocate_slots("c", 40) and sorted(bm.block_table("c")) == list(range(10))
 
 
+def test_truncate_gives_back_blocks_past_the_new_end():
+    bm = manager(10, 4)
+    assert bm.allocate_slots("a", 13)  # 4 blocks: a decode token plus proposals
+    assert bm.allocate_slots("b", 3)
+    a = list(bm.block_table("a"))
+    assert bm.truncate("a", 9) == 1  # 9 tokens need 3 blocks
+    assert bm.block_table("a") == a[:3] and bm.pool.num_free == 6 and bm.pool.ref_count(a[3]) == 0
+    assert bm.truncate("a", 12) == 0  # exactly 3 blocks: nothing more
+    assert bm.truncate("a", 13) == 0  # never grows
+    assert bm.truncate("a", 1) == 2 and bm.block_table("a") == a[:1]
+    assert bm.truncate("a", 0) == 1 and bm.block_table("a") == [] and bm.has("a")
+    assert bm.truncate("unknown", 0) == 0
+    assert bm.allocate_slots("a", 5) and len(bm.block_table("a")) == 2  # grows again from the new end
+    bm.free("a")
+    bm.free("b")
+    assert bm.pool.num_free == 10
+
+
 def test_double_free_in_pool_is_caught():
     pool = BlockPool(2, 4)
     blocks = pool.allocate(1)

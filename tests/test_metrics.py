@@ -108,3 +108,17 @@ def test_metrics_see_running_requests() -> None:
         while key not in (s := samples(c.get("/metrics").text)) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert s[key] == 1 and s[("aioffload_kv_cache_usage", ())] == 0
+
+
+def test_speculative_counters_follow_the_engine_totals() -> None:
+    m = Metrics()
+    stats = {"spec_proposed_tokens_total": 10, "spec_accepted_tokens_total": 6, "spec_emitted_tokens_total": 9,
+             "spec_mean_accepted_length": 2.25}  # fmt: skip
+    m.update_engine_stats(stats)
+    m.update_engine_stats(stats)  # a second scrape with nothing new adds nothing
+    m.update_engine_stats({**stats, "spec_proposed_tokens_total": 25, "spec_accepted_tokens_total": 7})
+    s = samples(m.render())
+    assert s[("aioffload_speculative_proposed_tokens_total", ())] == 25
+    assert s[("aioffload_speculative_accepted_tokens_total", ())] == 7
+    assert s[("aioffload_speculative_emitted_tokens_total", ())] == 9
+    assert s[("aioffload_speculative_mean_accepted_length", ())] == 2.25

@@ -31,7 +31,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [S, B] int32
     row_seq: torch.Tensor  # [T] int32: sequence index of each query row
     row_ctx: torch.Tensor  # [T] int32: keys visible to each query row (causal limit)
-    last_token_idx: torch.Tensor  # [S] int64: row of each sequence's last token
+    last_token_idx: torch.Tensor  # [R] int64: rows whose logits are returned, each sequence's last (R = S) or
+    # last num_logits rows (speculative verification)
     query_lens: list[int]  # host copies for the eager, per-sequence paths
     seq_lens_host: list[int]
 

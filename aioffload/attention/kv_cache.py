@@ -90,6 +90,18 @@ class BlockManager:
         self.pool.incref(table)
         self._tables[child] = table
 
+    def truncate(self, seq_id: Hashable, num_tokens: int) -> int:
+        """Shrink seq_id's table to the blocks that cover its first num_tokens tokens (rolling back
+        rejected speculative slots); blocks past that end return to the pool. Returns how many."""
+        table = self._tables.get(seq_id)
+        keep = -(-num_tokens // self.block_size)
+        if table is None or len(table) <= keep:
+            return 0
+        dropped = table[keep:]
+        del table[keep:]
+        self.pool.free(dropped)
+        return len(dropped)
+
     def free(self, seq_id: Hashable) -> None:
         """Return every block of seq_id at once; unknown ids are a no-op."""
         table = self._tables.pop(seq_id, None)

@@ -276,7 +276,7 @@ class StepDriver:
         dev = self.worker.device
         sync_compute(dev)
         t = time.perf_counter()
-        tokens = self.worker.execute(chunks, [GREEDY] * len(rows), [0] * len(rows), steps)
+        tokens = [t[0] for t in self.worker.execute(chunks, [GREEDY] * len(rows), [0] * len(rows), steps).token_ids]
         sync_compute(dev)  # execute's .tolist() already waited; stated so the timing does not rely on it
         dt = time.perf_counter() - t
         for (i, n), tok in zip(rows, tokens):

@@ -22,6 +22,7 @@ from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueF
 from aioffload.engine.request import Request
 from aioffload.engine.request_state import OutputSlot, RequestState
 from aioffload.engine.scheduler import Scheduler, StepPlan, should_hold
+from aioffload.engine.speculative import Speculation, resolve_method
 from aioffload.engine.stats import StepStats
 from aioffload.worker.inputs import SeqChunk
 from aioffload.worker.sampling import SamplingParams
@@ -38,7 +39,9 @@ class Engine:
         self.model_name = model_name
         self.max_model_len = worker.max_model_len
         self.block_manager = BlockManager(BlockPool(worker.num_blocks, worker.block_size))
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
+        self.speculation = self._speculation()
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
+                                   speculation=self.speculation)  # fmt: skip
         self.eos_token_ids = tuple(sorted(set(tokenizer.eos_token_ids) | set(worker.model_config.eos_token_ids)))
         self.stats_ = StepStats()
         self._states: dict[str, RequestState] = {}
@@ -57,6 +60,22 @@ class Engine:
         worker = Worker(config, ckpt)
         name = config.served_model_name or ckpt.path.name
         return cls(config, worker, tokenizer, name)
+
+    def _speculation(self) -> Speculation | None:
+        spec = self.config.speculative
+        method = resolve_method(spec, self.worker.offload_active)
+        if method == "off":
+            log.info("speculative decoding: off%s", " (auto: no offload)" if spec.method == "auto" else "")
+            return None
+        draft = self.worker.draft
+        if method == "draft":
+            assert draft is not None, "the worker loads the draft model for --speculative draft"
+            what = f"draft model {spec.draft_model} ({draft.step_s * 1e3:.2f} ms per draft step)"
+        else:
+            what = f"prompt lookup, n = {spec.ngram_max}..{spec.ngram_min}"
+        log.info("speculative decoding: %s%s; k chosen per step from measured acceptance, at most %d",
+                 what, " (auto: offload is active)" if spec.method == "auto" else "", spec.num_tokens)  # fmt: skip
+        return Speculation(method, spec, draft_step_s=draft.step_s if method == "draft" and draft else 0.0)
 
     def _configure_offload_batching(self) -> None:
         self.scheduler.token_budget = self.worker.token_budget
@@ -125,6 +144,11 @@ class Engine:
                 self.worker.offload_bytes_per_step, self.worker.h2d_bytes_per_s
             ),
             "steps_total": self.stats_.steps_total,
+            "spec_proposed_tokens_total": self.stats_.spec_proposed_total,
+            "spec_accepted_tokens_total": self.stats_.spec_accepted_total,
+            "spec_emitted_tokens_total": self.stats_.spec_emitted_total,
+            "spec_verifications_total": self.stats_.spec_verifications_total,
+            "spec_mean_accepted_length": self.stats_.mean_accepted_length,
         }
 
     async def generate(
@@ -181,6 +205,8 @@ class Engine:
                 t0 = time.perf_counter()
                 sampled = await asyncio.to_thread(self._run_step, plan)
                 self.stats_.record_step(plan, time.perf_counter() - t0)
+                if self.speculation is not None:
+                    self.speculation.step_s = self.stats_.step_time_ema
                 self._apply_aborts()  # aborts that arrived during the step
                 self._postprocess(plan, sampled)
                 self._maybe_log()
@@ -202,18 +228,27 @@ class Engine:
         newest = s.waiting[-1].arrival_time if s.waiting else None
         return should_hold(time.monotonic(), newest, s.num_running, self.config.scheduler.max_num_seqs, self.hold_s)
 
-    def _run_step(self, plan: StepPlan) -> dict[str, int]:
-        chunks, params, seeds, steps = [], [], [], []
+    def _run_step(self, plan: StepPlan) -> dict[str, list[int]]:
+        """The worker's tokens per request: accepted proposals, then the target's next token."""
+        chunks, params, seeds, steps, num_draft = [], [], [], [], []
         for req in plan.requests:
-            n = plan.num_scheduled_tokens[req.request_id]
+            rid = req.request_id
+            n, k = plan.num_scheduled_tokens[rid], plan.num_spec_tokens.get(rid, 0)
             start = req.num_computed_tokens
-            table = self.block_manager.block_table(req.request_id)
-            chunks.append(SeqChunk(req.token_ids(start, start + n), start, table))
+            table = self.block_manager.block_table(rid)
+            known = req.token_ids(start, start + n - k)
+            proposals = plan.spec_token_ids.get(rid)
+            if proposals is not None:  # prompt lookup: the proposals ride in the chunk
+                chunks.append(SeqChunk([*known, *proposals], start, table, num_logits=k + 1))
+                num_draft.append(0)
+            else:  # k == 0, or the worker's draft model proposes k
+                chunks.append(SeqChunk(known, start, table))
+                num_draft.append(k)
             params.append(req.sampling)
             seeds.append(req.seed)
             steps.append(len(req.output_token_ids))
-        tokens = self.worker.execute(chunks, params, seeds, steps)
-        return {req.request_id: t for req, t in zip(plan.requests, tokens, strict=True)}
+        out = self.worker.execute(chunks, params, seeds, steps, num_draft if any(num_draft) else None)
+        return {req.request_id: t for req, t in zip(plan.requests, out.token_ids, strict=True)}
 
     def _apply_aborts(self) -> None:
         while self._pending_aborts:
@@ -224,18 +259,40 @@ class Engine:
             self.scheduler.abort(rid)
             st.abort()
 
-    def _postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> None:
+    def _postprocess(self, plan: StepPlan, sampled: dict[str, list[int]]) -> None:
+        before = {req.request_id: len(req.output_token_ids) for req in plan.requests}
         updated = self.scheduler.update(plan, sampled)
-        self.stats_.generation_tokens_total += len(updated)
         for req in updated:
-            st = self._states.get(req.request_id)
-            if st is None:
-                continue
-            out = st.on_token(req.output_token_ids[-1])
-            if st.stop_hit and not req.is_finished:
-                self.scheduler.finish(req.request_id, "stop")
-            if req.is_finished or st.stop_hit:
-                out = st.close(out, req.finish_reason or "stop")
-                del self._states[req.request_id]
+            rid = req.request_id
+            new = req.output_token_ids[before[rid] :]
+            st = self._states.get(rid)
+            used = self._deliver(req, st, new) if st is not None else len(new)
+            self.stats_.generation_tokens_total += used
+            k = plan.num_spec_tokens.get(rid, 0)
+            if k:
+                self.stats_.record_verification(k, len(sampled[rid]) - 1, used)
+
+    def _deliver(self, req: Request, st: RequestState, new: list[int]) -> int:
+        """Hand this step's new tokens to the request's output slot, one at a time as a plain run
+        would (stop strings end it mid-way); returns how many counted."""
+        outs = []
+        used = 0
+        for token in new:
+            out = st.on_token(token)
+            used += 1
             if out is not None:
-                st.slot.put(out)
+                outs.append(out)
+            if st.stop_hit:
+                break
+        if st.stop_hit and not req.is_finished:
+            self.scheduler.finish(req.request_id, "stop")
+        last = outs.pop() if outs else None
+        for out in outs:
+            st.slot.put(out)
+        if req.is_finished or st.stop_hit:
+            # A stop string before the scheduler's own stop token wins: a plain run would have ended there.
+            last = st.close(last, "stop" if used < len(new) else (req.finish_reason or "stop"))
+            del self._states[req.request_id]
+        if last is not None:
+            st.slot.put(last)
+        return used

@@ -28,6 +28,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_preemptions: int = 0
+    num_spec_accepted: int = 0  # speculative proposals accepted, over the request's life
+    num_spec_trials: int = 0  # proposals whose acceptance was decided (accepted, or the one rejected)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -52,16 +52,20 @@ class RequestState:
         self.sent = 0  # chars of self.text already handed out
         self.stop_hit = False
         self.finished = False
+        # Tokens handed to on_token up to a stop string: the usage count. A step that accepted
+        # proposals may have appended more to req.output_token_ids past the stop; those never count.
+        self.num_output_tokens = 0
 
     def _output(self, text: str, token_ids: list[int]) -> RequestOutput:
         return RequestOutput(
             self.req.request_id, text, token_ids,
-            num_prompt_tokens=self.req.num_prompt_tokens, num_output_tokens=len(self.req.output_token_ids),
+            num_prompt_tokens=self.req.num_prompt_tokens, num_output_tokens=self.num_output_tokens,
         )  # fmt: skip
 
     def on_token(self, token_id: int) -> RequestOutput | None:
         if self.stop_hit:
             return None
+        self.num_output_tokens += 1
         self.text += self.detok.push(token_id)
         end = len(self.text)
         if self.stops:

@@ -6,6 +6,12 @@ a step is `{request_id: num_tokens}` under a token budget. One step is
 `plan = schedule()`, the worker runs `plan`, then `update(plan, sampled)`: one plan in
 flight at a time.
 
+Speculative decoding (with a `Speculation` policy): a decoding request may carry k proposed
+tokens after its last one, k + 1 query rows of the same step. `update` appends the accepted
+proposals and the target's next token, rolls `num_computed_tokens` back to the accepted end and
+frees the blocks past it. Proposals only use room left over: they never preempt, and never take
+budget or KV blocks from a request that would otherwise run.
+
 Invariants:
 - Only running requests own KV blocks; waiting ones (new or preempted) own none.
 - The pool holds `max_model_len` tokens, so a request alone always fits: the oldest
@@ -16,20 +22,26 @@ Invariants:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from aioffload.attention.kv_cache import BlockManager
 from aioffload.config import SchedulerConfig
 from aioffload.engine.request import Request, RequestStatus
+from aioffload.engine.speculative import Speculation
 
 
 @dataclass(frozen=True)
 class StepPlan:
     """What the model computes in one step: running requests first, then new admissions."""
 
-    num_scheduled_tokens: dict[str, int]  # request_id -> tokens this step, in batch order
+    num_scheduled_tokens: dict[str, int]  # request_id -> tokens this step (proposals included), in batch order
     requests: list[Request]  # the same requests, same order
     preempted_ids: list[str]  # preempted during the schedule() call that built this plan
+    # request_id -> k proposed tokens among its scheduled ones (after its known tokens); only k >= 1
+    num_spec_tokens: dict[str, int] = field(default_factory=dict)
+    # request_id -> prompt-lookup proposals (len = k); absent where the worker's draft model proposes
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def total_tokens(self) -> int:
@@ -53,6 +65,7 @@ class Scheduler:
         block_manager: BlockManager,
         max_model_len: int,
         token_budget: int | None = None,
+        speculation: Speculation | None = None,
     ) -> None:
         capacity = block_manager.pool.num_blocks * block_manager.block_size
         if capacity < max_model_len:
@@ -64,6 +77,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.token_budget = token_budget if token_budget is not None else config.max_num_batched_tokens
+        self.speculation = speculation
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last one is the newest
         self._requests: dict[str, Request] = {}  # every unfinished request, by id
@@ -139,31 +153,82 @@ class Scheduler:
             requests.append(request)
             budget -= n
 
-        return StepPlan(scheduled, requests, preempted)
+        plan = StepPlan(scheduled, requests, preempted)
+        if self.speculation is not None and not preempted:
+            self._add_proposals(plan, budget)
+        return plan
 
-    def update(self, plan: StepPlan, sampled: dict[str, int]) -> list[Request]:
-        """Record what the model computed for `plan`; return the requests that got a new token.
+    def _add_proposals(self, plan: StepPlan, budget: int) -> None:
+        """Give decoding requests proposed tokens from what the step has left: `budget` tokens, and
+        logits rows up to max_num_seqs (the logits memory the placement reserved). Oldest first, each
+        at most a fair share of what remains, and only where KV blocks are free (no preemption)."""
+        spec = self.speculation
+        assert spec is not None
+        rows_left = min(budget, self.config.max_num_seqs - len(plan.requests))
+        candidates = [
+            r for r in plan.requests
+            if plan.num_scheduled_tokens[r.request_id] == 1 and r.num_tokens - r.num_computed_tokens == 1
+        ]  # fmt: skip
+        for i, request in enumerate(candidates):
+            if rows_left <= 0:
+                break
+            share = -(-rows_left // (len(candidates) - i))
+            k = min(
+                spec.num_wanted(request, self.token_budget), share,
+                request.sampling.max_tokens - len(request.output_token_ids) - 1,  # the last token is never a proposal
+                self.max_model_len - request.num_tokens - 1,
+            )  # fmt: skip
+            if k < 1:
+                continue
+            proposals = spec.propose(request, k)
+            if proposals is not None:
+                k = len(proposals)
+            rid = request.request_id
+            if k < 1 or not self.block_manager.allocate_slots(rid, request.num_tokens + k):
+                continue
+            plan.num_scheduled_tokens[rid] += k
+            plan.num_spec_tokens[rid] = k
+            if proposals is not None:
+                plan.spec_token_ids[rid] = proposals
+            rows_left -= k
 
-        `sampled[request_id]` must exist for each request whose last known token was
-        computed this step; entries for requests still mid-prefill are ignored. Requests
-        aborted or finished since schedule() are skipped. Finished requests (returned too)
-        leave running and free their blocks.
+    def update(self, plan: StepPlan, sampled: Mapping[str, int | Sequence[int]]) -> list[Request]:
+        """Record what the model computed for `plan`; return the requests that got new tokens.
+
+        `sampled[request_id]` must exist for each request whose last known token was computed this
+        step: the tokens it emits, i.e. its accepted proposals then the target's next token (an int
+        is one token, for a step without proposals); entries for requests still mid-prefill are
+        ignored. Tokens are appended one at a time with the usual stop checks, so a stop token or
+        max_tokens inside the accepted proposals ends the request there. Requests aborted or finished
+        since schedule() are skipped. Finished requests (returned too) leave running and free their
+        blocks; the others give back the blocks past their accepted end.
         """
         emitted: list[Request] = []
         any_finished = False
         for request in plan.requests:
             if request.status is not RequestStatus.RUNNING:
                 continue
-            request.num_computed_tokens += plan.num_scheduled_tokens[request.request_id]
+            rid = request.request_id
+            k = plan.num_spec_tokens.get(rid, 0)
+            request.num_computed_tokens += plan.num_scheduled_tokens[rid] - k
             if request.num_computed_tokens < request.num_tokens:
                 continue  # mid-prefill: the sampled token is meaningless
-            token = sampled[request.request_id]
-            request.output_token_ids.append(token)
+            out = sampled[rid]
+            tokens = [out] if isinstance(out, int) else list(out)
+            if k and self.speculation is not None:
+                self.speculation.record(request, k, len(tokens) - 1)
             emitted.append(request)
-            reason = self._stop_reason(request, token)
-            if reason is not None:
-                self._finish(request, reason)
-                any_finished = True
+            for i, token in enumerate(tokens):
+                request.output_token_ids.append(token)
+                reason = self._stop_reason(request, token)
+                if reason is not None:
+                    self._finish(request, reason)
+                    any_finished = True
+                    break
+                if i < len(tokens) - 1:
+                    request.num_computed_tokens += 1  # an accepted proposal: its K/V is in the cache
+            if k and not request.is_finished:
+                self.block_manager.truncate(rid, request.num_computed_tokens)
         if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return emitted

@@ -17,11 +17,18 @@ class StepStats:
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
         self.steps_total = 0
+        # Speculative decoding: proposals verified, accepted, and tokens emitted by the sequence-steps
+        # that verified some (accepted + the target's own, up to a stop); one verification per such step.
+        self.spec_proposed_total = 0
+        self.spec_accepted_total = 0
+        self.spec_emitted_total = 0
+        self.spec_verifications_total = 0
         self.step_time_ema = 0.0
         self.log_interval_s = log_interval_s
         self._last_log = time.monotonic()
         self._last_prompt = 0
         self._last_gen = 0
+        self._last_spec = (0, 0)  # (emitted, verifications) at the last log line
 
     def record_step(self, plan: StepPlan, seconds: float) -> None:
         for req in plan.requests:
@@ -32,6 +39,17 @@ class StepStats:
             self.prompt_tokens_total += max(0, min(c + n, max(req.num_prompt_tokens, req.num_tokens - 1)) - c)
         self.steps_total += 1
         self.step_time_ema = seconds if self.steps_total == 1 else 0.9 * self.step_time_ema + 0.1 * seconds
+
+    def record_verification(self, proposed: int, accepted: int, emitted: int) -> None:
+        self.spec_proposed_total += proposed
+        self.spec_accepted_total += accepted
+        self.spec_emitted_total += emitted
+        self.spec_verifications_total += 1
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verifying sequence-step (1 = nothing accepted), over the whole run."""
+        return self.spec_emitted_total / self.spec_verifications_total if self.spec_verifications_total else 0.0
 
     def copy_busy_fraction(self, bytes_per_step: int, h2d_bytes_per_s: float) -> float:
         if not bytes_per_step or not self.step_time_ema:
@@ -46,10 +64,14 @@ class StepStats:
             return
         p = (self.prompt_tokens_total - self._last_prompt) / dt
         g = (self.generation_tokens_total - self._last_gen) / dt
+        emitted = self.spec_emitted_total - self._last_spec[0]
+        verifications = self.spec_verifications_total - self._last_spec[1]
+        spec = f", mean accepted length {emitted / verifications:.2f}" if verifications else ""
         if p or g or num_running or num_waiting:
             log.info(
                 "prompt throughput %.1f tok/s, generation throughput %.1f tok/s, running %d, waiting %d, "
-                "KV usage %.1f%%",
-                p, g, num_running, num_waiting, kv_usage * 100,
+                "KV usage %.1f%%%s",
+                p, g, num_running, num_waiting, kv_usage * 100, spec,
             )  # fmt: skip
         self._last_log, self._last_prompt, self._last_gen = now, self.prompt_tokens_total, self.generation_tokens_total
+        self._last_spec = (self.spec_emitted_total, self.spec_verifications_total)

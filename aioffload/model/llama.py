@@ -2,7 +2,8 @@
 Qwen2 (qkv bias) and Qwen3 (q/k RMSNorm); tied embeddings.
 
 The forward pass takes a flat batch of T tokens from S sequences (each a prefill chunk
-or one decode token) and returns logits for the last token of each sequence only.
+or one decode token) and returns logits for the rows `meta.last_token_idx` names: the last token
+of each sequence, or its last k + 1 when it ends in k proposed tokens to verify.
 Layer weights come from a `LayerSource`: resident layers hand out their views, the
 transfer queue hands out staging slots; the model does not know which is which.
 """
@@ -127,7 +128,7 @@ class LlamaModel:
         positions: torch.Tensor,  # [T] int64
         meta: AttentionMetadata,
         kv: KVCache,
-    ) -> torch.Tensor:  # logits [S, V] float32
+    ) -> torch.Tensor:  # logits [R, V] float32, R = len(meta.last_token_idx)
         """Each layer leaves its MLP output pending; the next layer's add + RMSNorm folds it
         into the residual stream (one fused kernel on CUDA)."""
         cfg, f = self.cfg, self.ops
@@ -147,6 +148,6 @@ class LlamaModel:
             pending = self.mlp(i, h, w)  # [T, H]
             self.layers.release(i)
         assert pending is not None
-        x = x[meta.last_token_idx]  # [S, H]
+        x = x[meta.last_token_idx]  # [R, H]
         h = f.add_rms_norm(x, pending[meta.last_token_idx], self.final_norm, cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()

@@ -36,6 +36,15 @@ _GAUGES = {
     "kv_blocks_total": ("kv_blocks_total", "KV cache blocks in the pool"),
     "offload_bytes_per_step": ("offload_bytes_per_step", "Weight bytes copied host-to-device per step"),
     "copy_busy_fraction": ("copy_stream_busy_fraction", "Fraction of step time the copy stream is busy"),
+    "spec_mean_accepted_length": ("speculative_mean_accepted_length",
+                                  "Tokens emitted per verifying sequence-step (1 = no proposal accepted)"),
+}
+# engine.stats() key (a running total) -> counter name (without the aioffload_ prefix and _total suffix)
+_COUNTERS = {
+    "spec_proposed_tokens_total": ("speculative_proposed_tokens", "Speculative tokens proposed and verified"),
+    "spec_accepted_tokens_total": ("speculative_accepted_tokens", "Speculative tokens the target accepted"),
+    "spec_emitted_tokens_total": ("speculative_emitted_tokens",
+                                  "Tokens emitted by sequence-steps that verified proposals"),
 }
 
 
@@ -47,6 +56,9 @@ class Metrics:
         reg = self.registry
         self.gauges = {key: Gauge(f"aioffload_{name}", doc, registry=reg)
                        for key, (name, doc) in _GAUGES.items()}
+        self.counters = {key: Counter(f"aioffload_{name}", doc, registry=reg)
+                         for key, (name, doc) in _COUNTERS.items()}
+        self._counted = dict.fromkeys(_COUNTERS, 0.0)  # engine totals already added to the counters
         self.prompt_tokens = Counter("aioffload_prompt_tokens", "Prompt tokens of finished requests",
                                      registry=reg)
         self.generation_tokens = Counter("aioffload_generation_tokens", "Tokens generated", registry=reg)
@@ -63,6 +75,10 @@ class Metrics:
         for key, gauge in self.gauges.items():
             if key in stats:
                 gauge.set(float(stats[key]))
+        for key, counter in self.counters.items():
+            if key in stats and stats[key] > self._counted[key]:
+                counter.inc(float(stats[key]) - self._counted[key])
+                self._counted[key] = float(stats[key])
 
     def track(self, prompt_tokens: int, arrival: float | None = None) -> RequestTracker:
         return RequestTracker(self, prompt_tokens, time.monotonic() if arrival is None else arrival)

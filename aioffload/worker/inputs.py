@@ -16,11 +16,16 @@ from aioffload.attention.backends import AttentionMetadata
 
 @dataclass(frozen=True)
 class SeqChunk:
-    """One sequence's share of a step: tokens at positions [start, start + len(token_ids))."""
+    """One sequence's share of a step: tokens at positions [start, start + len(token_ids)).
+
+    The model returns logits for the chunk's last `num_logits` positions: 1 for a prefill chunk or
+    a decode token; k + 1 when the chunk ends in k proposed tokens to verify.
+    """
 
     token_ids: Sequence[int]
     start: int  # = num_computed_tokens
     block_table: Sequence[int]
+    num_logits: int = 1
 
 
 @dataclass
@@ -49,7 +54,7 @@ def build_inputs(chunks: Sequence[SeqChunk], block_size: int, device: torch.devi
             slots.append(c.block_table[p // block_size] * block_size + p % block_size)
             row_seq.append(s)
             row_ctx.append(p + 1)
-        last.append(len(ids) - 1)
+        last.extend(range(len(ids) - c.num_logits, len(ids)))
         qlens.append(n)
         slens.append(c.start + n)
     pin = device.type == "cuda"

@@ -98,6 +98,13 @@ class SamplingTensors:
             all_greedy=all(p.is_greedy for p in params),
         )
 
+    def select(self, rows: torch.Tensor) -> SamplingTensors:
+        """The same parameters for a subset (or repetition) of rows: rows [N] int64 on the device."""
+        return SamplingTensors(
+            self.temperature[rows], self.top_k[rows], self.top_p[rows], self.seed[rows], self.step[rows],
+            self.all_greedy,
+        )
+
 
 # --- counter-based noise ----------------------------------------------------------------------------------
 # 32-bit arithmetic carried in int64 tensors: every value stays in [0, 2^32) and every product below 2^63,
@@ -153,15 +160,9 @@ def sample_tokens(
     return sample(logits, SamplingTensors.build(params, seeds, steps, logits.device)).tolist()
 
 
-def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Pick one token per row. logits: [S, V] (any float dtype) -> token ids [S] int64 on logits' device.
-
-    Order: temperature, top-k, top-p, then Gumbel-max with hash noise keyed by (seed, step, token id).
-    """
-    logits = logits.float()  # [S, V]
-    greedy_ids = logits.argmax(dim=-1)  # [S]; first index among ties
-    if t.all_greedy:
-        return greedy_ids
+def _filtered_sorted(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Temperature, top-k, top-p. logits: [S, V] float32 -> (scaled logits in descending order with
+    -inf outside top-k and the nucleus [S, V], their token ids [S, V])."""
     vocab = logits.shape[-1]
     is_greedy = t.temperature < MIN_TEMPERATURE  # [S]
     scaled = logits / torch.where(is_greedy, 1.0, t.temperature)[:, None]  # [S, V]
@@ -176,10 +177,42 @@ def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     mass_before = probs.cumsum(dim=-1).sub_(probs)  # [S, V]; exactly 0 at rank 0, so the top token stays
     outside_nucleus = (mass_before >= t.top_p[:, None]) & (t.top_p < 1)[:, None]  # [S, V]
     sorted_logits.masked_fill_(outside_nucleus, float("-inf"))
+    return sorted_logits, sorted_ids
 
+
+def _gumbel(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """-log(-log u) with u = uniform_noise(seed, step, token id): [S, N] float32."""
+    return uniform_noise(seed, step, token_ids).log_().neg_().log_().neg_()
+
+
+def sample(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Pick one token per row. logits: [S, V] (any float dtype) -> token ids [S] int64 on logits' device.
+
+    Order: temperature, top-k, top-p, then Gumbel-max with hash noise keyed by (seed, step, token id).
+    """
+    logits = logits.float()  # [S, V]
+    greedy_ids = logits.argmax(dim=-1)  # [S]; first index among ties
+    if t.all_greedy:
+        return greedy_ids
+    sorted_logits, sorted_ids = _filtered_sorted(logits, t)
     # Gumbel-max (the exponential race in log space): argmax(logit - log(-log u)) ~ softmax(logit).
-    u = uniform_noise(t.seed, t.step, sorted_ids)  # [S, V]
-    gumbel = u.log_().neg_().log_().neg_()  # [S, V]
-    choice = sorted_logits.add_(gumbel).argmax(dim=-1, keepdim=True)  # [S, 1]
+    choice = sorted_logits.add_(_gumbel(t.seed, t.step, sorted_ids)).argmax(dim=-1, keepdim=True)  # [S, 1]
     sampled = sorted_ids.gather(-1, choice).squeeze(-1)  # [S]
-    return torch.where(is_greedy, greedy_ids, sampled)
+    return torch.where(t.temperature < MIN_TEMPERATURE, greedy_ids, sampled)
+
+
+def probs(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """The distribution `sample` draws from, in vocabulary order: [S, V] -> [S, V] float32
+    (one-hot at the argmax for greedy rows)."""
+    logits = logits.float()
+    sorted_logits, sorted_ids = _filtered_sorted(logits, t)
+    out = torch.zeros_like(logits).scatter_(-1, sorted_ids, sorted_logits.softmax(dim=-1))  # [S, V]
+    one_hot = torch.zeros_like(logits).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)  # [S, V]
+    return torch.where((t.temperature < MIN_TEMPERATURE)[:, None], one_hot, out)
+
+
+def sample_weights(weights: torch.Tensor, seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """One token per row with probability proportional to `weights` (>= 0, not all zero), by the
+    same Gumbel race and noise as `sample`. weights: [S, V]; seed, step: [S] -> [S] int64."""
+    ids = torch.arange(weights.shape[-1], device=weights.device).expand_as(weights)  # [S, V]
+    return weights.log().add_(_gumbel(seed, step, ids)).argmax(dim=-1)

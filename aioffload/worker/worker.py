@@ -21,9 +21,12 @@ from aioffload.offload.batching import offload_token_budget
 from aioffload.offload.placement import Placement, estimate_activation_bytes, plan_placement
 from aioffload.offload.transfer_queue import TransferQueue
 from aioffload.worker.cuda_graphs import CudaGraphRunner
+from aioffload.worker.draft import DraftModel, check_same_vocabulary
 from aioffload.worker.hybrid import HybridPlan, plan_hybrid
 from aioffload.worker.inputs import SeqChunk, build_inputs
 from aioffload.worker.model_loader import build_model
+from aioffload.worker.outputs import StepOutput
+from aioffload.worker.rejection import verify
 from aioffload.worker.sampling import SamplingParams, sample_tokens
 
 log = logging.getLogger("aioffload.worker")
@@ -89,6 +92,7 @@ class Worker:
             ring_size=config.offload.prefetch, split=self.hybrid.split if self.hybrid else None,
             host_compute=self.hybrid.host if self.hybrid else None,
         )  # fmt: skip
+        self.draft = self._load_draft(ckpt)
         self.offload_active = isinstance(self.layers, TransferQueue)
         self.offload_bytes_per_step = self.layers.bytes_per_step if isinstance(self.layers, TransferQueue) else 0
         self.copy_floor_s = self.offload_bytes_per_step / self.h2d_bytes_per_s
@@ -103,7 +107,9 @@ class Worker:
         self.kv = KVCache(
             mcfg.num_layers, self.num_blocks, self.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype, self.device
         )
-        block_bytes = kv_bytes_per_block(mcfg.num_layers, self.block_size, mcfg.num_kv_heads, mcfg.head_dim, elem)
+        if self.draft is not None:
+            self.draft.allocate_kv(self.num_blocks)
+        block_bytes = self._block_bytes(elem)
         log.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GB)",
             self.num_blocks, self.block_size, self.num_blocks * self.block_size, self.num_blocks * block_bytes / 1e9,
@@ -118,6 +124,21 @@ class Worker:
             log.info("CUDA graphs: on (every weight resident; captured in %.1f s)", time.perf_counter() - t)
         else:
             log.info("CUDA graphs: off (%s)", reason)
+
+    def _load_draft(self, ckpt: Checkpoint) -> DraftModel | None:
+        """The --speculative draft model, fully resident; refused unless it shares the target's vocabulary."""
+        spec = self.config.speculative
+        if spec.method != "draft" or spec.draft_model is None:
+            return None
+        draft = Checkpoint.open(spec.draft_model)
+        check_same_vocabulary(ckpt.path, self.model_config, draft.path, draft.model_config)
+        return DraftModel(draft, self.dtype, self.device, self.attention, self.max_model_len, self.block_size)
+
+    def _block_bytes(self, elem: int) -> int:
+        """KV bytes of one block id: the target's K/V, plus the draft's over the same block ids."""
+        m = self.model_config
+        target = kv_bytes_per_block(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim, elem)
+        return target + (self.draft.kv_bytes_per_block() if self.draft is not None else 0)
 
     def _device_total_bytes(self) -> int:
         gb = self.config.offload.gpu_memory_gb
@@ -140,8 +161,8 @@ class Worker:
         return None
 
     def _size_kv_cache(self, total: int, elem: int) -> int:
-        cfg, mcfg = self.config, self.model_config
-        block_bytes = kv_bytes_per_block(mcfg.num_layers, self.block_size, mcfg.num_kv_heads, mcfg.head_dim, elem)
+        cfg = self.config
+        block_bytes = self._block_bytes(elem)
         need = -(-self.max_model_len // self.block_size)
         if cfg.cache.num_blocks is not None:
             blocks = cfg.cache.num_blocks
@@ -194,10 +215,25 @@ class Worker:
         params: Sequence[SamplingParams],
         seeds: Sequence[int],
         steps: Sequence[int],
-    ) -> list[int]:
-        """Run one step; returns one sampled token id per chunk (callers ignore those of
-        sequences still mid-prefill)."""
-        if self.hybrid is not None and isinstance(self.layers, TransferQueue):
+        num_draft: Sequence[int] | None = None,
+    ) -> StepOutput:
+        """Run one step; per chunk, the tokens it emits (callers ignore those of chunks mid-prefill).
+
+        A chunk with num_logits = m > 1 ends in m - 1 proposed tokens, verified here in the same
+        forward (worker/rejection.py). With a draft model, the draft first proposes num_draft[i]
+        tokens after chunk i (whose num_logits is then 1). `steps[i]` is the output index of the
+        token chunk i's first logits row samples.
+        """
+        draft_probs, full = None, None
+        if self.draft is not None:
+            prop = self.draft.propose(chunks, num_draft or [0] * len(chunks), params, seeds, steps)
+            if any(prop.token_ids):
+                chunks = [
+                    SeqChunk([*c.token_ids, *d], c.start, c.block_table, c.num_logits + len(d)) if d else c
+                    for c, d in zip(chunks, prop.token_ids, strict=True)
+                ]
+                draft_probs, full = prop.probs, prop.full
+        if self.hybrid is not None and isinstance(self.layers, TransferQueue):  # proposals counted in
             self.layers.set_split(self.hybrid.before_step(sum(len(c.token_ids) for c in chunks)))
         try:
             if self.graphs is not None and self.graphs.can_run(chunks):
@@ -209,7 +245,14 @@ class Worker:
             if isinstance(self.layers, TransferQueue):
                 self.layers.reset()
             raise
-        tokens = sample_tokens(logits, params, seeds, steps)  # waits for the step (host shares included)
+        if all(c.num_logits == 1 for c in chunks):
+            out = StepOutput([[t] for t in sample_tokens(logits, params, seeds, steps)], [0] * len(chunks))
+        else:
+            proposals = [list(c.token_ids[len(c.token_ids) - c.num_logits + 1 :]) for c in chunks]
+            out = StepOutput(verify(logits, proposals, params, seeds, steps, draft_probs, full),
+                             [len(p) for p in proposals])  # fmt: skip
         if self.hybrid is not None:
-            self.hybrid.after_step()
-        return tokens
+            self.hybrid.after_step()  # the step is done (sampling waited): host failures, measured shares
+        if self.draft is not None and any(out.num_proposed):
+            self.draft.complete(chunks, out.token_ids)
+        return out

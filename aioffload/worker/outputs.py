@@ -1,0 +1,21 @@
+"""What one `Worker.execute` step hands back: per chunk, the tokens it emitted."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class StepOutput:
+    """Per chunk, in the order of the step's chunks.
+
+    `token_ids[i]` is the accepted prefix of chunk i's proposals followed by one token sampled from
+    the target (a plain chunk: that one token). Callers ignore the entries of chunks still mid-prefill.
+    """
+
+    token_ids: list[list[int]]
+    num_proposed: list[int]  # proposals verified per chunk (0 for a plain chunk)
+
+    @property
+    def num_accepted(self) -> list[int]:
+        return [len(t) - 1 for t in self.token_ids]
