@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from aioffload.attention.backends import SdpaBackend, TritonPagedBackend
+from aioffload.attention.tiles import PREFILL_TILE, plan_rows
 from tests.paged_cases import (
     CPU,
     INTERPRETED,
@@ -45,6 +46,9 @@ STEP = [(0, 70), (100, 37), (12, 1), (63, 2), (5, 1)]
 PREFILL_ROWS = [*range(0, 107), 108, 109]
 DECODE_ROWS = [107, 110]
 
+# Tiles of 32 rows cut these chunks into full and partial tiles at little interpreter cost; the
+# backend test below runs the production tile (PREFILL_TILE).
+TEST_TILE = 32
 # (group, head_dim, block_size, dtype): GQA ratios 1/4/8, head dims 64/128, blocks 16/32, three dtypes.
 CASES = [
     (1, 64, 16, torch.float32),
@@ -58,9 +62,13 @@ CASES = [
 ]
 
 
-def prefill(kernel, q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
+def prefill(kernel, q, k_cache, v_cache, meta, scale, tile=TEST_TILE):  # type: ignore[no-untyped-def]
+    """The prefill kernel on the step's chunks cut into `tile`-row tiles; other rows stay NaN."""
+    starts = [sl - ql for ql, sl in zip(meta.query_lens, meta.seq_lens_host)]
+    tiles, _ = plan_rows(meta.query_lens, starts, tile)
     out = torch.full_like(q, float("nan"))
-    return kernel.prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.prefill_tiles, scale, out)
+    return kernel.prefill_attention(q, k_cache, v_cache, meta.block_tables, torch.tensor(tiles, dtype=torch.int32),
+                                    scale, out, block_m=tile)  # fmt: skip
 
 
 @needs_interpreter
@@ -72,7 +80,7 @@ def test_interpreted_prefill_matches_sdpa(interpreted, group, head_dim, block_si
     scale = head_dim**-0.5
     ref = sdpa_reference(q, k, v, k_cache, v_cache, meta, scale)
     out = prefill(interpreted, q, k_cache, v_cache, meta, scale)
-    assert out.dtype == dtype
+    assert out.dtype == dtype and TEST_TILE < 70 and 70 % TEST_TILE and 37 % TEST_TILE
     assert out[DECODE_ROWS].isnan().all(), "decode rows belong to the decode kernel"
     err = max_err(out[PREFILL_ROWS], ref[PREFILL_ROWS])
     assert err < TOL[dtype], f"max abs error {err}"
@@ -108,10 +116,11 @@ def test_interpreted_prefill_with_strided_q(interpreted):
 
 @needs_interpreter
 def test_interpreted_backend_mixed_step_matches_sdpa(interpreted):
-    """TritonPagedBackend on a mixed step: prefill tiles and decode rows (one long enough for several
-    key tiles) in two launches, after writing this step's K/V, equal SdpaBackend."""
+    """TritonPagedBackend on a mixed step: prefill tiles of PREFILL_TILE rows (a full one and a
+    partial one) and decode rows (one long enough for several key tiles) in two launches, after
+    writing this step's K/V, equal SdpaBackend."""
     backend = TritonPagedBackend()
-    step = [(300, 1), (0, 70), (37, 30), (5, 1)]
+    step = [(300, 1), (0, PREFILL_TILE + 3), (37, 30), (5, 1)]
     q, k, v, k_cache, v_cache, meta = random_step(step, 16, 2, 4, 64, torch.float32, CPU, seed=3)
     kc, vc = k_cache.clone(), v_cache.clone()
     out = backend.forward(q, k, v, k_cache, v_cache, meta, 0.125)

@@ -16,8 +16,10 @@ def dot(a, b, DOT_F32: tl.constexpr):
     first; the values are the same bfloat16 numbers, and float32 accumulation is what the
     tensor cores do, so the result matches the compiled kernel's."""
     if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
-    return tl.dot(a, b)
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        out = tl.dot(a, b)
+    return out
 
 
 def dot_f32(t: torch.Tensor) -> bool:
