@@ -101,11 +101,12 @@ def _prefill_kernel(
              mask=m_valid[:, None])  # fmt: skip
 
 
-def launch_config(block_m: int) -> dict[str, int]:
+def launch_config(block_m: int, head_dim: int) -> dict[str, int]:
     """Key tile, warps and pipeline depth for a query tile of block_m rows: one warp per 16 rows
-    (wgmma works on 64-row warpgroups). Compiled for sm_90 without spills at head dims 64 and
-    128; `aioffload bench prefill --kernels` times the alternatives on the card."""
-    return {"block_n": 64, "num_warps": max(4, block_m // 16), "num_stages": 3}
+    (wgmma works on 64-row warpgroups); 128-key tiles at head dim 64, 64-key tiles at 128 (the
+    largest that compile for sm_90 without spilling). `aioffload bench prefill` times the
+    alternatives on the card."""
+    return {"block_n": 128 if head_dim <= 64 else 64, "num_warps": max(4, block_m // 16), "num_stages": 3}
 
 
 def prefill_attention(
@@ -124,7 +125,7 @@ def prefill_attention(
     hq, d = q.shape[1], q.shape[2]
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
-    cfg = launch_config(block_m)
+    cfg = launch_config(block_m, d)
     extra = {} if q.device.type == "cpu" else {
         "num_warps": num_warps or cfg["num_warps"], "num_stages": num_stages or cfg["num_stages"]}  # fmt: skip
     _prefill_kernel[(hq, tiles.shape[0])](
