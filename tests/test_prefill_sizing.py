@@ -75,6 +75,23 @@ def test_a_lone_prompt_keeps_the_whole_budget() -> None:
     assert [p.total_tokens for p in plans] == [1000, 1000, 500, 1]
 
 
+def test_short_prompts_beside_decodes_go_whole() -> None:
+    """A burst of prompts that each fit in one step's share is admitted as without a step cost
+    (the bound is for long prompts; vLLM's long-prefill threshold is the same idea)."""
+    s = make_scheduler(num_blocks=512, block_size=16, max_num_seqs=32, budget=2048, max_model_len=4096)
+    s.step_cost = RESIDENT  # a 300-token share
+    decoders = make_requests(16, prompt_len=8, max_tokens=50)
+    burst = make_requests(10, prompt_len=200, max_tokens=5, prefix="burst")
+    admitted: list[int] = []
+
+    def on_step(step: int, plan: StepPlan) -> None:
+        admitted.append(sum(1 for r in burst if plan.num_scheduled_tokens.get(r.request_id) == 200))
+
+    run_to_completion(s, decoders, arrivals={2: burst}, on_step=on_step)
+    assert admitted[2] == 10
+    assert_reference_outputs([*decoders, *burst], 4096)
+
+
 def test_a_prompt_progresses_even_when_the_share_is_below_one_token() -> None:
     tiny = StepCost(floor_s=0.0, decode_s=1e-6, token_s=2e-5, pair_s=0.0)
     steps = long_prompt_beside_decoders(tiny, 40)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from aioffload.config import ModelConfig
-from aioffload.worker.step_cost import StepCost, measure_dense_flops, predict_step_cost
+from aioffload.checkpoint.checkpoint import Checkpoint
+from aioffload.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from aioffload.worker.step_cost import StepCost, measure_dense_flops, predict_step_cost, time_decode_step
+from aioffload.worker.worker import Worker
+from tests.helpers import one_torch_thread
+from tests.tiny_models import make_checkpoint
 
 # Llama-3-8B on an H200 (measured figures from docs/DESIGN.md): 218M parameters per layer, a
 # 194 ms copy floor with 24 of 32 layers streamed, ~650 TFLOP/s dense.
@@ -61,6 +66,21 @@ def test_offload_token_budget_takes_an_8k_prompt_in_one_streamed_step() -> None:
     assert c.chunk_s(budget, 0) <= c.prefill_budget_s() < c.chunk_s(budget + 1, 0)
     assert c.prefill_token_budget(2048, cap=4096) == 4096
     assert c.prefill_token_budget(20000) == 20000  # never below --max-num-batched-tokens
+
+
+def test_decode_step_timing_runs_a_real_step(tmp_path: Path) -> None:
+    """time_decode_step drives Worker.execute: the K of position 0 lands in block 0 (which nobody
+    owns at start-up), and the CPU worker has no step cost (no bound: the scheduler's default)."""
+    ckpt = make_checkpoint(tmp_path, "llama")
+    config = EngineConfig(model=str(ckpt), device="cpu", cache=CacheConfig(num_blocks=64, block_size=4),
+                          scheduler=SchedulerConfig(max_model_len=128)).validate()  # fmt: skip
+    worker = Worker(config, Checkpoint.open(ckpt))
+    assert worker.step_cost is None
+    assert not worker.kv.k[0][0, 0].any()
+    with one_torch_thread():
+        seconds = time_decode_step(worker, reps=3)
+    assert 0 < seconds < 10
+    assert worker.kv.k[0][0, 0].any() and not worker.kv.k[0][0, 1].any()
 
 
 @pytest.mark.gpu

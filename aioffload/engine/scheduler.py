@@ -48,9 +48,9 @@ class Scheduler:
     """FCFS continuous-batching scheduler over a paged KV cache; never touches tensors.
 
     `token_budget` (tokens per step) is a plain attribute: offload-aware sizing may change
-    it between steps. It must stay >= 1. `step_cost` (None: no bound) bounds the prefill
-    share of a step that also carries decoding requests, so their inter-token latency
-    stays within `step_cost.itl_factor` x a decode-only step.
+    it between steps. It must stay >= 1. `step_cost` (None: no bound) bounds what long
+    prompts' chunks take of a step that also carries decoding requests, so their
+    inter-token latency stays within `step_cost.itl_factor` x a decode-only step.
     """
 
     def __init__(
@@ -225,24 +225,26 @@ class _PrefillShare:
     """How many tokens each request gets in one schedule() call.
 
     A decoding request (one token left to compute) gets its token. With a step cost and
-    anyone decoding, prefill chunks share the compute the step may spend on prefill
-    (`StepCost.prefill_budget_s`), each chunk the most that fits from its position; the
-    first chunk gets at least one token, so a prompt progresses every step. Otherwise a
-    chunk takes what budget is left.
+    anyone decoding, the chunks of long prompts (those that would not fit in one step's
+    prefill share, `StepCost.prefill_budget_s`) share that compute, each the most that
+    fits from its position; the first gets at least one token, so a long prompt progresses
+    every step. Short prompts go whole, as when nobody is decoding: a chunk takes what
+    budget is left.
     """
 
     def __init__(self, running: list[Request], cost: StepCost | None) -> None:
         decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
         self.cost = cost if decoding else None
-        self.seconds = cost.prefill_budget_s() if cost is not None else 0.0
+        self.share_s = cost.prefill_budget_s() if cost is not None else 0.0
+        self.seconds = self.share_s  # what the long prompts' chunks have left this step
         self.first = True
 
     def take(self, request: Request, budget: int) -> int:
         """Tokens for `request` (budget >= 1); 0 when its chunk must wait for a later step."""
         left = request.num_tokens - request.num_computed_tokens
         n = min(left, budget)
-        if left > 1 and self.cost is not None:  # a prefill chunk beside decodes
-            start = request.num_computed_tokens
+        start = request.num_computed_tokens
+        if left > 1 and self.cost is not None and self.cost.max_chunk(start, self.share_s) < left:
             n = min(n, self.cost.max_chunk(start, self.seconds))
             n = max(n, 1) if self.first else n
             self.seconds -= self.cost.chunk_s(n, start)
