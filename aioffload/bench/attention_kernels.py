@@ -18,8 +18,8 @@ from aioffload.worker.inputs import SeqChunk, build_inputs
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 CHUNK = 2048  # the prefix-chunk case: the last CHUNK tokens after a cached prefix
-# (query tile, key tile, warps): the default first
-CONFIGS = [(128, 64, 8), (128, 128, 8), (64, 64, 4)]
+# (query tile, key tile, warps, pipeline stages): the default (prefill_kernel.launch_config) first
+CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
 
 
 def time_cuda(fn: Callable[[], object], reps: int) -> float:
@@ -64,7 +64,7 @@ class PagedCase:
         self.queries, self.length = queries, length
 
 
-def _ours(case: PagedCase, tile: int, block_n: int, warps: int) -> Callable[[], torch.Tensor]:
+def _ours(case: PagedCase, tile: int, block_n: int, warps: int, stages: int) -> Callable[[], torch.Tensor]:
     from aioffload.attention import prefill_kernel
     from aioffload.attention.tiles import plan_rows
 
@@ -72,7 +72,7 @@ def _ours(case: PagedCase, tile: int, block_n: int, warps: int) -> Callable[[], 
     tiles = torch.tensor(tiles_list, dtype=torch.int32, device=case.q.device)
     out = torch.empty_like(case.rows)
     return lambda: prefill_kernel.prefill_attention(case.rows, case.k_cache, case.v_cache, case.meta.block_tables,
-                                                    tiles, D**-0.5, out, tile, block_n, warps)  # fmt: skip
+                                                    tiles, D**-0.5, out, tile, block_n, warps, stages)  # fmt: skip
 
 
 def _sdpa(case: PagedCase) -> Callable[[], torch.Tensor]:
@@ -126,13 +126,15 @@ def run_kernels(dev: torch.device, lengths: list[int], flex_length: int | None, 
         with phase(R, f"kernels_{n}"):
             reps = 5 if n <= 8192 else 3
             case, flops = PagedCase(n, n, dev), causal_flops(n, n)
-            ref = _sdpa(case)()  # [1, Hq, L, D]
+            ref = _sdpa(case)()  # [1, Hq, L, D]: transformers' path, the reference
             row: dict = {"length": n, "paths": []}
-            for tile, block_n, warps in CONFIGS:
-                fn = _ours(case, tile, block_n, warps)
+            for tile, block_n, warps, stages in CONFIGS:
+                fn = _ours(case, tile, block_n, warps, stages)
                 err = (fn().transpose(0, 1)[None].float() - ref.float()).abs().max().item()
-                row["paths"].append(_entry(f"ours m{tile} n{block_n} w{warps}", time_cuda(fn, reps), flops, err))
+                name = f"ours m{tile} n{block_n} w{warps} s{stages}"
+                row["paths"].append(_entry(name, time_cuda(fn, reps), flops, err))
             row["paths"].append(_entry("sdpa (transformers)", time_cuda(_sdpa(case), reps), flops))
+            del ref
             with phase(R, f"varlen_{n}"):
                 row["paths"].append(_entry("varlen_attn", time_cuda(_varlen(case), reps), flops))
             if n == flex_length:

@@ -9,6 +9,10 @@ the prefill compute x lengthens the step, until compute outgrows the copies:
 
     step_s(x) = max(alone_s + exposed * x, x)        alone_s = max(floor_s, decode_s)
 
+(alone_s is never below the copy floor: when host cores compute part of the offloaded layers
+a decode step can beat it (DESIGN.md section 8), but a step with a long prefill share streams
+whole layers, so the floor is what such a step is measured against.)
+
 The rule (DESIGN.md section 5): a step lasts at most `itl_factor` x a decode-only step, so
 requests that are decoding keep their inter-token latency while a long prompt prefills;
 the prefill share of a step is what fits in `prefill_budget_s`. While offload is active
