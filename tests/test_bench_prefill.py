@@ -42,15 +42,15 @@ def test_prefill_bench_on_the_cpu(synth_dir: Path, tmp_path: Path, monkeypatch: 
     assert res["offloaded_layers"] == 0 and off["offloaded_layers"] == 2 and off["copy_floor_ms"] > 0
     for e in res["ttft"]:
         assert e["ms"] > 0 and e["steps"] == 1 and e["hf_ms"] == hf[e["tokens"]]
-        assert e["x_hf"] == pytest.approx(e["ms"] / e["hf_ms"], rel=1e-2)
-        assert e["x_compute_floor"] == pytest.approx(e["ms"] / e["compute_floor_ms"], rel=1e-2)
+        assert e["x_hf"] == pytest.approx(e["ms"] / e["hf_ms"], rel=1e-2, abs=1e-3)
+        assert e["x_compute_floor"] == pytest.approx(e["ms"] / e["compute_floor_ms"], rel=1e-2, abs=1e-3)
     assert [e["tokens"] for e in off["ttft"]] == [12, 24] and all(e["copy_floors"] > 0 for e in off["ttft"])
     for W in (res, off):
         assert [e["context"] for e in W["decode"]] == [10, 30]
         assert all(e["step_ms"] > 0 and e["floor_ms"] > 0 for e in W["decode"])
         itl = W["itl"]
         assert itl["streams"] == 2 and itl["ttft_ms"] > 0 and itl["gaps_during"] >= 1 and itl["gaps_alone"] >= 2
-        assert itl["p99_ratio"] == pytest.approx(itl["during_ms"]["p99"] / itl["alone_ms"]["p99"], rel=1e-2)
+        assert itl["p99_ratio"] == pytest.approx(itl["during_ms"]["p99"] / itl["alone_ms"]["p99"], rel=1e-2, abs=1e-3)
 
 
 def test_long_context_view_raises_the_position_limit_only(synth_dir: Path) -> None:

@@ -171,7 +171,7 @@ def _worker_phases(worker: Worker, key: str, args: argparse.Namespace, R: dict) 
         W["step_cost"] = worker.step_cost.describe()
     if worker.offload_active:  # measured H2D rate; on the CPU the worker's assumed one
         h2d = rates["h2d_GBps"] * 1e9 if rates.get("h2d_GBps") else worker.h2d_bytes_per_s
-        W["copy_floor_ms"] = round(worker.offload_bytes_per_step / h2d * 1e3, 3)
+        W["copy_floor_ms"] = round(worker.offload_bytes_per_step / h2d * 1e3, 6)
     vocab = worker.model_config.vocab_size
     with phase(R, f"{key}_warmup"):  # compiles every kernel shape the prefill and decode runs use
         _ttft(worker, common.random_prompts(1, min(args.prompt_lens), vocab, seed=99)[0])
@@ -180,12 +180,13 @@ def _worker_phases(worker: Worker, key: str, args: argparse.Namespace, R: dict) 
             reps = args.reps if n < 16384 else 1
             runs = [_ttft(worker, common.random_prompts(1, n, vocab, seed=rep)[0]) for rep in range(reps)]
             steps = -(-n // worker.token_budget)
-            e: dict = {"tokens": n, "ms": round(sorted(runs)[len(runs) // 2] * 1e3, 2), "steps": steps}
+            ttft = sorted(runs)[len(runs) // 2]
+            e: dict = {"tokens": n, "ms": round(ttft * 1e3, 3), "steps": steps}
             if rates.get("dense_flops"):
                 floor = compute_floor_s(worker.model_config, n, rates["dense_flops"])
-                e.update(compute_floor_ms=round(floor * 1e3, 2), x_compute_floor=round(e["ms"] / 1e3 / floor, 3))
+                e.update(compute_floor_ms=round(floor * 1e3, 6), x_compute_floor=round(ttft / floor, 3))
             if "copy_floor_ms" in W:
-                e["copy_floors"] = round(e["ms"] / W["copy_floor_ms"], 3)
+                e["copy_floors"] = round(ttft * 1e3 / W["copy_floor_ms"], 3)
             W["ttft"].append(e)
             say(f"{key} TTFT {n} tokens: {e['ms']} ms in {e['steps']} steps; {e.get('x_compute_floor')}x the compute "
                 f"floor; {e.get('copy_floors')} copy floors")  # fmt: skip
