@@ -2,13 +2,14 @@
 
 One program per (query row, KV head, split) handles the whole GQA group of that head, with
 an online softmax over BLOCK_N keys at a time. A row sees `row_ctx` keys of sequence
-`row_seq`; split i of NUM_SPLITS takes the i-th slice of them (slices rounded up to
+`row_seq`; split i of num_splits takes the i-th slice of them (slices rounded up to
 BLOCK_N keys, so at short contexts the last splits are empty and contribute nothing).
-With NUM_SPLITS > 1 the programs write partial (acc, max, sum) and a second kernel
+With num_splits > 1 the programs write partial (acc, max, sum) and a second kernel
 combines them; with 1 the program writes the output itself.
 
-NUM_SPLITS depends only on the number of rows and KV heads (`num_splits`), never on the
-context, so a captured CUDA graph replays the same grid at any context length.
+The split count depends only on the number of rows and KV heads (`num_splits`), never on
+the context, so a captured CUDA graph replays the same grid at any context length. It is a
+runtime argument: one compiled kernel serves every batch bucket.
 
 Every row is computed correctly whatever its row_ctx (prefill rows too), but prefill chunks
 go to the tiled prefill kernel: a row here reads its whole context on its own. Imported
@@ -31,13 +32,13 @@ CPU_SMS = 4  # the interpreter has no SMs: a small figure, so CPU tests exercise
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, row_seq_ptr, row_ctx_ptr, rows_ptr,
     part_acc_ptr, part_ml_ptr,
-    qk_scale,
+    qk_scale, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_ot, stride_oh,
     stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_ROWS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_ROWS: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
@@ -55,7 +56,7 @@ def _paged_attn_kernel(
     g_mask = offs_g < GROUP
     heads = kvh * GROUP + offs_g
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
-    chunk = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, ctx)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
@@ -77,15 +78,15 @@ def _paged_attn_kernel(
         v = tl.load(v_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_F32).to(tl.float32)
         m_i = m_new
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         tl.store(
             o_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
             (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
             mask=g_mask[:, None],
         )
     else:
-        # Partials [R, Hq, NUM_SPLITS, D] and [R, Hq, NUM_SPLITS, 2]; an empty split stores (0, -inf, 0).
-        slot = (pid * GROUP * tl.num_programs(1) + heads) * NUM_SPLITS + split  # [G]
+        # Partials [R, Hq, num_splits, D] and [R, Hq, num_splits, 2]; an empty split stores (0, -inf, 0).
+        slot = (pid * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [G]
         tl.store(part_acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
         tl.store(part_ml_ptr + slot * 2, m_i, mask=g_mask)
         tl.store(part_ml_ptr + slot * 2 + 1, l_i, mask=g_mask)
@@ -94,8 +95,9 @@ def _paged_attn_kernel(
 @triton.jit
 def _combine_kernel(
     o_ptr, rows_ptr, part_acc_ptr, part_ml_ptr,
+    num_splits,
     stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):  # fmt: skip
     """out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i over the splits of one (row, head)."""
     pid = tl.program_id(0)
@@ -106,8 +108,8 @@ def _combine_kernel(
         row = pid.to(tl.int64)
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    s_mask = offs_s < NUM_SPLITS
-    slot = (pid * tl.num_programs(1) + head) * NUM_SPLITS + offs_s  # [S]
+    s_mask = offs_s < num_splits
+    slot = (pid * tl.num_programs(1) + head) * num_splits + offs_s  # [S]
     m = tl.load(part_ml_ptr + slot * 2, mask=s_mask, other=float("-inf"))
     lsum = tl.load(part_ml_ptr + slot * 2 + 1, mask=s_mask, other=0.0)
     acc = tl.load(part_acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0)
@@ -143,6 +145,7 @@ def paged_attention(
     r = q.shape[0] if rows is None else rows.shape[0]
     if r == 0:
         return out
+    assert 1 <= splits <= MAX_SPLITS, f"splits must be in 1..{MAX_SPLITS}, got {splits}"
     if splits > 1:
         part_acc = torch.empty(r, hq, splits, d, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(r, hq, splits, 2, dtype=torch.float32, device=q.device)
@@ -151,20 +154,20 @@ def paged_attention(
     _paged_attn_kernel[(r, hkv, splits)](
         q, k_cache, v_cache, out, block_tables, row_seq, row_ctx, rows if rows is not None else row_seq,
         part_acc, part_ml,
-        scale * LOG2E,
+        scale * LOG2E, splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        BLOCK_SIZE=block_size, BLOCK_N=64, NUM_SPLITS=splits, HAS_ROWS=rows is not None,
+        BLOCK_SIZE=block_size, BLOCK_N=64, SPLIT=splits > 1, HAS_ROWS=rows is not None,
         DOT_F32=dot_f32(q),
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(r, hq)](
             out, rows if rows is not None else row_seq, part_acc, part_ml,
+            splits,
             out.stride(0), out.stride(1),
-            HEAD_DIM=d, NUM_SPLITS=splits, SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-            HAS_ROWS=rows is not None,
+            HEAD_DIM=d, SPLITS_PAD=MAX_SPLITS, HAS_ROWS=rows is not None,
         )  # fmt: skip
     return out
