@@ -108,7 +108,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # Float32 is exact up to summation order; half types round p and the output.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # bf16: as the GPU tests
 
 
 def run_interpreter_child(test_file: str, expected: int) -> None:
