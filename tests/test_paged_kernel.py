@@ -1,63 +1,39 @@
-"""The Triton paged-attention kernel against SdpaBackend.
+"""The Triton row-wise paged-attention kernel (decode rows, split-KV) against SdpaBackend.
 
-On the CPU the kernel runs under the Triton interpreter (TRITON_INTERPRET=1); on a GPU, a
-`gpu`-marked test compares the compiled kernel in bfloat16.
-
-Triton picks interpreter or compiler for every @triton.jit function when it is decorated,
-its own standard library (tl.max, tl.sum, ...) included, i.e. when triton is first imported.
-The two modes cannot share a process (triton 3.6: interpreted kernels refuse compiled tl.max,
-"Cannot call @triton.jit'd outside of the scope of a kernel"; compiled kernels fail on
-interpreted ones, and triton.experimental.gluon asserts on import). Setting the variable here
-would break every later GPU test that compiles a Triton kernel in the same pytest run. So
-`test_interpreter_cases` runs the interpreter tests in a child pytest whose environment has
-TRITON_INTERPRET=1 from its first line, before triton is imported; in this process they skip.
+On the CPU the kernel runs under the Triton interpreter in a child process (see
+tests/paged_cases.py for why); on a GPU, `gpu`-marked tests compare the compiled kernel in
+bfloat16.
 """
 
 from __future__ import annotations
-
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from aioffload.attention.backends import SdpaBackend, TritonPagedBackend
-from aioffload.worker.inputs import SeqChunk, build_inputs
-from tests.helpers import one_torch_thread
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # only in the child process (see above)
-triton = pytest.importorskip("triton", reason="triton is not importable; the paged-attention kernel needs it")
-
-CPU = torch.device("cpu")
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child process started by test_interpreter_cases"
+from tests.paged_cases import (
+    CPU,
+    INTERPRETED,
+    TOL,
+    gpu_only,
+    interpreter,
+    max_err,
+    needs_interpreter,
+    random_step,
+    run_interpreter_child,
+    sdpa_reference,
 )
+
+triton = pytest.importorskip("triton", reason="triton is not importable; the paged-attention kernel needs it")
 
 
 @pytest.fixture
 def interpreted():
-    """aioffload.attention.paged_kernel under the interpreter. Also works around triton 3.6's interpreter under
-    numpy >= 2.4 (triton-lang/triton#9171): a scalar loaded from memory is a 1-element array whose
-    `__index__` (used by `range(0, ctx, BLOCK_N)`) calls int() on it, which numpy 2.4 rejects."""
-    from triton.runtime import interpreter as triton_interpreter
-
+    """aioffload.attention.paged_kernel under the interpreter (child process only)."""
     from aioffload.attention import paged_kernel
 
-    original = triton_interpreter._patch_lang_tensor
-
-    def patch_lang_tensor(tensor, scope):  # type: ignore[no-untyped-def]
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    triton_interpreter._patch_lang_tensor = patch_lang_tensor
-    try:
-        with one_torch_thread():
-            yield paged_kernel
-    finally:
-        triton_interpreter._patch_lang_tensor = original
+    with interpreter():
+        yield paged_kernel
 
 
 # (start, num_tokens) per sequence: decode rows (one token after a prefix) and prefill chunks, with
@@ -65,55 +41,11 @@ def interpreted():
 STEP = [(69, 1), (4, 1), (13, 5), (0, 6), (0, 1), (61, 3)]
 
 
-def random_step(step, block_size, num_kv_heads, group, head_dim, dtype, device, seed=0, q_strided=False):
-    """Random q/k/v and a random paged cache whose blocks are handed out in shuffled order.
-    Every slot, owned or not, holds random data, so a wrong block or position shows up."""
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-(start + n) // block_size) for start, n in step]
-    num_blocks = sum(need) + 5
-    free = torch.randperm(num_blocks, generator=g).tolist()
-    chunks = [SeqChunk([0] * n, start, [free.pop() for _ in range(nb)]) for (start, n), nb in zip(step, need)]
-    inp = build_inputs(chunks, block_size, CPU)
-    t, hq = inp.input_ids.numel(), num_kv_heads * group
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(dtype=dtype, device=device)
-
-    if q_strided:  # q as the model's view of a fused projection: rows are not contiguous
-        q = rand(t, hq + 2 * num_kv_heads, head_dim)[:, :hq]
-        assert not q.is_contiguous()
-    else:
-        q = rand(t, hq, head_dim)
-    k, v = rand(t, num_kv_heads, head_dim), rand(t, num_kv_heads, head_dim)
-    cache_shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = rand(*cache_shape), rand(*cache_shape)
-    meta = inp.meta
-    if device.type != "cpu":
-        for name in ("slot_mapping", "block_tables", "row_seq", "row_ctx", "last_token_idx"):
-            setattr(meta, name, getattr(meta, name).to(device))
-    return q, k, v, k_cache, v_cache, meta
-
-
-def sdpa_reference(q, k, v, k_cache, v_cache, meta, scale):
-    """SdpaBackend in float32 on the same values (writes this step's K/V into the given caches)."""
-    kc32, vc32 = k_cache.float(), v_cache.float()
-    out = SdpaBackend().forward(q.float(), k.float(), v.float(), kc32, vc32, meta, scale)
-    k_cache.copy_(kc32)  # the same write, in the caller's dtype
-    v_cache.copy_(vc32)
-    return out
-
-
 def paged(kernel, q, k_cache, v_cache, meta, scale, rows=slice(None), extra_ctx=0):
     """kernel.paged_attention on the query rows `rows` of a step (all by default)."""
     row_seq, row_ctx = meta.row_seq[rows], meta.row_ctx[rows] + extra_ctx
     return kernel.paged_attention(q[rows], k_cache, v_cache, meta.block_tables, row_seq, row_ctx, scale)
 
-
-def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 
 # Every pair of (group, head_dim, block_size, dtype) values appears at least once.
 CASES = [
@@ -177,30 +109,87 @@ def test_interpreted_triton_backend_writes_kv_then_attends(interpreted):
     assert max_err(out, ref) < 1e-5
 
 
-NUM_INTERPRETED_TESTS = len(CASES) + 3
+# ---- split-KV (flash-decoding) ----
+
+# Decode rows at contexts across the 64-key tiles, one long enough for many splits; with 32
+# splits most of them are empty at these contexts (they must contribute nothing).
+DECODE_STEP = [(n - 1, 1) for n in (1, 64, 65, 300, 1000)]
+# (splits, group, head_dim, block_size, dtype): split counts 2, 3 (not a power of two), 8, 32.
+SPLIT_CASES = [
+    (2, 4, 64, 16, torch.float32),
+    (3, 8, 32, 32, torch.float16),
+    (8, 1, 128, 16, torch.bfloat16),
+    (32, 4, 64, 32, torch.float32),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("splits, group, head_dim, block_size, dtype", SPLIT_CASES)
+def test_interpreted_split_kv_matches_sdpa(interpreted, splits, group, head_dim, block_size, dtype):
+    q, k, v, k_cache, v_cache, meta = random_step(DECODE_STEP, block_size, 1, group, head_dim, dtype, CPU, seed=5)
+    scale = head_dim**-0.5
+    ref = sdpa_reference(q, k, v, k_cache, v_cache, meta, scale)
+    out = interpreted.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale,
+                                      splits=splits)  # fmt: skip
+    assert out.dtype == dtype
+    assert max_err(out, ref) < TOL[dtype], f"max abs error {max_err(out, ref)}"
+    one = interpreted.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale)
+    if dtype == torch.float32:  # the same sums in another order
+        assert max_err(out, one) < 2e-6
+
+
+@needs_interpreter
+def test_interpreted_split_kv_computes_only_the_listed_rows(interpreted):
+    """With `rows`, only those rows of a mixed step are written (the decode rows of tiles.plan_rows)."""
+    step = [(299, 1), (0, 5), (40, 1)]
+    q, k, v, k_cache, v_cache, meta = random_step(step, 16, 2, 4, 32, torch.float32, CPU, seed=6)
+    ref = sdpa_reference(q, k, v, k_cache, v_cache, meta, 32**-0.5)
+    assert meta.decode_rows.tolist() == [0, 6]
+    out = torch.full_like(q, float("nan"))
+    interpreted.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, 32**-0.5, out,
+                                meta.decode_rows, splits=4)  # fmt: skip
+    assert max_err(out[[0, 6]], ref[[0, 6]]) < 1e-5
+    assert out[1:6].isnan().all()
+
+
+@needs_interpreter
+def test_interpreted_backend_decode_step_uses_splits(interpreted):
+    """A decode-only step through TritonPagedBackend (no prefill tiles: the CUDA-graph shape) splits
+    its one long row over the context and matches SDPA."""
+    backend = TritonPagedBackend()
+    q, k, v, k_cache, v_cache, meta = random_step([(700, 1)], 16, 1, 4, 64, torch.float32, CPU, seed=7)
+    assert meta.prefill_tiles is None and backend._splits(1, 1, CPU) == 8
+    kc, vc = k_cache.clone(), v_cache.clone()
+    out = backend.forward(q, k, v, k_cache, v_cache, meta, 0.125)
+    ref = SdpaBackend().forward(q, k, v, kc, vc, meta, 0.125)
+    assert max_err(out, ref) < 1e-5
+
+
+def test_num_splits_fills_the_machine_with_a_fixed_grid():
+    from aioffload.attention.paged_kernel import MAX_SPLITS, num_splits
+
+    sms = 132  # H100/H200
+    assert num_splits(1, 8, sms) == MAX_SPLITS == 32  # batch 1, Llama-3-8B: 8 x 32 = 256 programs
+    assert num_splits(4, 8, sms) == 8
+    assert num_splits(16, 8, sms) == 2
+    assert num_splits(17, 8, sms) == 1  # 136 programs already cover the SMs
+    assert num_splits(64, 8, sms) == 1
+    assert num_splits(1, 1, 4) == 8
+
+
+NUM_INTERPRETED_TESTS = len(CASES) + 3 + len(SPLIT_CASES) + 2
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the child process")
 def test_interpreter_cases():
     """Every interpreter test above, in a child pytest started with TRITON_INTERPRET=1."""
-    here = Path(__file__).resolve()
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "interpreted", str(here)],
-        cwd=here.parents[1], env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    passed = re.search(r"(\d+) passed", out)
-    assert passed and int(passed.group(1)) == NUM_INTERPRETED_TESTS, out[-6000:]
-    assert "skipped" not in out and "failed" not in out, out[-6000:]
+    run_interpreter_child(__file__, NUM_INTERPRETED_TESTS)
 
 
 # ---- the compiled kernel on a GPU ----
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA, no interpreter")
+@pytest.mark.parametrize("splits", [1, 8])
 @pytest.mark.parametrize(
     "step",
     [
@@ -210,18 +199,39 @@ def test_interpreter_cases():
     ],
 )
 @pytest.mark.parametrize("group, head_dim, block_size", [(4, 128, 16), (8, 64, 16), (1, 128, 32)])
-def test_cuda_kernel_matches_sdpa_bf16(step, group, head_dim, block_size):
+@gpu_only
+def test_cuda_kernel_matches_sdpa_bf16(step, group, head_dim, block_size, splits):
     from aioffload.attention import paged_kernel as compiled
+
     dev = torch.device("cuda")
     q, k, v, k_cache, v_cache, meta = random_step(step, block_size, 4, group, head_dim, torch.bfloat16, dev)
     scale = head_dim**-0.5
     native = SdpaBackend().forward(q, k, v, k_cache, v_cache, meta, scale)  # bf16 SDPA, writes K/V
     kc32, vc32 = k_cache.float(), v_cache.float()
     exact = SdpaBackend().forward(q.float(), k.float(), v.float(), kc32, vc32, meta, scale)
-    out = paged(compiled, q, k_cache, v_cache, meta, scale)
+    out = compiled.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale,
+                                   splits=splits)  # fmt: skip
     torch.cuda.synchronize()
     assert out.dtype == torch.bfloat16 and out.shape == q.shape
     assert max_err(out, exact) < 2e-2, f"vs float32 SDPA: {max_err(out, exact)}"
     assert max_err(out, native) < 3e-2, f"vs bfloat16 SDPA: {max_err(out, native)}"
     # The error is rounding, not a wrong key: it is far below what one misplaced key would cause.
     assert (out.float() - exact).abs().mean().item() < 2e-3
+
+
+@gpu_only
+def test_cuda_split_kv_at_32k_context_bf16():
+    """Batch-1 decode at 32k context, the case split-KV exists for, with the backend's split count."""
+    from aioffload.attention import paged_kernel as compiled
+
+    dev = torch.device("cuda")
+    q, k, v, k_cache, v_cache, meta = random_step([(32767, 1)], 16, 8, 4, 128, torch.bfloat16, dev, seed=9)
+    kc32, vc32 = k_cache.float(), v_cache.float()
+    exact = SdpaBackend().forward(q.float(), k.float(), v.float(), kc32, vc32, meta, 128**-0.5)
+    k_cache.copy_(kc32)
+    v_cache.copy_(vc32)
+    splits = TritonPagedBackend()._splits(1, 8, dev)
+    out = compiled.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, 128**-0.5,
+                                   splits=splits)  # fmt: skip
+    torch.cuda.synchronize()
+    assert splits == 32 and max_err(out, exact) < 1e-2

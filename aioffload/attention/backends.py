@@ -3,9 +3,9 @@
 Backends:
 - `sdpa`: gathers each sequence's blocks and calls scaled_dot_product_attention; runs
   anywhere, used on the CPU (CI).
-- `torch` (CUDA default): one Triton kernel (`paged_kernel.py`) that walks block tables
-  for every query row, prefill chunks and decode tokens alike; no Python loop over
-  sequences, and graph-capturable.
+- `torch` (CUDA default): Triton kernels that walk block tables, no Python loop over
+  sequences: prefill chunks in query tiles (`prefill_kernel.py`, FlashAttention-style),
+  decode rows split over the context (`paged_kernel.py`, flash-decoding; graph-capturable).
 - `xformers`: memory-efficient attention with a bottom-right causal block-diagonal bias;
   chosen only when a probe finds its CUDA kernels (our GPU image's wheel has none).
 
@@ -35,6 +35,10 @@ class AttentionMetadata:
     # last num_logits rows (speculative verification)
     query_lens: list[int]  # host copies for the eager, per-sequence paths
     seq_lens_host: list[int]
+    # Split between the Triton kernels (tiles.py). None: every row goes to the row-wise decode
+    # kernel (decode-only steps, such as the CUDA-graph runner's).
+    prefill_tiles: torch.Tensor | None = None  # [N, 4] int32: seq, first row, rows, first position
+    decode_rows: torch.Tensor | None = None  # [R] int32: rows of one-token sequences (with prefill_tiles)
 
 
 def write_kv(
@@ -103,15 +107,39 @@ class SdpaBackend(AttentionBackend):
 
 
 class TritonPagedBackend(AttentionBackend):
+    """Prefill chunks go to the tiled prefill kernel, one-token rows to the split-KV decode
+    kernel: two launches in a mixed step, one in a decode-only step (graph-capturable: its
+    grid depends on the number of rows only)."""
+
     name = "torch"
 
     def __init__(self) -> None:
-        from aioffload.attention import paged_kernel
+        from aioffload.attention import paged_kernel, prefill_kernel
 
-        self._kernel = paged_kernel.paged_attention
+        self._decode = paged_kernel
+        self._prefill = prefill_kernel.prefill_attention
+        self._num_sms: int | None = None
+
+    def _splits(self, num_rows: int, num_kv_heads: int, device: torch.device) -> int:
+        if self._num_sms is None:
+            cuda = device.type == "cuda"
+            sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else None
+            self._num_sms = sms or self._decode.CPU_SMS
+        return self._decode.num_splits(num_rows, num_kv_heads, self._num_sms)
 
     def attend(self, q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
-        return self._kernel(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale)
+        out = torch.empty_like(q)
+        rows = meta.decode_rows
+        if meta.prefill_tiles is not None:
+            self._prefill(q, k_cache, v_cache, meta.block_tables, meta.prefill_tiles, scale, out)
+            assert rows is not None, "prefill_tiles come with decode_rows (tiles.plan_rows)"
+        num_rows = q.shape[0] if rows is None else rows.shape[0]
+        if num_rows:
+            splits = self._splits(num_rows, k_cache.shape[2], q.device)
+            self._decode.paged_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale, out, rows, splits
+            )
+        return out
 
 
 class XformersBackend(AttentionBackend):

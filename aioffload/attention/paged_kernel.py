@@ -1,9 +1,19 @@
-"""Triton paged attention: every query row walks its sequence's block table.
+"""Triton row-wise paged attention with split-KV (flash-decoding): decode rows.
 
-One program per (query row, KV head) handles the whole GQA group of that head, with an
-online softmax over BLOCK_N keys at a time. Prefill chunks and decode tokens are the
-same thing here: a row sees `row_ctx` keys of sequence `row_seq`. Imported lazily (CUDA
-only); tests run it on the CPU under TRITON_INTERPRET=1.
+One program per (query row, KV head, split) handles the whole GQA group of that head, with
+an online softmax over BLOCK_N keys at a time. A row sees `row_ctx` keys of sequence
+`row_seq`; split i of num_splits takes the i-th slice of them (slices rounded up to
+BLOCK_N keys, so at short contexts the last splits are empty and contribute nothing).
+With num_splits > 1 the programs write partial (acc, max, sum) and a second kernel
+combines them; with 1 the program writes the output itself.
+
+The split count depends only on the number of rows and KV heads (`num_splits`), never on
+the context, so a captured CUDA graph replays the same grid at any context length. It is a
+runtime argument: one compiled kernel serves every batch bucket.
+
+Every row is computed correctly whatever its row_ctx (prefill rows too), but prefill chunks
+go to the tiled prefill kernel: a row here reads its whole context on its own. Imported
+lazily (CUDA only); tests run it on the CPU under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -12,20 +22,32 @@ import torch
 import triton
 import triton.language as tl
 
+from aioffload.attention.kernel_util import LOG2E, dot, dot_f32
+
+MAX_SPLITS = 32
+CPU_SMS = 4  # the interpreter has no SMs: a small figure, so CPU tests exercise several splits
+
 
 @triton.jit
 def _paged_attn_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, row_seq_ptr, row_ctx_ptr,
-    scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, row_seq_ptr, row_ctx_ptr, rows_ptr,
+    part_acc_ptr, part_ml_ptr,
+    qk_scale, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_ot, stride_oh,
     stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_ROWS: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0)
+    pid = tl.program_id(0)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + pid).to(tl.int64)
+    else:
+        row = pid.to(tl.int64)
     seq = tl.load(row_seq_ptr + row)
     ctx = tl.load(row_ctx_ptr + row)
     offs_g = tl.arange(0, GROUP_PAD)
@@ -34,30 +56,73 @@ def _paged_attn_kernel(
     g_mask = offs_g < GROUP
     heads = kvh * GROUP + offs_g
     q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
+    chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, ctx)
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-    for start in range(0, ctx, BLOCK_N):
+    bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
+    for start in range(lo, hi, BLOCK_N):
         t = start + offs_n
-        valid = t < ctx
-        blk = tl.load(bt_ptr + seq * stride_bt + t // BLOCK_SIZE, mask=valid, other=0)
+        valid = t < hi
+        blk = tl.load(bt_row_ptr + t // BLOCK_SIZE, mask=valid, other=0)
         base = blk.to(tl.int64) * stride_kb + (t % BLOCK_SIZE) * stride_ks + kvh * stride_kh
         k = tl.load(k_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [G, N]
+        s = dot(q, tl.trans(k), DOT_F32).to(tl.float32) * qk_scale  # [G, N], log2 units
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_F32).to(tl.float32)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(
-        o_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-        out.to(o_ptr.dtype.element_ty),
-        mask=g_mask[:, None],
-    )
+    if not SPLIT:
+        tl.store(
+            o_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+            (acc / l_i[:, None]).to(o_ptr.dtype.element_ty),
+            mask=g_mask[:, None],
+        )
+    else:
+        # Partials [R, Hq, num_splits, D] and [R, Hq, num_splits, 2]; an empty split stores (0, -inf, 0).
+        slot = (pid * GROUP * tl.num_programs(1) + heads) * num_splits + split  # [G]
+        tl.store(part_acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=g_mask[:, None])
+        tl.store(part_ml_ptr + slot * 2, m_i, mask=g_mask)
+        tl.store(part_ml_ptr + slot * 2 + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def _combine_kernel(
+    o_ptr, rows_ptr, part_acc_ptr, part_ml_ptr,
+    num_splits,
+    stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, HAS_ROWS: tl.constexpr,
+):  # fmt: skip
+    """out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i over the splits of one (row, head)."""
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + pid).to(tl.int64)
+    else:
+        row = pid.to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    s_mask = offs_s < num_splits
+    slot = (pid * tl.num_programs(1) + head) * num_splits + offs_s  # [S]
+    m = tl.load(part_ml_ptr + slot * 2, mask=s_mask, other=float("-inf"))
+    lsum = tl.load(part_ml_ptr + slot * 2 + 1, mask=s_mask, other=0.0)
+    acc = tl.load(part_acc_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    w = tl.exp2(m - tl.max(m, axis=0))  # [S]; split 0 is never empty, so the max is finite
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)  # [D]
+    tl.store(o_ptr + row * stride_ot + head * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+
+
+def num_splits(num_rows: int, num_kv_heads: int, num_sms: int) -> int:
+    """Splits per (row, KV head): enough programs for ~2 waves over the SMs, a power of two,
+    at most MAX_SPLITS; 1 once rows x heads alone fill the machine."""
+    want = 2 * num_sms // max(1, num_rows * num_kv_heads)
+    return 1 if want < 2 else min(MAX_SPLITS, 1 << (want.bit_length() - 1))
 
 
 def paged_attention(
@@ -68,20 +133,41 @@ def paged_attention(
     row_seq: torch.Tensor,  # [T] int32
     row_ctx: torch.Tensor,  # [T] int32, >= 1
     scale: float,
+    out: torch.Tensor | None = None,  # [T, Hq, D]; only the rows computed are written
+    rows: torch.Tensor | None = None,  # [R] int32: compute only these rows (None: every row)
+    splits: int = 1,
 ) -> torch.Tensor:  # [T, Hq, D]
-    t, hq, d = q.shape
+    hq, d = q.shape[1], q.shape[2]
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
-    _paged_attn_kernel[(t, hkv)](
-        q, k_cache, v_cache, out, block_tables, row_seq, row_ctx,
-        scale,
+    r = q.shape[0] if rows is None else rows.shape[0]
+    if r == 0:
+        return out
+    assert 1 <= splits <= MAX_SPLITS, f"splits must be in 1..{MAX_SPLITS}, got {splits}"
+    if splits > 1:
+        part_acc = torch.empty(r, hq, splits, d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(r, hq, splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
+    _paged_attn_kernel[(r, hkv, splits)](
+        q, k_cache, v_cache, out, block_tables, row_seq, row_ctx, rows if rows is not None else row_seq,
+        part_acc, part_ml,
+        scale * LOG2E, splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
-        BLOCK_SIZE=block_size, BLOCK_N=64,
+        BLOCK_SIZE=block_size, BLOCK_N=64, SPLIT=splits > 1, HAS_ROWS=rows is not None,
+        DOT_F32=dot_f32(q),
     )  # fmt: skip
+    if splits > 1:
+        _combine_kernel[(r, hq)](
+            out, rows if rows is not None else row_seq, part_acc, part_ml,
+            splits,
+            out.stride(0), out.stride(1),
+            HEAD_DIM=d, SPLITS_PAD=MAX_SPLITS, HAS_ROWS=rows is not None,
+        )  # fmt: skip
     return out

@@ -1,4 +1,4 @@
-"""`aioffload bench latency | throughput | offload | speculative`: benchmark scripts (never timed tests)."""
+"""`aioffload bench latency | throughput | offload | speculative | prefill`: benchmark scripts (never timed tests)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from collections.abc import Callable
 def add_bench_parsers(
     sub: argparse._SubParsersAction, add_engine_args: Callable[[argparse.ArgumentParser], None]
 ) -> None:
-    from aioffload.bench import latency, offload, speculative, throughput
+    from aioffload.bench import latency, offload, prefill, speculative, throughput
 
-    bench = sub.add_parser("bench", help="benchmarks: latency, throughput, offload, speculative")
+    bench = sub.add_parser("bench", help="benchmarks: latency, throughput, offload, speculative, prefill")
     kinds = bench.add_subparsers(dest="bench", required=True)
-    for mod in (latency, throughput, offload, speculative):
+    for mod in (latency, throughput, offload, speculative, prefill):
         p = kinds.add_parser(mod.NAME, help=mod.__doc__.splitlines()[0] if mod.__doc__ else None)
         add_engine_args(p)
         mod.add_args(p)

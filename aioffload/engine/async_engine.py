@@ -79,6 +79,7 @@ class Engine:
 
     def _configure_offload_batching(self) -> None:
         self.scheduler.token_budget = self.worker.token_budget
+        self.scheduler.step_cost = self.worker.step_cost  # bounds prefill beside decodes (None on the CPU)
         self.hold_s = self.config.scheduler.offload_hold_ms / 1e3 if self.worker.offload_active else 0.0
         if self.worker.offload_active:
             log.info(

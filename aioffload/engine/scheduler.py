@@ -24,11 +24,15 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from aioffload.attention.kv_cache import BlockManager
 from aioffload.config import SchedulerConfig
 from aioffload.engine.request import Request, RequestStatus
 from aioffload.engine.speculative import Speculation
+
+if TYPE_CHECKING:
+    from aioffload.worker.step_cost import StepCost
 
 
 @dataclass(frozen=True)
@@ -56,7 +60,9 @@ class Scheduler:
     """FCFS continuous-batching scheduler over a paged KV cache; never touches tensors.
 
     `token_budget` (tokens per step) is a plain attribute: offload-aware sizing may change
-    it between steps. It must stay >= 1.
+    it between steps. It must stay >= 1. `step_cost` (None: no bound) bounds what long
+    prompts' chunks take of a step that also carries decoding requests, so their
+    inter-token latency stays within `step_cost.itl_factor` x a decode-only step.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.token_budget = token_budget if token_budget is not None else config.max_num_batched_tokens
         self.speculation = speculation
+        self.step_cost: StepCost | None = None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # admission order: the last one is the newest
         self._requests: dict[str, Request] = {}  # every unfinished request, by id
@@ -129,11 +136,15 @@ class Scheduler:
         scheduled: dict[str, int] = {}
         requests: list[Request] = []
         preempted: list[str] = []
+        prefill = _PrefillShare(self.running, self.step_cost)
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            n = prefill.take(request, budget)
+            if n == 0:  # a prefill chunk waits: this step's prefill share is spent
+                i += 1
+                continue
             if not self._allocate_or_preempt(request, n, preempted):
                 break  # it preempted itself, so it was the last one
             scheduled[request.request_id] = n
@@ -143,8 +154,8 @@ class Scheduler:
 
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + n):
+            n = prefill.take(request, budget)
+            if n == 0 or not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + n):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -273,6 +284,37 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self._requests[request.request_id]
+
+
+class _PrefillShare:
+    """How many tokens each request gets in one schedule() call.
+
+    A decoding request (one token left to compute) gets its token. With a step cost and
+    anyone decoding, the chunks of long prompts (those that would not fit in one step's
+    prefill share, `StepCost.prefill_budget_s`) share that compute, each the most that
+    fits from its position; the first gets at least one token, so a long prompt progresses
+    every step. Short prompts go whole, as when nobody is decoding: a chunk takes what
+    budget is left.
+    """
+
+    def __init__(self, running: list[Request], cost: StepCost | None) -> None:
+        decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
+        self.cost = cost if decoding else None
+        self.share_s = cost.prefill_budget_s() if cost is not None else 0.0
+        self.seconds = self.share_s  # what the long prompts' chunks have left this step
+        self.first = True
+
+    def take(self, request: Request, budget: int) -> int:
+        """Tokens for `request` (budget >= 1); 0 when its chunk must wait for a later step."""
+        left = request.num_tokens - request.num_computed_tokens
+        n = min(left, budget)
+        start = request.num_computed_tokens
+        if left > 1 and self.cost is not None and self.cost.max_chunk(start, self.share_s) < left:
+            n = min(n, self.cost.max_chunk(start, self.seconds))
+            n = max(n, 1) if self.first else n
+            self.seconds -= self.cost.chunk_s(n, start)
+            self.first = self.first and n == 0
+        return n
 
 
 def should_hold(now: float, newest_arrival: float | None, num_running: int, max_num_seqs: int, hold_s: float) -> bool:

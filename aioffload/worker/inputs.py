@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from aioffload.attention.backends import AttentionMetadata
+from aioffload.attention.tiles import plan_rows
 
 
 @dataclass(frozen=True)
@@ -74,4 +75,8 @@ def build_inputs(chunks: Sequence[SeqChunk], block_size: int, device: torch.devi
         query_lens=qlens,
         seq_lens_host=slens,
     )
+    if any(n > 1 for n in qlens):  # a prefill chunk: the tiled kernel takes it (decode-only steps need nothing)
+        tiles, decode_rows = plan_rows(qlens, [c.start for c in chunks])
+        meta.prefill_tiles = t(tiles, torch.int32)
+        meta.decode_rows = t(decode_rows, torch.int32)
     return StepInputs(t(ids, torch.int64), t(pos, torch.int64), meta)

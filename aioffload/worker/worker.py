@@ -7,6 +7,7 @@ captures CUDA graphs when every weight is resident. Each decision is logged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -17,7 +18,6 @@ from aioffload.attention.backends import select_backend
 from aioffload.attention.kv_cache import KVCache, kv_bytes_per_block
 from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
 from aioffload.config import ConfigError, EngineConfig
-from aioffload.offload.batching import offload_token_budget
 from aioffload.offload.placement import Placement, estimate_activation_bytes, plan_placement
 from aioffload.offload.transfer_queue import TransferQueue
 from aioffload.worker.cuda_graphs import CudaGraphRunner
@@ -28,12 +28,9 @@ from aioffload.worker.model_loader import build_model
 from aioffload.worker.outputs import StepOutput
 from aioffload.worker.rejection import verify
 from aioffload.worker.sampling import SamplingParams, sample_tokens
+from aioffload.worker.step_cost import StepCost, measure_dense_flops, predict_step_cost, time_decode_step
 
 log = logging.getLogger("aioffload.worker")
-
-# Dense matmul rate counted on when sizing offloaded steps: ~40% of an H100/H200's bf16
-# peak (790 TFLOP/s measured), conservative because small-batch matmuls run below peak.
-DENSE_FLOPS_COUNTED = 300e12
 
 
 def pick_device(requested: str) -> torch.device:
@@ -98,11 +95,14 @@ class Worker:
         self.copy_floor_s = self.offload_bytes_per_step / self.h2d_bytes_per_s
         # Known before KV sizing, so the warm-up step profiles the largest step that will run.
         self.token_budget = sched.max_num_batched_tokens
-        if self.offload_active:
-            params = (self.placement.gpu_weight_bytes + self.placement.host_weight_bytes) // elem
-            self.token_budget = offload_token_budget(
-                sched.max_num_batched_tokens, self.copy_floor_s, params, DENSE_FLOPS_COUNTED if cuda else 0.0
-            )
+        self.step_cost: StepCost | None = None  # CUDA: measured; the scheduler sizes prefill chunks from it
+        if cuda:
+            flops = measure_dense_flops(self.device, self.dtype, mcfg.hidden_size, mcfg.intermediate_size)
+            exposed = len(self.placement.resident_layers) / mcfg.num_layers if self.offload_active else 1.0
+            self.step_cost = predict_step_cost(mcfg, self.placement.layer_bytes // elem, flops, self.copy_floor_s,
+                                               exposed)  # fmt: skip
+            if self.offload_active:
+                self.token_budget = self.step_cost.prefill_token_budget(sched.max_num_batched_tokens)
         self.num_blocks = self._size_kv_cache(total, elem)
         self.kv = KVCache(
             mcfg.num_layers, self.num_blocks, self.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype, self.device
@@ -124,6 +124,9 @@ class Worker:
             log.info("CUDA graphs: on (every weight resident; captured in %.1f s)", time.perf_counter() - t)
         else:
             log.info("CUDA graphs: off (%s)", reason)
+        if self.step_cost is not None:
+            self.step_cost = dataclasses.replace(self.step_cost, decode_s=time_decode_step(self))
+            log.info("step cost: %s", self.step_cost.describe())
 
     def _load_draft(self, ckpt: Checkpoint) -> DraftModel | None:
         """The --speculative draft model, fully resident; refused unless it shares the target's vocabulary."""
