@@ -9,6 +9,7 @@ The KV cache then takes what is left up to `gpu_memory_utilization x device_tota
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,6 +94,10 @@ class _Budget:
     block_size: int
     h2d: float
     hbm: float
+    fixed_kv_blocks: int | None = None  # a KV pool of this size whatever memory is left (CPU, --num-kv-blocks)
+    predict_throughput: bool = True  # False on the CPU: auto names no tok/s figure it cannot back
+    reserve_per_token: int = 0  # activation bytes per batched token, when the reserve is the estimate (advice)
+    reserve_tokens: int = 0  # the batched tokens that estimate is for
 
     @property
     def usable(self) -> float:
@@ -156,13 +161,21 @@ def plan_placement(
     h2d_bytes_per_s: float,
     activation_bytes: int | None = None,
     hbm_bytes_per_s: float = HBM_BYTES_PER_S,
+    fixed_kv_blocks: int | None = None,
+    predict_throughput: bool = True,
 ) -> Placement:
     """Place weights per DESIGN.md section 3; raise ConfigError (saying what to change) when the
-    plan leaves no KV room for one `max_model_len` sequence."""
+    plan leaves no KV room for one `max_model_len` sequence.
+
+    `fixed_kv_blocks`: the KV pool has this many blocks whatever memory is left (the CPU's
+    --cpu-kv-cache-gb, or --num-kv-blocks); the memory check still applies to the weights.
+    `predict_throughput=False` (the CPU): trigger auto states no tokens/s figure."""
+    per_token = 0
     if activation_bytes is None:
         activation_bytes = estimate_activation_bytes(
             model, dtype_bytes, sched.max_num_batched_tokens, sched.max_num_seqs
         )
+        per_token = estimate_activation_bytes(model, dtype_bytes, 1, 0) - _WORKSPACE_BYTES
     vocab_bytes = model.vocab_size * model.hidden_size * dtype_bytes
     b = _Budget(
         num_layers=model.num_layers,
@@ -181,22 +194,51 @@ def plan_placement(
         block_size=cache.block_size,
         h2d=h2d_bytes_per_s,
         hbm=hbm_bytes_per_s,
+        fixed_kv_blocks=fixed_kv_blocks,
+        predict_throughput=predict_throughput,
+        reserve_per_token=per_token,
+        reserve_tokens=sched.max_num_batched_tokens,
     )
     trigger, host_gb, util = offload.trigger, offload.cpu_offload_gb, cache.gpu_memory_utilization
     if host_gb is not None and trigger != 1.0:
         raise ConfigError("--cpu-offload-gb and --trigger both say how much to offload: give only one")
-    if trigger == "auto":
-        p = _plan_auto(b, max_model_len, sched.max_num_seqs)
-    elif host_gb is not None:
-        p = _plan_host_gb(b, host_gb)
-    else:
+    if trigger != "auto" and host_gb is None:
         _check_trigger(float(trigger), util)
-        p = _plan_trigger(b, float(trigger))
+    p = _place(b, offload, max_model_len, sched.max_num_seqs)
     if p.kv_tokens < max_model_len:
         raise _no_room(b, p, offload, max_model_len)
     if trigger == "auto":
         _check_trigger(p.trigger, util)  # a valid plan is always below; stated for the record
+    if fixed_kv_blocks is not None:
+        p = dataclasses.replace(p, kv_blocks=fixed_kv_blocks)
+        if p.kv_tokens < max_model_len:
+            raise _fixed_pool_too_small(cache, fixed_kv_blocks, max_model_len, b.kv_block_bytes)
     return p
+
+
+def _place(b: _Budget, offload: OffloadConfig, max_model_len: int, max_num_seqs: int) -> Placement:
+    """The split the offload flags ask for (KV blocks from memory; validity is the caller's)."""
+    if offload.trigger == "auto":
+        return _plan_auto(b, max_model_len, max_num_seqs)
+    if offload.cpu_offload_gb is not None:
+        return _plan_host_gb(b, offload.cpu_offload_gb)
+    return _plan_trigger(b, float(offload.trigger))
+
+
+def _fixed_pool_too_small(cache: CacheConfig, blocks: int, max_model_len: int, block_bytes: int) -> ConfigError:
+    need = -(-max_model_len // cache.block_size)
+    if cache.num_blocks is not None:
+        return ConfigError(
+            f"--num-kv-blocks {blocks} holds {blocks * cache.block_size} tokens, fewer than one --max-model-len "
+            f"{max_model_len} sequence: give --num-kv-blocks {need} or more, or --max-model-len "
+            f"{blocks * cache.block_size} or less"
+        )
+    gb = math.ceil(need * block_bytes / 1e6) / 1e3  # GB, rounded up to the MB
+    return ConfigError(
+        f"--cpu-kv-cache-gb {cache.cpu_kv_cache_gb:g} holds {blocks * cache.block_size} tokens, fewer than one "
+        f"--max-model-len {max_model_len} sequence ({_gb(need * block_bytes)}): give --cpu-kv-cache-gb {gb:g} or "
+        f"more, or --max-model-len {blocks * cache.block_size} or less"
+    )
 
 
 def _check_trigger(trigger: float, util: float) -> None:
@@ -241,11 +283,15 @@ def _plan_host_gb(b: _Budget, host_gb: float) -> Placement:
 
 
 def _plan_auto(b: _Budget, max_model_len: int, max_num_seqs: int) -> Placement:
-    """Pick the resident count maximising seqs / step for `max_num_seqs` full-length sequences."""
+    """Pick the resident count maximising seqs / step for `max_num_seqs` full-length sequences;
+    a step costs at least the copy floor and one read of the GPU's weights at `b.hbm`."""
+    pool = None if b.fixed_kv_blocks is None else b.fixed_kv_blocks * b.block_size
     scored = []  # (tok/s, resident, seqs, step_s)
     for r in range(b.num_layers + 1):
         p = b.build(r)
-        seqs = min(max_num_seqs, p.kv_tokens // max_model_len)
+        if p.kv_tokens < max_model_len:  # no memory left for one sequence's KV
+            continue
+        seqs = min(max_num_seqs, (p.kv_tokens if pool is None else pool) // max_model_len)
         if seqs >= 1:
             step = max(p.host_layer_bytes / b.h2d, p.gpu_weight_bytes / b.hbm)
             scored.append((seqs / step, r, seqs, step))
@@ -253,12 +299,13 @@ def _plan_auto(b: _Budget, max_model_len: int, max_num_seqs: int) -> Placement:
         return b.build(0, None, "auto: no split leaves KV room for one sequence")  # rejected by the caller
     scored.sort(reverse=True)  # equal throughput: more resident layers first
     tput, r, seqs, step = scored[0]
-    reason = (
-        f"auto: {r} of {b.num_layers} layers resident -> {seqs} seqs x {max_model_len} tokens, "
-        f"step {step * 1e3:.1f} ms, predicted {tput:.0f} tok/s"
-    )
+    reason = f"auto: {r} of {b.num_layers} layers resident -> {seqs} seqs x {max_model_len} tokens"
+    if not b.predict_throughput:
+        return b.build(r, None, f"{reason} (no tok/s prediction on the CPU: its steps are bound by its compute, "
+                                "which the plan does not model)")  # fmt: skip
+    reason += f", step >= {_duration(step)}, predicted <= {tput:.0f} tok/s"
     if len(scored) > 1:
-        reason += f"; runner-up {scored[1][1]} resident: {scored[1][0]:.0f} tok/s"
+        reason += f"; runner-up {scored[1][1]} resident: <= {scored[1][0]:.0f} tok/s"
     return b.build(r, None, reason)
 
 
@@ -309,13 +356,62 @@ def _no_room(b: _Budget, p: Placement, offload: OffloadConfig, max_model_len: in
             f"{p.kv_tokens} tokens, fewer than --max-model-len {max_model_len} ({_gb(one_seq)})"
         )
     if t is None and host_gb is None:
-        most = b.build(0).kv_tokens  # every layer on the host: the smallest GPU footprint
-        limit = f" (this plan holds {p.kv_tokens} tokens, {most} with every layer on the host)" if most else ""
-        return ConfigError(
-            f"{msg}; even with every decoder layer on the host there is no room: lower --max-model-len"
-            f"{limit} or raise --gpu-memory-utilization"
-        )
+        return ConfigError(f"{msg}; {_all_on_host_fixes(b, p, max_model_len, one_seq)}")
     return ConfigError(f"{msg}; try {' or '.join(fixes)}")
+
+
+def _all_on_host_fixes(b: _Budget, p: Placement, max_model_len: int, one_seq: int) -> str:
+    """When no split works: what memory must hold with every layer on the host, and each change
+    that makes that plan valid (each one checked, not guessed)."""
+    base = b.gpu_weights(0) + b.ring(0)
+    need = base + b.activation_bytes + one_seq
+    reserve = f"the {_gb(b.activation_bytes)} activation reserve"
+    if b.reserve_per_token:
+        fixed = b.activation_bytes - b.reserve_per_token * b.reserve_tokens
+        reserve += f" ({_gb(fixed)} of it workspace and logits, the rest for {b.reserve_tokens} batched tokens)"
+    head = (
+        f"even with every decoder layer on the host, {_gb(b.usable)} ({b.utilization:g} x {_gb(b.total)}) must "
+        f"hold {_gb(base)} of weights and prefetch ring, {reserve} and {_gb(one_seq)} of KV for one "
+        f"{max_model_len}-token sequence ({_gb(need)})"
+    )
+    fixes = []
+    most = b.build(0).kv_tokens
+    if most > 0:
+        fixes.append(f"lower --max-model-len (this plan holds {p.kv_tokens} tokens, {most} with every layer on the "
+                     f"host: --trigger 0 --max-model-len {most})")  # fmt: skip
+    util = math.ceil(need / b.total * 100) / 100
+    if util <= 1.0 and dataclasses.replace(b, utilization=util).build(0).kv_tokens >= max_model_len:
+        fixes.append(f"--trigger 0 --gpu-memory-utilization {util:g}")
+    if b.reserve_per_token:  # the reserve is the estimate: fewer batched tokens shrink it
+        fixed = b.activation_bytes - b.reserve_per_token * b.reserve_tokens
+        tokens = math.floor((b.usable - base - one_seq - fixed) / b.reserve_per_token)
+        tokens = tokens // 16 * 16 if tokens >= 16 else tokens
+        smaller = dataclasses.replace(b, activation_bytes=fixed + tokens * b.reserve_per_token)
+        if 1 <= tokens < b.reserve_tokens and smaller.build(0).kv_tokens >= max_model_len:
+            fixes.append(f"--trigger 0 --max-num-batched-tokens {tokens}")
+    card = _round_up_2(need / b.utilization / 1e9)
+    fixes.append(f"a card of at least {card:g} GB (--trigger 0 --gpu-memory-gb {card:g} plans for one)")
+    return f"{head}: {' or '.join(fixes)}"
+
+
+def _round_up_2(x: float) -> float:
+    """x rounded up to two significant digits (0.3394 -> 0.34, 123.4 -> 130)."""
+    if x <= 0:
+        return 0.0
+    scale = 10 ** (math.floor(math.log10(x)) - 1)
+    return math.ceil(round(x / scale, 9)) * scale
+
+
+def _trigger_text(p: Placement, stand_in: bool) -> str:
+    if p.trigger >= 1.0:
+        return "1.0 (offload off)"
+    if stand_in:
+        return "none applies on the CPU (no device memory to fill)"
+    return f"{p.trigger:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
 
 
 def _span(layers: Sequence[int]) -> str:
@@ -323,7 +419,10 @@ def _span(layers: Sequence[int]) -> str:
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
+    """GB with two decimals from 0.1 GB up; smaller figures in MB, kB or bytes (never "0.00 GB")."""
+    if n == 0:
+        return "0 GB"
+    return f"{n / 1e9:.2f} GB" if n >= 0.1e9 else _size(n)
 
 
 def _size(n: float) -> str:
@@ -333,8 +432,11 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def format_plan(p: Placement, model: ModelConfig, block_size: int) -> str:
-    """The text `aioffload plan` prints: one row per run of layers in one place, then totals."""
+def format_plan(
+    p: Placement, model: ModelConfig, block_size: int, on_cpu: bool = False, stand_in: bool = False
+) -> str:
+    """The text `aioffload plan` prints: one row per run of layers in one place, then totals.
+    `on_cpu`: the worker computes on the CPU; `stand_in`: the device total is the CPU's no-limit figure."""
     dtype_bytes = p.layer_bytes // layer_layout(model).numel
     vocab_bytes = model.vocab_size * model.hidden_size * dtype_bytes
     rows = [("embed_tokens", "host" if p.embed_on_host else "GPU", "", _size(vocab_bytes))]
@@ -350,11 +452,11 @@ def format_plan(p: Placement, model: ModelConfig, block_size: int) -> str:
     kv_tokens = p.kv_blocks * block_size
     if p.offload_active:
         floor = (
-            f"{p.predicted_step_floor_s * 1e3:.1f} ms per decode step "
+            f"{_duration(p.predicted_step_floor_s)} per decode step "
             f"({_gb(p.host_layer_bytes)} at {p.h2d_bytes_per_s / 1e9:.1f} GB/s host->GPU)"
         )
     else:
-        floor = "no offload: step bound by HBM"
+        floor = "no offload: step bound by " + ("the CPU's compute" if on_cpu else "HBM")
     lines += [
         f"GPU weights      {_gb(p.gpu_weight_bytes)} ({len(p.resident_layers)} of {model.num_layers} layers)",
         f"host weights     {_gb(p.host_weight_bytes)} (pinned; {len(p.offloaded_layers)} layers)",
@@ -362,9 +464,9 @@ def format_plan(p: Placement, model: ModelConfig, block_size: int) -> str:
         f"activations      {_gb(p.activation_bytes)} reserved",
         f"KV cache         {p.kv_blocks} blocks x {block_size} tokens = {kv_tokens} tokens "
         f"({_gb(p.kv_blocks * p.kv_block_bytes)})",
-        f"device           {_gb(p.device_total_bytes)}",
+        f"device           {_gb(p.device_total_bytes)}{' stand-in (no limit on the CPU)' if stand_in else ''}",
         f"step floor       {floor}",
-        f"trigger          {'1.0 (offload off)' if p.trigger >= 1.0 else f'{p.trigger:.3g}'}",
+        f"trigger          {_trigger_text(p, stand_in)}",
         f"reason           {p.reason}",
     ]
     return "\n".join(lines)

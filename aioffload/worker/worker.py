@@ -18,7 +18,8 @@ from aioffload.attention.kv_cache import KVCache, kv_bytes_per_block
 from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
 from aioffload.config import ConfigError, EngineConfig
 from aioffload.offload.batching import offload_token_budget
-from aioffload.offload.placement import Placement, estimate_activation_bytes, plan_placement
+from aioffload.offload.device import device_facts, fixed_kv_blocks, pick_device, place
+from aioffload.offload.placement import Placement
 from aioffload.offload.transfer_queue import TransferQueue
 from aioffload.worker.cuda_graphs import CudaGraphRunner
 from aioffload.worker.inputs import SeqChunk, build_inputs
@@ -30,28 +31,6 @@ log = logging.getLogger("aioffload.worker")
 # Dense matmul rate counted on when sizing offloaded steps: ~40% of an H100/H200's bf16
 # peak (790 TFLOP/s measured), conservative because small-batch matmuls run below peak.
 DENSE_FLOPS_COUNTED = 300e12
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def measure_h2d_bytes_per_s(device: torch.device, nbytes: int = 256 << 20) -> float:
-    """Pinned host -> device copy bandwidth, measured with events after a warm-up copy."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dev.copy_(host, non_blocking=True)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(4):
-        dev.copy_(host, non_blocking=True)
-    end.record()
-    end.synchronize()
-    return 4 * nbytes / (start.elapsed_time(end) / 1e3)
 
 
 class Worker:
@@ -66,17 +45,9 @@ class Worker:
         self.block_size = config.cache.block_size
         self.attention = select_backend(config.attention_backend, self.device)
         elem = torch.empty((), dtype=self.dtype).element_size()
-        self.h2d_bytes_per_s = (
-            config.offload.h2d_gbps * 1e9
-            if config.offload.h2d_gbps
-            else (measure_h2d_bytes_per_s(self.device) if cuda else 25e9)
-        )
-        total = self._device_total_bytes()
-        sched = config.scheduler
-        self.placement: Placement = plan_placement(
-            mcfg, elem, config.offload, config.cache, sched, self.max_model_len, total, self.h2d_bytes_per_s,
-            estimate_activation_bytes(mcfg, elem, sched.max_num_batched_tokens, sched.max_num_seqs),
-        )  # fmt: skip
+        facts = device_facts(config, self.device)  # the same figures `aioffload plan` prints
+        self.h2d_bytes_per_s, total, sched = facts.h2d_bytes_per_s, facts.total_bytes, config.scheduler
+        self.placement: Placement = place(config, mcfg, elem, self.max_model_len, facts)
         log.info("placement: %s", self.placement.reason)
         self.model, self.layers = build_model(
             ckpt, self.dtype, self.device, self.attention, self.max_model_len,
@@ -113,14 +84,6 @@ class Worker:
         else:
             log.info("CUDA graphs: off (%s)", reason)
 
-    def _device_total_bytes(self) -> int:
-        gb = self.config.offload.gpu_memory_gb
-        if gb is not None:
-            return int(gb * 1e9)
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_properties(self.device).total_memory
-        return 1 << 40  # CPU: memory fractions mean nothing unless --gpu-memory-gb emulates a card
-
     def _graph_decision(self) -> str | None:
         """None when graphs should be captured, else why not."""
         if self.device.type != "cuda":
@@ -137,10 +100,9 @@ class Worker:
         cfg, mcfg = self.config, self.model_config
         block_bytes = kv_bytes_per_block(mcfg.num_layers, self.block_size, mcfg.num_kv_heads, mcfg.head_dim, elem)
         need = -(-self.max_model_len // self.block_size)
-        if cfg.cache.num_blocks is not None:
-            blocks = cfg.cache.num_blocks
-        elif self.device.type != "cuda":
-            blocks = int(cfg.cache.cpu_kv_cache_gb * 1e9 // block_bytes)
+        fixed = fixed_kv_blocks(cfg, self.device, block_bytes)
+        if fixed is not None:
+            blocks = fixed
         else:
             peak = self._profile_peak_bytes()
             budget = cfg.cache.gpu_memory_utilization * total - peak
