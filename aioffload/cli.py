@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
@@ -161,6 +162,8 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # numpy is not a runtime dependency; torch warns at import when it is absent. Nothing here uses it.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:  # configuration: every error is one line and exit status 2, before anything starts
