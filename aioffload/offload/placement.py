@@ -459,7 +459,8 @@ def format_plan(
         floor = "no offload: step bound by " + ("the CPU's compute" if on_cpu else "HBM")
     lines += [
         f"GPU weights      {_gb(p.gpu_weight_bytes)} ({len(p.resident_layers)} of {model.num_layers} layers)",
-        f"host weights     {_gb(p.host_weight_bytes)} (pinned; {len(p.offloaded_layers)} layers)",
+        f"host weights     {_gb(p.host_weight_bytes)} ({'host memory' if on_cpu else 'pinned'}; "
+        f"{len(p.offloaded_layers)} layers)",
         f"prefetch ring    {_gb(p.ring_bytes)} ({p.ring_slots} slots)",
         f"activations      {_gb(p.activation_bytes)} reserved",
         f"KV cache         {p.kv_blocks} blocks x {block_size} tokens = {kv_tokens} tokens "
