@@ -67,8 +67,16 @@ def test_plan_is_the_plan_the_worker_makes(capsys: pytest.CaptureFixture[str]) -
 
 
 @needs_no_gpu
-def test_trigger_auto_on_the_cpu_predicts_no_throughput(capsys: pytest.CaptureFixture[str]) -> None:
-    out = plan_text(["--trigger", "auto"], capsys)
+def test_device_cpu_plans_without_a_size(capsys: pytest.CaptureFixture[str]) -> None:
+    out = plan_text(["--device", "cpu"], capsys)
+    assert "device           CPU (no CUDA device)" in out
+    assert "step floor       no offload: step bound by the CPU's compute" in out
+
+
+@needs_no_gpu
+@pytest.mark.parametrize("card", [[], ["--gpu-memory-gb", "0.5"]], ids=["stand-in", "emulated card"])
+def test_trigger_auto_on_the_cpu_predicts_no_throughput(card: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    out = plan_text(["--trigger", "auto", *card], capsys)
     # KV from --cpu-kv-cache-gb: 61024 tokens hold 59 sequences of 1024, not the 64 a 1 TiB stand-in would.
     assert ("reason           auto: 4 of 4 layers resident -> 59 seqs x 1024 tokens (no tok/s prediction on the "
             "CPU: its steps are bound by its compute, which the plan does not model)") in out  # fmt: skip
