@@ -12,7 +12,7 @@ from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
 from aioffload.cli import DEMO_MODEL, engine_config, main
 from aioffload.model.layout import layer_layout
 from aioffload.offload.device import CPU_STAND_IN_BYTES, device_facts, place
-from aioffload.offload.placement import _gb, _round_up_2
+from aioffload.offload.units import gb, round_up_2
 from aioffload.worker.worker import Worker
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only plan")
@@ -139,9 +139,9 @@ def test_cpu_kv_pool_too_small_for_one_sequence(capsys: pytest.CaptureFixture[st
     [(0, "0 GB"), (1e3, "1.0 kB"), (16.8e6, "16.8 MB"), (99.9e6, "99.9 MB"), (0.1e9, "0.10 GB"), (14.19e9, "14.19 GB")],
 )
 def test_units_adapt_below_a_tenth_of_a_gb(n: float, text: str) -> None:
-    assert _gb(n) == text
+    assert gb(n) == text
 
 
 @pytest.mark.parametrize("x, up", [(0.3394, 0.34), (0.38, 0.38), (123.4, 130.0), (0.0201, 0.021)])
 def test_round_up_to_two_digits(x: float, up: float) -> None:
-    assert _round_up_2(x) == pytest.approx(up)
+    assert round_up_2(x) == pytest.approx(up)

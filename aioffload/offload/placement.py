@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aioffload.attention.kv_cache import kv_bytes_per_block
 from aioffload.config import CacheConfig, ConfigError, ModelConfig, OffloadConfig, SchedulerConfig
 from aioffload.model.layout import layer_layout
+from aioffload.offload.advice import fixed_pool_too_small, no_room
+from aioffload.offload.units import duration as _duration
+from aioffload.offload.units import gb as _gb
+from aioffload.offload.units import size as _size
+from aioffload.offload.units import span as _span
 
 HBM_BYTES_PER_S = 3.0e12  # device-memory bandwidth assumed by trigger "auto" (H100/H200 class)
-_TRIGGER_STEPS = 20  # suggested triggers are multiples of 1/20 = 0.05
 _WORKSPACE_BYTES = 256 << 20
 
 
@@ -206,13 +209,13 @@ def plan_placement(
         _check_trigger(float(trigger), util)
     p = _place(b, offload, max_model_len, sched.max_num_seqs)
     if p.kv_tokens < max_model_len:
-        raise _no_room(b, p, offload, max_model_len)
+        raise no_room(b, p, offload, max_model_len)
     if trigger == "auto":
         _check_trigger(p.trigger, util)  # a valid plan is always below; stated for the record
     if fixed_kv_blocks is not None:
         p = dataclasses.replace(p, kv_blocks=fixed_kv_blocks)
         if p.kv_tokens < max_model_len:
-            raise _fixed_pool_too_small(cache, fixed_kv_blocks, max_model_len, b.kv_block_bytes)
+            raise fixed_pool_too_small(cache, fixed_kv_blocks, max_model_len, b.kv_block_bytes)
     return p
 
 
@@ -223,22 +226,6 @@ def _place(b: _Budget, offload: OffloadConfig, max_model_len: int, max_num_seqs:
     if offload.cpu_offload_gb is not None:
         return _plan_host_gb(b, offload.cpu_offload_gb)
     return _plan_trigger(b, float(offload.trigger))
-
-
-def _fixed_pool_too_small(cache: CacheConfig, blocks: int, max_model_len: int, block_bytes: int) -> ConfigError:
-    need = -(-max_model_len // cache.block_size)
-    if cache.num_blocks is not None:
-        return ConfigError(
-            f"--num-kv-blocks {blocks} holds {blocks * cache.block_size} tokens, fewer than one --max-model-len "
-            f"{max_model_len} sequence: give --num-kv-blocks {need} or more, or --max-model-len "
-            f"{blocks * cache.block_size} or less"
-        )
-    gb = math.ceil(need * block_bytes / 1e6) / 1e3  # GB, rounded up to the MB
-    return ConfigError(
-        f"--cpu-kv-cache-gb {cache.cpu_kv_cache_gb:g} holds {blocks * cache.block_size} tokens, fewer than one "
-        f"--max-model-len {max_model_len} sequence ({_gb(need * block_bytes)}): give --cpu-kv-cache-gb {gb:g} or "
-        f"more, or --max-model-len {blocks * cache.block_size} or less"
-    )
 
 
 def _check_trigger(trigger: float, util: float) -> None:
@@ -309,127 +296,12 @@ def _plan_auto(b: _Budget, max_model_len: int, max_num_seqs: int) -> Placement:
     return b.build(r, None, reason)
 
 
-def _valid(b: _Budget, resident: int, max_model_len: int) -> bool:
-    return b.build(resident).kv_tokens >= max_model_len
-
-
-def _suggest_trigger(b: _Budget, max_model_len: int) -> float | None:
-    """The largest multiple of 0.05 (<= gpu_memory_utilization) whose plan is valid."""
-    for k in range(_TRIGGER_STEPS - 1, -1, -1):
-        t = k / _TRIGGER_STEPS
-        if t <= b.utilization and _valid(b, b.resident_for_trigger(t), max_model_len):
-            return t
-    return None
-
-
-def _suggest_host_gb(b: _Budget, max_model_len: int) -> float | None:
-    """The shortest decimal N whose --cpu-offload-gb tail is the smallest valid one."""
-    lb = b.layer_bytes
-    for n in range(1, b.num_layers + 1):
-        if _valid(b, b.num_layers - n, max_model_len):
-            for digits in range(1, 10):  # shortest x with (n-1) x lb < x x 1e9 <= n x lb
-                q = n * lb // 10 ** (9 - digits)
-                if q * 10 ** (9 - digits) > (n - 1) * lb:
-                    return q / 10**digits
-    return None
-
-
-def _no_room(b: _Budget, p: Placement, offload: OffloadConfig, max_model_len: int) -> ConfigError:
-    t, host_gb = _suggest_trigger(b, max_model_len), _suggest_host_gb(b, max_model_len)
-    fixes = ([f"--trigger {t:g}"] if t is not None else []) + (
-        [f"--cpu-offload-gb {host_gb:g}"] if host_gb is not None else []
-    )
-    if p.kv_tokens > 0:
-        fixes.append(f"--max-model-len {p.kv_tokens}")
-    one_seq = -(-max_model_len // b.block_size) * b.kv_block_bytes
-    if not p.offload_active and offload.trigger == 1.0:
-        msg = (
-            f"weights need {_gb(p.gpu_weight_bytes)} but a {_gb(b.total)} card at --gpu-memory-utilization "
-            f"{b.utilization:g} leaves {_gb(b.usable)} for weights, {_gb(b.activation_bytes)} of activations "
-            f"and the KV cache of one {max_model_len}-token sequence ({_gb(one_seq)})"
-        )
-    else:
-        left = b.usable - p.gpu_weight_bytes - p.ring_bytes - p.activation_bytes
-        msg = (
-            f"the KV cache gets {_gb(max(0.0, left))} after {_gb(p.gpu_weight_bytes)} of weights, "
-            f"{_gb(p.ring_bytes)} of prefetch ring and {_gb(p.activation_bytes)} of activations: "
-            f"{p.kv_tokens} tokens, fewer than --max-model-len {max_model_len} ({_gb(one_seq)})"
-        )
-    if t is None and host_gb is None:
-        return ConfigError(f"{msg}; {_all_on_host_fixes(b, p, max_model_len, one_seq)}")
-    return ConfigError(f"{msg}; try {' or '.join(fixes)}")
-
-
-def _all_on_host_fixes(b: _Budget, p: Placement, max_model_len: int, one_seq: int) -> str:
-    """When no split works: what memory must hold with every layer on the host, and each change
-    that makes that plan valid (each one checked, not guessed)."""
-    base = b.gpu_weights(0) + b.ring(0)
-    need = base + b.activation_bytes + one_seq
-    reserve = f"the {_gb(b.activation_bytes)} activation reserve"
-    if b.reserve_per_token:
-        fixed = b.activation_bytes - b.reserve_per_token * b.reserve_tokens
-        reserve += f" ({_gb(fixed)} of it workspace and logits, the rest for {b.reserve_tokens} batched tokens)"
-    head = (
-        f"even with every decoder layer on the host, {_gb(b.usable)} ({b.utilization:g} x {_gb(b.total)}) must "
-        f"hold {_gb(base)} of weights and prefetch ring, {reserve} and {_gb(one_seq)} of KV for one "
-        f"{max_model_len}-token sequence ({_gb(need)})"
-    )
-    fixes = []
-    most = b.build(0).kv_tokens
-    if most > 0:
-        fixes.append(f"lower --max-model-len (this plan holds {p.kv_tokens} tokens, {most} with every layer on the "
-                     f"host: --trigger 0 --max-model-len {most})")  # fmt: skip
-    util = math.ceil(need / b.total * 100) / 100
-    if util <= 1.0 and dataclasses.replace(b, utilization=util).build(0).kv_tokens >= max_model_len:
-        fixes.append(f"--trigger 0 --gpu-memory-utilization {util:g}")
-    if b.reserve_per_token:  # the reserve is the estimate: fewer batched tokens shrink it
-        fixed = b.activation_bytes - b.reserve_per_token * b.reserve_tokens
-        tokens = math.floor((b.usable - base - one_seq - fixed) / b.reserve_per_token)
-        tokens = tokens // 16 * 16 if tokens >= 16 else tokens
-        smaller = dataclasses.replace(b, activation_bytes=fixed + tokens * b.reserve_per_token)
-        if 1 <= tokens < b.reserve_tokens and smaller.build(0).kv_tokens >= max_model_len:
-            fixes.append(f"--trigger 0 --max-num-batched-tokens {tokens}")
-    card = _round_up_2(need / b.utilization / 1e9)
-    fixes.append(f"a card of at least {card:g} GB (--trigger 0 --gpu-memory-gb {card:g} plans for one)")
-    return f"{head}: {' or '.join(fixes)}"
-
-
-def _round_up_2(x: float) -> float:
-    """x rounded up to two significant digits (0.3394 -> 0.34, 123.4 -> 130)."""
-    if x <= 0:
-        return 0.0
-    scale = 10 ** (math.floor(math.log10(x)) - 1)
-    return math.ceil(round(x / scale, 9)) * scale
-
-
 def _trigger_text(p: Placement, stand_in: bool) -> str:
     if p.trigger >= 1.0:
         return "1.0 (offload off)"
     if stand_in:
         return "none applies on the CPU (no device memory to fill)"
     return f"{p.trigger:.3g}"
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds * 1e3:.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} us"
-
-
-def _span(layers: Sequence[int]) -> str:
-    return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
-
-
-def _gb(n: float) -> str:
-    """GB with two decimals from 0.1 GB up; smaller figures in MB, kB or bytes (never "0.00 GB")."""
-    if n == 0:
-        return "0 GB"
-    return f"{n / 1e9:.2f} GB" if n >= 0.1e9 else _size(n)
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.{2 if unit == 'GB' else 1}f} {unit}"
-    return f"{n:.0f} B"
 
 
 def format_plan(
