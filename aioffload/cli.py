@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from aioffload.config import (
     ATTENTION_BACKENDS,
@@ -46,6 +48,14 @@ def _number(kind: type, ok: Callable[[float], bool], rule: str, allow: tuple[str
 _trigger = _number(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1] or 'auto'", allow=("auto",))
 _fraction = _number(float, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
 _non_negative_float = _number(float, lambda v: v >= 0, ">= 0")
+_port = _number(int, lambda v: 1 <= v <= 65535, "a port number in [1, 65535]")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive(kind: type) -> Callable[[str], object]:
@@ -140,7 +150,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aioffload", description=__doc__)
+    parser = _Parser(prog="aioffload", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
@@ -149,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = serve.add_argument_group("server")
     s = ServerConfig()
     h.add_argument("--host", default=s.host, help="address to listen on")
-    h.add_argument("--port", type=int, default=s.port, help="port to listen on")
+    h.add_argument("--port", type=_port, default=s.port, help="port to listen on")
     h.add_argument("--served-model-name", default=None, help="model name in the API (default: the folder name)")
     h.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* routes")
     h.add_argument("--shutdown-timeout", type=_positive(float), default=s.shutdown_timeout_s,
@@ -178,12 +188,18 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # numpy is not a runtime dependency; torch warns at import when it is absent. Nothing here uses it.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    try:  # configuration: every error is one line and exit status 2, before anything starts
         config = engine_config(args)
-    except ConfigError as e:
-        parser.error(str(e))  # exit status 2, one line
+        if args.command == "plan":
+            return _plan(config)
+        if args.command in ("serve", "generate"):
+            check_before_start(config)
+    except ValueError as e:  # ConfigError, CheckpointError, TokenizerError, SafetensorsError
+        return config_error(e)
     setup_logging()
     try:
         if args.command == "serve":
@@ -194,24 +210,46 @@ def main(argv: list[str] | None = None) -> int:
             return run_server(config, server)
         if args.command == "generate":
             return asyncio.run(_generate(config, args))
-        if args.command == "plan":
-            return _plan(config)
         return int(args.run(config, args))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except ConfigError as e:
+        return config_error(e)
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
-def _plan(config: EngineConfig) -> int:
-    import torch
+def config_error(e: Exception) -> int:
+    """Print `error: MESSAGE` on one line of stderr; the exit status of a configuration error (2)."""
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    return 2
 
+
+def check_before_start(config: EngineConfig) -> None:
+    """What can be checked from headers alone, before a server binds or a model loads: the model
+    folder, its config and tensor headers, the tokenizer, --max-model-len, the device, and the
+    placement arithmetic (the worker repeats the last with the measured link and memory)."""
     from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
+    from aioffload.checkpoint.tokenizer import Tokenizer
+    from aioffload.offload.device import device_facts, pick_device, place
+
+    ckpt = Checkpoint.open(config.model)
+    Tokenizer.from_dir(config.model)
+    max_len = resolve_max_model_len(config, ckpt)
+    device = pick_device(config.device)
+    dtype = ckpt.resolve_dtype(config.dtype, device)
+    # Whether a plan exists does not depend on the link's speed: the worker measures it, once.
+    place(config, ckpt.model_config, dtype.itemsize, max_len, device_facts(config, device, measure_link=False))
+
+
+def _plan(config: EngineConfig) -> int:
+    from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
+    from aioffload.offload.device import pick_device
     from aioffload.offload.plan import run_plan
 
     ckpt = Checkpoint.open(config.model)
-    # The dtype the server would pick on a GPU ("auto" = the checkpoint's), unless one is asked for.
-    dtype = ckpt.resolve_dtype(config.dtype, torch.device("cuda"))
-    return run_plan(config, ckpt.model_config, dtype, resolve_max_model_len(config, ckpt), str(ckpt.path))
+    device = pick_device(config.device)  # the plan is the one the worker would make here
+    dtype = ckpt.resolve_dtype(config.dtype, device)
+    return run_plan(config, ckpt.model_config, dtype, resolve_max_model_len(config, ckpt), str(ckpt.path), device)
 
 
 async def _generate(config: EngineConfig, args: argparse.Namespace) -> int:

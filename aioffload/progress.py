@@ -1,4 +1,9 @@
-"""A dependency-free progress bar for long loads, drawn on stderr."""
+"""A dependency-free progress bar for long loads, drawn on stderr.
+
+On a terminal the bar is redrawn in place (`\\r`); anywhere else (a log file, a pipe, a
+service manager's journal) it writes one line when the load starts and one when it ends,
+so a log never fills with carriage-return frames.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,15 @@ import time
 from typing import TextIO
 
 
+def is_terminal(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
 class Progress:
-    """Redraws at most every 0.2 s; silent for totals under `min_total` (tiny models)."""
+    """Redraws at most every 0.2 s on a terminal; silent for totals under `min_total` (tiny models)."""
 
     def __init__(
         self,
@@ -23,13 +35,18 @@ class Progress:
         self.done = 0.0
         self.stream = stream or sys.stderr
         self.enabled = total >= min_total
+        self.terminal = is_terminal(self.stream)
         self._start = time.perf_counter()
         self._last_draw = 0.0
+        if self.enabled and not self.terminal:
+            self._line(f"{label}: {self._amount(total)} ...")
 
     def advance(self, amount: float) -> None:
         self.done += amount
+        if not (self.enabled and self.terminal):
+            return
         now = time.perf_counter()
-        if self.enabled and now - self._last_draw >= 0.2:
+        if now - self._last_draw >= 0.2:
             self._last_draw = now
             self._draw(now)
 
@@ -44,12 +61,26 @@ class Progress:
             f" {rate:.2f} {self.unit}/s"
         )
 
+    def _amount(self, n: float) -> str:
+        return f"{n / self.scale:.2f} {self.unit}".rstrip()
+
+    def _line(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
     def _draw(self, now: float) -> None:
         self.stream.write("\r" + self.render(now))
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(time.perf_counter())
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.terminal:
+            self._draw(now)
             self.stream.write("\n")
             self.stream.flush()
+            return
+        elapsed = max(now - self._start, 1e-9)
+        rate = self.done / elapsed / self.scale
+        self._line(f"{self.label}: {self._amount(self.done)} in {elapsed:.1f} s ({rate:.2f} {self.unit}/s)")

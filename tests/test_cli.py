@@ -55,15 +55,6 @@ def test_plan_prints_placement_without_loading(tiny: str, capsys: pytest.Capture
     assert "host" in out and "GPU" in out and "floor" in out
 
 
-def test_plan_without_gpu_or_size_is_a_clear_error(tiny: str, capsys: pytest.CaptureFixture[str]) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present: the card's size is used")
-    assert main(["plan", "--model", tiny]) == 1
-    assert "--gpu-memory-gb" in capsys.readouterr().err
-
-
 def test_generate_batch_prints_each_prompt(tiny: str, capsys: pytest.CaptureFixture[str]) -> None:
     rc = main(["generate", "--model", tiny, "--prompt", "w1 w5 w9", "--prompt", "w3 w3", "--max-tokens", "5",
                "--num-kv-blocks", "64"])  # fmt: skip
@@ -74,6 +65,22 @@ def test_generate_batch_prints_each_prompt(tiny: str, capsys: pytest.CaptureFixt
     assert lines and len(lines[0].split()) == 3 + 5
 
 
-def test_missing_model_folder_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 1
-    assert "model folder does not exist" in capsys.readouterr().err
+def test_missing_model_folder_is_a_one_line_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: model folder does not exist\n"
+
+
+def test_bench_offload_without_a_gpu_refuses_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the benchmark would run")
+    synth = tmp_path / "synth"
+    assert main(["bench", "offload", "--synthetic-dir", str(synth)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: bench offload: no CUDA device here, and the llama3-8b synthetic checkpoint holds 16.1 GB of "
+        "weights: run it on a GPU machine; on the CPU, --synthetic tiny --device cpu checks every code path in "
+        "seconds\n"
+    )
+    assert not synth.exists()  # nothing written

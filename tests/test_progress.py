@@ -1,4 +1,5 @@
-"""The load progress bar: fraction, bar, totals and rate, drawn on a given stream."""
+"""The load progress bar: fraction, bar, totals and rate, redrawn on a terminal; one line at the
+start and one at the end anywhere else (a log file)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,13 @@ import pytest
 
 import aioffload.progress as progress_mod
 from aioffload.progress import Progress
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 class Clock:
@@ -27,7 +35,7 @@ def clock(monkeypatch):
     return c
 
 
-def frames(stream: io.StringIO) -> list[str]:
+def frames(stream: Terminal) -> list[str]:
     """Each redraw starts with a carriage return."""
     return stream.getvalue().split("\r")[1:]
 
@@ -55,8 +63,8 @@ def test_zero_total_renders_full(clock):
     assert p.render().startswith(f"x [{'#' * 30}] 0.00/0.00")
 
 
-def test_advance_draws_to_stream_at_most_every_200ms(clock):
-    out = io.StringIO()
+def test_advance_draws_to_terminal_at_most_every_200ms(clock):
+    out = Terminal()
     p = Progress("loading", 1e9, unit_scale=1e6, unit="MB", min_total=1e6, stream=out)
     assert p.enabled and out.getvalue() == ""
     clock.now += 1.0
@@ -76,8 +84,9 @@ def test_advance_draws_to_stream_at_most_every_200ms(clock):
     assert out.getvalue().count("\n") == 1
 
 
-def test_silent_under_min_total(clock):
-    out = io.StringIO()
+@pytest.mark.parametrize("stream", [Terminal, io.StringIO])
+def test_silent_under_min_total(clock, stream):
+    out = stream()
     p = Progress("loading", 199e6, stream=out)  # default min_total: 200e6
     assert not p.enabled
     for _ in range(10):
@@ -89,12 +98,53 @@ def test_silent_under_min_total(clock):
     assert Progress("loading", 200e6, stream=io.StringIO()).enabled
 
 
-def test_defaults_to_stderr(capsys, clock):
+def test_log_file_gets_one_line_at_start_and_one_at_end(clock, tmp_path):
+    with open(tmp_path / "server.log", "w+") as log:  # a real file: isatty() is False
+        p = Progress("loading weights", 16e9, unit_scale=1e9, unit="GB", stream=log)
+        assert not p.terminal
+        for _ in range(40):
+            clock.now += 0.25  # every advance would redraw on a terminal
+            p.advance(0.4e9)
+        p.close()
+        log.seek(0)
+        text = log.read()
+    assert "\r" not in text
+    assert text.splitlines() == ["loading weights: 16.00 GB ...", "loading weights: 16.00 GB in 10.0 s (1.60 GB/s)"]
+
+
+def test_defaults_to_stderr_and_pytest_capture_is_not_a_terminal(capsys, clock):
     p = Progress("load", 10, min_total=1)
-    clock.now += 1.0
+    clock.now += 2.0
     p.advance(5)
     p.close()
     captured = capsys.readouterr()
     assert captured.out == ""
+    assert captured.err == "load: 10.00 ...\nload: 5.00 in 2.0 s (2.50 /s)\n"
+
+
+def test_terminal_frames_end_with_one_newline(clock):
+    out = Terminal()
+    p = Progress("load", 10, min_total=1, stream=out)
+    clock.now += 1.0
+    p.advance(5)
+    p.close()
     frame = f"load [{'#' * 15}{'.' * 15}] 5.00/10.00  5.00 /s"
-    assert captured.err == f"\r{frame}\r{frame}\n"
+    assert out.getvalue() == f"\r{frame}\r{frame}\n"
+
+
+def test_stream_without_isatty_counts_as_a_log() -> None:
+    class Bare:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def write(self, s: str) -> None:
+            self.text += s
+
+        def flush(self) -> None:
+            pass
+
+    out = Bare()
+    p = Progress("x", 1, min_total=0, stream=out)  # type: ignore[arg-type]
+    p.advance(1)
+    p.close()
+    assert "\r" not in out.text and out.text.count("\n") == 2

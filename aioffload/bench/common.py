@@ -21,9 +21,10 @@ import torch
 
 from aioffload.attention.kv_cache import BlockManager, BlockPool
 from aioffload.config import EngineConfig
+from aioffload.offload.device import measure_h2d_bytes_per_s
 from aioffload.worker.inputs import SeqChunk
 from aioffload.worker.sampling import SamplingParams
-from aioffload.worker.worker import Worker, measure_h2d_bytes_per_s
+from aioffload.worker.worker import Worker
 
 GREEDY = SamplingParams(max_tokens=1 << 30, temperature=0.0)
 

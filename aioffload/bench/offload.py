@@ -20,12 +20,13 @@ import torch
 from aioffload.bench import common, hf, hybrid
 from aioffload.bench.common import phase, say
 from aioffload.checkpoint.checkpoint import Checkpoint
-from aioffload.config import EngineConfig, ModelConfig
+from aioffload.config import ConfigError, EngineConfig, ModelConfig
 from aioffload.model.layout import layer_layout
 from aioffload.worker.worker import Worker, pick_device
 
 NAME = "offload"
 ENGINE_TARGET_EFFICIENCY = 0.7  # engine output tok/s target: 0.7 x concurrency / copy floor
+CPU_MAX_MODEL_BYTES = 1e9  # without a GPU only small models make sense (the CPU checks the code path)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -82,7 +83,29 @@ def trigger_for(mcfg: ModelConfig, elem: int, total: float, prefetch: int, embed
     return (footprint(r) + footprint(r + 1)) / 2 / total, r
 
 
+def refuse_without_gpu(config: EngineConfig, args: argparse.Namespace) -> None:
+    """ConfigError before anything is written when there is no GPU and the model is large (the default
+    llama3-8b synthetic checkpoint is 16 GB of random weights, minutes of CPU time to draw)."""
+    if pick_device(config.device).type == "cuda":
+        return
+    shape = getattr(args, "synthetic", None)
+    if shape and shape != "none":
+        from aioffload.bench.synthetic import hf_config
+
+        what = f"the {shape} synthetic checkpoint"
+        size = _weight_bytes(ModelConfig.from_hf(hf_config(shape)), 2)  # bf16, as make_synthetic_checkpoint writes
+    else:
+        ckpt = Checkpoint.open(config.model)
+        what, size = str(ckpt.path), sum(e.nbytes for e in ckpt.entries.values())
+    if size > CPU_MAX_MODEL_BYTES:
+        raise ConfigError(
+            f"bench offload: no CUDA device here, and {what} holds {size / 1e9:.1f} GB of weights: run it on a GPU "
+            "machine; on the CPU, --synthetic tiny --device cpu checks every code path in seconds"
+        )
+
+
 def run(config: EngineConfig, args: argparse.Namespace) -> int:
+    refuse_without_gpu(config, args)
     t_start = time.perf_counter()
     R: dict = {"bench": NAME, "torch": torch.__version__, "errors": {}}
     with phase(R, "checkpoint"):

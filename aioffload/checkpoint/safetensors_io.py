@@ -3,11 +3,13 @@
 The format is an 8-byte little-endian header length, a JSON header
 (name -> dtype, shape, data_offsets), then raw bytes. Reading with `readinto` lets an
 offloaded layer's bytes land directly in their final pinned buffer: no intermediate
-copy, and host memory stays near the offloaded bytes.
+copy, and host memory stays near the offloaded bytes. The tensor's memory is exposed to
+`readinto` through ctypes, not numpy (numpy is not a runtime dependency).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import struct
@@ -98,8 +100,20 @@ def read_tensor(entry: TensorEntry) -> torch.Tensor:
     return out
 
 
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable view of the bytes of the contiguous CPU tensor `t` (pinned or not), for `readinto`.
+
+    The view does not keep `t` alive: use it while `t` is referenced."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"byte_view needs a contiguous CPU tensor, got {t.device} contiguous={t.is_contiguous()}")
+    nbytes = t.numel() * t.element_size()
+    return memoryview((ctypes.c_ubyte * nbytes).from_address(t.data_ptr())).cast("B")
+
+
 def _readinto_bytes(entry: TensorEntry, out: torch.Tensor) -> None:
-    view = memoryview(out.view(-1).view(torch.uint8).numpy())
+    if entry.nbytes == 0:
+        return
+    view = byte_view(out)
     with open(entry.path, "rb", buffering=0) as f:
         f.seek(entry.offset)
         done = 0

@@ -9,16 +9,20 @@ The KV cache then takes what is left up to `gpu_memory_utilization x device_tota
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from aioffload.attention.kv_cache import kv_bytes_per_block
 from aioffload.config import CacheConfig, ConfigError, ModelConfig, OffloadConfig, SchedulerConfig
 from aioffload.model.layout import layer_layout
+from aioffload.offload.advice import fixed_pool_too_small, no_room
+from aioffload.offload.units import duration as _duration
+from aioffload.offload.units import gb as _gb
+from aioffload.offload.units import size as _size
+from aioffload.offload.units import span as _span
 
 HBM_BYTES_PER_S = 3.0e12  # device-memory bandwidth assumed by trigger "auto" (H100/H200 class)
-_TRIGGER_STEPS = 20  # suggested triggers are multiples of 1/20 = 0.05
 _WORKSPACE_BYTES = 256 << 20
 
 
@@ -93,6 +97,10 @@ class _Budget:
     block_size: int
     h2d: float
     hbm: float
+    fixed_kv_blocks: int | None = None  # a KV pool of this size whatever memory is left (CPU, --num-kv-blocks)
+    predict_throughput: bool = True  # False on the CPU: auto names no tok/s figure it cannot back
+    reserve_per_token: int = 0  # activation bytes per batched token, when the reserve is the estimate (advice)
+    reserve_tokens: int = 0  # the batched tokens that estimate is for
 
     @property
     def usable(self) -> float:
@@ -156,13 +164,21 @@ def plan_placement(
     h2d_bytes_per_s: float,
     activation_bytes: int | None = None,
     hbm_bytes_per_s: float = HBM_BYTES_PER_S,
+    fixed_kv_blocks: int | None = None,
+    predict_throughput: bool = True,
 ) -> Placement:
     """Place weights per DESIGN.md section 3; raise ConfigError (saying what to change) when the
-    plan leaves no KV room for one `max_model_len` sequence."""
+    plan leaves no KV room for one `max_model_len` sequence.
+
+    `fixed_kv_blocks`: the KV pool has this many blocks whatever memory is left (the CPU's
+    --cpu-kv-cache-gb, or --num-kv-blocks); the memory check still applies to the weights.
+    `predict_throughput=False` (the CPU): trigger auto states no tokens/s figure."""
+    per_token = 0
     if activation_bytes is None:
         activation_bytes = estimate_activation_bytes(
             model, dtype_bytes, sched.max_num_batched_tokens, sched.max_num_seqs
         )
+        per_token = estimate_activation_bytes(model, dtype_bytes, 1, 0) - _WORKSPACE_BYTES
     vocab_bytes = model.vocab_size * model.hidden_size * dtype_bytes
     b = _Budget(
         num_layers=model.num_layers,
@@ -181,22 +197,35 @@ def plan_placement(
         block_size=cache.block_size,
         h2d=h2d_bytes_per_s,
         hbm=hbm_bytes_per_s,
+        fixed_kv_blocks=fixed_kv_blocks,
+        predict_throughput=predict_throughput,
+        reserve_per_token=per_token,
+        reserve_tokens=sched.max_num_batched_tokens,
     )
     trigger, host_gb, util = offload.trigger, offload.cpu_offload_gb, cache.gpu_memory_utilization
     if host_gb is not None and trigger != 1.0:
         raise ConfigError("--cpu-offload-gb and --trigger both say how much to offload: give only one")
-    if trigger == "auto":
-        p = _plan_auto(b, max_model_len, sched.max_num_seqs)
-    elif host_gb is not None:
-        p = _plan_host_gb(b, host_gb)
-    else:
+    if trigger != "auto" and host_gb is None:
         _check_trigger(float(trigger), util)
-        p = _plan_trigger(b, float(trigger))
+    p = _place(b, offload, max_model_len, sched.max_num_seqs)
     if p.kv_tokens < max_model_len:
-        raise _no_room(b, p, offload, max_model_len)
+        raise no_room(b, p, offload, max_model_len)
     if trigger == "auto":
         _check_trigger(p.trigger, util)  # a valid plan is always below; stated for the record
+    if fixed_kv_blocks is not None:
+        p = dataclasses.replace(p, kv_blocks=fixed_kv_blocks)
+        if p.kv_tokens < max_model_len:
+            raise fixed_pool_too_small(cache, fixed_kv_blocks, max_model_len, b.kv_block_bytes)
     return p
+
+
+def _place(b: _Budget, offload: OffloadConfig, max_model_len: int, max_num_seqs: int) -> Placement:
+    """The split the offload flags ask for (KV blocks from memory; validity is the caller's)."""
+    if offload.trigger == "auto":
+        return _plan_auto(b, max_model_len, max_num_seqs)
+    if offload.cpu_offload_gb is not None:
+        return _plan_host_gb(b, offload.cpu_offload_gb)
+    return _plan_trigger(b, float(offload.trigger))
 
 
 def _check_trigger(trigger: float, util: float) -> None:
@@ -241,11 +270,15 @@ def _plan_host_gb(b: _Budget, host_gb: float) -> Placement:
 
 
 def _plan_auto(b: _Budget, max_model_len: int, max_num_seqs: int) -> Placement:
-    """Pick the resident count maximising seqs / step for `max_num_seqs` full-length sequences."""
+    """Pick the resident count maximising seqs / step for `max_num_seqs` full-length sequences;
+    a step costs at least the copy floor and one read of the GPU's weights at `b.hbm`."""
+    pool = None if b.fixed_kv_blocks is None else b.fixed_kv_blocks * b.block_size
     scored = []  # (tok/s, resident, seqs, step_s)
     for r in range(b.num_layers + 1):
         p = b.build(r)
-        seqs = min(max_num_seqs, p.kv_tokens // max_model_len)
+        if p.kv_tokens < max_model_len:  # no memory left for one sequence's KV
+            continue
+        seqs = min(max_num_seqs, (p.kv_tokens if pool is None else pool) // max_model_len)
         if seqs >= 1:
             step = max(p.host_layer_bytes / b.h2d, p.gpu_weight_bytes / b.hbm)
             scored.append((seqs / step, r, seqs, step))
@@ -253,88 +286,29 @@ def _plan_auto(b: _Budget, max_model_len: int, max_num_seqs: int) -> Placement:
         return b.build(0, None, "auto: no split leaves KV room for one sequence")  # rejected by the caller
     scored.sort(reverse=True)  # equal throughput: more resident layers first
     tput, r, seqs, step = scored[0]
-    reason = (
-        f"auto: {r} of {b.num_layers} layers resident -> {seqs} seqs x {max_model_len} tokens, "
-        f"step {step * 1e3:.1f} ms, predicted {tput:.0f} tok/s"
-    )
+    reason = f"auto: {r} of {b.num_layers} layers resident -> {seqs} seqs x {max_model_len} tokens"
+    if not b.predict_throughput:
+        return b.build(r, None, f"{reason} (no tok/s prediction on the CPU: its steps are bound by its compute, "
+                                "which the plan does not model)")  # fmt: skip
+    reason += f", step >= {_duration(step)}, predicted <= {tput:.0f} tok/s"
     if len(scored) > 1:
-        reason += f"; runner-up {scored[1][1]} resident: {scored[1][0]:.0f} tok/s"
+        reason += f"; runner-up {scored[1][1]} resident: <= {scored[1][0]:.0f} tok/s"
     return b.build(r, None, reason)
 
 
-def _valid(b: _Budget, resident: int, max_model_len: int) -> bool:
-    return b.build(resident).kv_tokens >= max_model_len
+def _trigger_text(p: Placement, stand_in: bool) -> str:
+    if p.trigger >= 1.0:
+        return "1.0 (offload off)"
+    if stand_in:
+        return "none applies on the CPU (no device memory to fill)"
+    return f"{p.trigger:.3g}"
 
 
-def _suggest_trigger(b: _Budget, max_model_len: int) -> float | None:
-    """The largest multiple of 0.05 (<= gpu_memory_utilization) whose plan is valid."""
-    for k in range(_TRIGGER_STEPS - 1, -1, -1):
-        t = k / _TRIGGER_STEPS
-        if t <= b.utilization and _valid(b, b.resident_for_trigger(t), max_model_len):
-            return t
-    return None
-
-
-def _suggest_host_gb(b: _Budget, max_model_len: int) -> float | None:
-    """The shortest decimal N whose --cpu-offload-gb tail is the smallest valid one."""
-    lb = b.layer_bytes
-    for n in range(1, b.num_layers + 1):
-        if _valid(b, b.num_layers - n, max_model_len):
-            for digits in range(1, 10):  # shortest x with (n-1) x lb < x x 1e9 <= n x lb
-                q = n * lb // 10 ** (9 - digits)
-                if q * 10 ** (9 - digits) > (n - 1) * lb:
-                    return q / 10**digits
-    return None
-
-
-def _no_room(b: _Budget, p: Placement, offload: OffloadConfig, max_model_len: int) -> ConfigError:
-    t, host_gb = _suggest_trigger(b, max_model_len), _suggest_host_gb(b, max_model_len)
-    fixes = ([f"--trigger {t:g}"] if t is not None else []) + (
-        [f"--cpu-offload-gb {host_gb:g}"] if host_gb is not None else []
-    )
-    if p.kv_tokens > 0:
-        fixes.append(f"--max-model-len {p.kv_tokens}")
-    one_seq = -(-max_model_len // b.block_size) * b.kv_block_bytes
-    if not p.offload_active and offload.trigger == 1.0:
-        msg = (
-            f"weights need {_gb(p.gpu_weight_bytes)} but a {_gb(b.total)} card at --gpu-memory-utilization "
-            f"{b.utilization:g} leaves {_gb(b.usable)} for weights, {_gb(b.activation_bytes)} of activations "
-            f"and the KV cache of one {max_model_len}-token sequence ({_gb(one_seq)})"
-        )
-    else:
-        left = b.usable - p.gpu_weight_bytes - p.ring_bytes - p.activation_bytes
-        msg = (
-            f"the KV cache gets {_gb(max(0.0, left))} after {_gb(p.gpu_weight_bytes)} of weights, "
-            f"{_gb(p.ring_bytes)} of prefetch ring and {_gb(p.activation_bytes)} of activations: "
-            f"{p.kv_tokens} tokens, fewer than --max-model-len {max_model_len} ({_gb(one_seq)})"
-        )
-    if t is None and host_gb is None:
-        most = b.build(0).kv_tokens  # every layer on the host: the smallest GPU footprint
-        limit = f" (this plan holds {p.kv_tokens} tokens, {most} with every layer on the host)" if most else ""
-        return ConfigError(
-            f"{msg}; even with every decoder layer on the host there is no room: lower --max-model-len"
-            f"{limit} or raise --gpu-memory-utilization"
-        )
-    return ConfigError(f"{msg}; try {' or '.join(fixes)}")
-
-
-def _span(layers: Sequence[int]) -> str:
-    return f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
-
-
-def _gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB"
-
-
-def _size(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.{2 if unit == 'GB' else 1}f} {unit}"
-    return f"{n:.0f} B"
-
-
-def format_plan(p: Placement, model: ModelConfig, block_size: int) -> str:
-    """The text `aioffload plan` prints: one row per run of layers in one place, then totals."""
+def format_plan(
+    p: Placement, model: ModelConfig, block_size: int, on_cpu: bool = False, stand_in: bool = False
+) -> str:
+    """The text `aioffload plan` prints: one row per run of layers in one place, then totals.
+    `on_cpu`: the worker computes on the CPU; `stand_in`: the device total is the CPU's no-limit figure."""
     dtype_bytes = p.layer_bytes // layer_layout(model).numel
     vocab_bytes = model.vocab_size * model.hidden_size * dtype_bytes
     rows = [("embed_tokens", "host" if p.embed_on_host else "GPU", "", _size(vocab_bytes))]
@@ -350,21 +324,22 @@ def format_plan(p: Placement, model: ModelConfig, block_size: int) -> str:
     kv_tokens = p.kv_blocks * block_size
     if p.offload_active:
         floor = (
-            f"{p.predicted_step_floor_s * 1e3:.1f} ms per decode step "
+            f"{_duration(p.predicted_step_floor_s)} per decode step "
             f"({_gb(p.host_layer_bytes)} at {p.h2d_bytes_per_s / 1e9:.1f} GB/s host->GPU)"
         )
     else:
-        floor = "no offload: step bound by HBM"
+        floor = "no offload: step bound by " + ("the CPU's compute" if on_cpu else "HBM")
     lines += [
         f"GPU weights      {_gb(p.gpu_weight_bytes)} ({len(p.resident_layers)} of {model.num_layers} layers)",
-        f"host weights     {_gb(p.host_weight_bytes)} (pinned; {len(p.offloaded_layers)} layers)",
+        f"host weights     {_gb(p.host_weight_bytes)} ({'host memory' if on_cpu else 'pinned'}; "
+        f"{len(p.offloaded_layers)} layers)",
         f"prefetch ring    {_gb(p.ring_bytes)} ({p.ring_slots} slots)",
         f"activations      {_gb(p.activation_bytes)} reserved",
         f"KV cache         {p.kv_blocks} blocks x {block_size} tokens = {kv_tokens} tokens "
         f"({_gb(p.kv_blocks * p.kv_block_bytes)})",
-        f"device           {_gb(p.device_total_bytes)}",
+        f"device           {_gb(p.device_total_bytes)}{' stand-in (no limit on the CPU)' if stand_in else ''}",
         f"step floor       {floor}",
-        f"trigger          {'1.0 (offload off)' if p.trigger >= 1.0 else f'{p.trigger:.3g}'}",
+        f"trigger          {_trigger_text(p, stand_in)}",
         f"reason           {p.reason}",
     ]
     return "\n".join(lines)

@@ -1,35 +1,70 @@
-"""`aioffload plan`: the placement plan from the checkpoint's headers alone, without loading weights."""
+"""`aioffload plan`: the placement plan from the checkpoint's headers alone, without loading weights.
+
+The plan is the one the worker would make on this machine (`device.place`, the same call):
+on a GPU the card's memory and the measured link, on the CPU the assumed 25 GB/s and the KV
+pool of --cpu-kv-cache-gb. The header says which figures are measured, given or assumed.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from aioffload.config import ConfigError, EngineConfig, ModelConfig
-from aioffload.offload.placement import estimate_activation_bytes, format_plan, plan_placement
+from aioffload.config import EngineConfig, ModelConfig
+from aioffload.offload.device import DeviceFacts, device_facts, place
+from aioffload.offload.placement import format_plan
 
 
-def run_plan(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, max_len: int, source: str) -> int:
-    """Print the plan for `mcfg` (read from `source`) at `dtype` and `max_len` tokens per sequence."""
-    gb = config.offload.gpu_memory_gb
-    if gb is not None:
-        total = int(gb * 1e9)
-    elif torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(0).total_memory
-    else:
-        raise ConfigError("no CUDA device here: pass --gpu-memory-gb to plan for a card of that size")
-    elem = torch.empty((), dtype=dtype).element_size()
-    h2d = (config.offload.h2d_gbps or 25.0) * 1e9
-    sched = config.scheduler
-    placement = plan_placement(
-        mcfg, elem, config.offload, config.cache, sched, max_len, total, h2d,
-        estimate_activation_bytes(mcfg, elem, sched.max_num_batched_tokens, sched.max_num_seqs),
-    )  # fmt: skip
-    print(f"model {source} ({mcfg.architecture}, {mcfg.num_layers} layers, {str(dtype).removeprefix('torch.')})")
-    print(f"device memory {total / 1e9:.1f} GB, host-to-device {h2d / 1e9:.1f} GB/s, max-model-len {max_len}")
-    print(format_plan(placement, mcfg, config.cache.block_size))
-    if placement.offload_active and config.offload.hybrid != "off":
-        print(hybrid_report(config, mcfg, dtype, h2d, len(placement.offloaded_layers)))
+def run_plan(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, max_len: int, source: str,
+             device: torch.device) -> int:  # fmt: skip
+    """Print the plan for `mcfg` (read from `source`) at `dtype` and `max_len` tokens per sequence on `device`."""
+    facts = device_facts(config, device)
+    placement = place(config, mcfg, dtype.itemsize, max_len, facts)
+    print(f"model {source} ({mcfg.architecture}, {mcfg.num_layers} layers, {_dtype_name(dtype)})")
+    for line in describe_device(config, mcfg, dtype, facts):
+        print(line)
+    print(f"max-model-len    {max_len}")
+    stand_in = facts.total_source == "cpu"
+    print(format_plan(placement, mcfg, config.cache.block_size, on_cpu=facts.on_cpu, stand_in=stand_in))
+    hybrid = config.offload.hybrid == "on" or (config.offload.hybrid == "auto" and not facts.on_cpu)  # as the worker
+    if placement.offload_active and hybrid:
+        print(hybrid_report(config, mcfg, dtype, facts.h2d_bytes_per_s, len(placement.offloaded_layers)))
     return 0
+
+
+def describe_device(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, facts: DeviceFacts) -> list[str]:
+    """Where each device figure of the plan comes from, one line per figure."""
+    total = f"{facts.total_bytes / 1e9:.1f} GB"
+    if facts.on_cpu:
+        lines = ["device           CPU (no CUDA device): weights and KV cache stay in host memory"]
+        if facts.total_source == "cpu":
+            lines.append(f"device memory    {total} stand-in: no limit on the CPU (--gpu-memory-gb N emulates a card)")
+        else:
+            lines.append(f"device memory    {total}: an emulated card (--gpu-memory-gb)")
+    else:
+        name = torch.cuda.get_device_name(facts.device)
+        lines = [f"device           {name} ({facts.device})"]
+        given = " (--gpu-memory-gb)" if facts.total_source == "--gpu-memory-gb" else ""
+        lines.append(f"device memory    {total}{given}")
+    h2d = f"{facts.h2d_bytes_per_s / 1e9:.1f} GB/s"
+    why = {
+        "--h2d-gbps": "given by --h2d-gbps",
+        "measured": "measured, pinned copies",
+        "assumed": "assumed: on the CPU a streamed layer is a host memcpy; --h2d-gbps to change",
+    }[facts.h2d_source]
+    lines.append(f"host-to-device   {h2d} ({why})")
+    if config.cache.num_blocks is not None:
+        lines.append(f"KV pool          fixed by --num-kv-blocks {config.cache.num_blocks}")
+    elif facts.on_cpu:
+        lines.append(f"KV pool          fixed by --cpu-kv-cache-gb {config.cache.cpu_kv_cache_gb:g} (as the CPU worker "
+                     "sizes it; device memory only decides the placement)")  # fmt: skip
+    if facts.on_cpu and config.dtype == "auto" and mcfg.checkpoint_dtype != _dtype_name(dtype):
+        lines.append(f"dtype            {_dtype_name(dtype)}: auto on the CPU (the checkpoint is "
+                     f"{mcfg.checkpoint_dtype}; --dtype {mcfg.checkpoint_dtype} plans its GPU size)")  # fmt: skip
+    return lines
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def hybrid_report(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, h2d: float, num_offloaded: int) -> str:

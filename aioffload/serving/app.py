@@ -215,12 +215,27 @@ def build_app(
     return app
 
 
+class _HealthAtDebug(logging.Filter):
+    """uvicorn logs every request at INFO; a load balancer polling /health would fill the log.
+    Its access lines become DEBUG records (dropped unless the logger is enabled for DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args  # uvicorn: (client, method, path with query, http version, status)
+        if isinstance(args, tuple) and len(args) >= 3 and str(args[2]).split("?", 1)[0] == "/health":
+            if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
 class _Server(uvicorn.Server):
-    """uvicorn.Server that drains the engine before closing connections; signals exit with status 0."""
+    """uvicorn.Server that drains the engine before closing connections; signals exit with status 0.
+    A second SIGINT/SIGTERM during the drain aborts the in-flight requests at once."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
         self.state = state
+        self._second_signal: asyncio.Event | None = None  # set while draining
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -235,17 +250,42 @@ class _Server(uvicorn.Server):
                 loop.remove_signal_handler(sig)
 
     def _on_signal(self) -> None:
-        self.force_exit = self.should_exit  # a second signal skips waiting for connections
+        if self.should_exit:  # the second one: stop draining, skip waiting for connections
+            self.force_exit = True
+            if self._second_signal is not None:
+                self._second_signal.set()
         self.should_exit = True
 
     async def shutdown(self, sockets: Any = None) -> None:
         for server in getattr(self, "servers", []):
             server.close()  # stop accepting before draining
         self.state.draining = True
-        if self.state.engine is not None:
-            log.info("draining: in-flight requests get up to %.1f s", self.state.config.shutdown_timeout_s)
-            await self.state.engine.shutdown(self.state.config.shutdown_timeout_s)
+        engine = self.state.engine
+        if engine is not None:
+            if self.force_exit:
+                await engine.shutdown(0.0)
+            else:
+                await self._drain(engine, self.state.config.shutdown_timeout_s)
         await super().shutdown(sockets)
+
+    async def _drain(self, engine: Engine, timeout_s: float) -> None:
+        """engine.shutdown(timeout_s), cut short by a second signal."""
+        log.info("draining: in-flight requests get up to %.1f s (a second Ctrl-C stops them now)", timeout_s)
+        self._second_signal = asyncio.Event()
+        drain = asyncio.ensure_future(engine.shutdown(timeout_s))
+        second = asyncio.ensure_future(self._second_signal.wait())
+        try:
+            await asyncio.wait({drain, second}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            second.cancel()
+        if not drain.done():
+            log.info("second signal: aborting the in-flight requests now")
+            drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await drain
+            await engine.shutdown(0.0)
+        else:
+            drain.result()  # re-raise what the drain raised
 
 
 async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
@@ -294,6 +334,8 @@ async def _serve(engine_config: EngineConfig, server_config: ServerConfig) -> tu
     config = uvicorn.Config(app, host=server_config.host, port=server_config.port, lifespan="off",
                             log_config=None, timeout_graceful_shutdown=5)  # logging is the CLI's
     server = _Server(config, state)
+    health_filter = _HealthAtDebug()
+    logging.getLogger("uvicorn.access").addFilter(health_filter)
     loader = asyncio.create_task(_load_engine(engine_config, state, server))
     try:
         await server.serve()
@@ -302,6 +344,7 @@ async def _serve(engine_config: EngineConfig, server_config: ServerConfig) -> tu
     finally:
         loading = not loader.done()
         loader.cancel()
+        logging.getLogger("uvicorn.access").removeFilter(health_filter)
     if loading or loader.cancelled():
         return 0, loading
     return (0 if loader.result() else 1), False
@@ -311,8 +354,8 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
     """Serve until SIGINT/SIGTERM, loading the model meanwhile (/health is 503 until loaded).
 
     On a signal: stop accepting, let in-flight requests finish for up to
-    `server_config.shutdown_timeout_s` (then abort them), and return 0. Returns 1 when the model
-    fails to load or the address cannot be bound.
+    `server_config.shutdown_timeout_s` (then abort them; a second signal aborts them at once), and
+    return 0. Returns 1 when the model fails to load or the address cannot be bound.
     """
     status, loading = asyncio.run(_serve(engine_config, server_config))
     if loading:

@@ -3,11 +3,14 @@
 Graphs are captured for bucketed batch sizes (1, 2, 4, 8, then steps of 16 up to
 max_num_seqs) from one shared memory pool. A step of S decode tokens replays the
 smallest bucket >= S; padding rows write their K/V to the cache's trash slot and see
-one key, so they change nothing.
+one key, so they change nothing. Each replay's inputs are written into pinned host
+buffers through ctypes arrays over their memory (`GraphInputs`; numpy is not a runtime
+dependency), then copied to the device whole.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Sequence
 
@@ -29,6 +32,43 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+class GraphInputs:
+    """Host staging buffers of one replay: `rows` [4, n] int64 (ids, positions, slots, ctx) and
+    `tables` [n, max_blocks] int32, written in place through ctypes views of their memory."""
+
+    def __init__(self, n: int, max_blocks_per_seq: int, pin_memory: bool) -> None:
+        self.n, self.max_blocks = n, max_blocks_per_seq
+        self.rows = torch.zeros(4, n, dtype=torch.int64, pin_memory=pin_memory)
+        self.tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin_memory)
+        # Flat views: rows[k, i] is _rows[k * n + i], tables[i, j] is _tables[i * max_blocks + j].
+        self._rows = (ctypes.c_int64 * (4 * n)).from_address(self.rows.data_ptr())
+        self._tables = (ctypes.c_int32 * (n * max_blocks_per_seq)).from_address(self.tables.data_ptr())
+
+    def fill(self, chunks: Sequence[SeqChunk], bs: int, block_size: int, trash_slot: int) -> None:
+        """Write one decode token per chunk into rows [0, len(chunks)), padding rows up to `bs`
+        (token 0 at position 0, writing to the trash slot, one key), and each block table."""
+        s, n, m = len(chunks), self.n, self.max_blocks
+        rows, tables = self._rows, self._tables
+        pos = [c.start for c in chunks]
+        rows[0:s] = [c.token_ids[0] for c in chunks]
+        rows[n : n + s] = pos
+        rows[2 * n : 2 * n + s] = [
+            c.block_table[p // block_size] * block_size + p % block_size for c, p in zip(chunks, pos)
+        ]
+        rows[3 * n : 3 * n + s] = [p + 1 for p in pos]
+        pad = bs - s
+        if pad > 0:
+            rows[s:bs] = [0] * pad
+            rows[n + s : n + bs] = [0] * pad
+            rows[2 * n + s : 2 * n + bs] = [trash_slot] * pad
+            rows[3 * n + s : 3 * n + bs] = [1] * pad
+        for i, c in enumerate(chunks):
+            table = c.block_table
+            if len(table) > m:  # the flat view would spill into the next row
+                raise ValueError(f"a block table of {len(table)} blocks exceeds the graphs' {m}")
+            tables[i * m : i * m + len(table)] = table
+
+
 class CudaGraphRunner:
     def __init__(self, model: LlamaModel, kv: KVCache, max_num_seqs: int, max_blocks_per_seq: int) -> None:
         self.model, self.kv = model, kv
@@ -37,9 +77,7 @@ class CudaGraphRunner:
         i32, i64 = torch.int32, torch.int64
         self.block_size = kv.block_size
         # One pinned host buffer per input kind, copied whole each step (8 KB + the tables).
-        self.host_rows = torch.zeros(4, n, dtype=i64, pin_memory=True)  # ids, positions, slots, ctx
-        self.host_tables = torch.zeros(n, max_blocks_per_seq, dtype=i32, pin_memory=True)
-        self.rows_np, self.tables_np = self.host_rows.numpy(), self.host_tables.numpy()
+        self.host = GraphInputs(n, max_blocks_per_seq, pin_memory=True)
         self.rows = torch.zeros(4, n, dtype=i64, device=dev)
         self.rows[2].fill_(kv.trash_slot)
         self.rows[3].fill_(1)
@@ -86,14 +124,8 @@ class CudaGraphRunner:
     def run(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:  # logits [S, V]
         s = len(chunks)
         bs = next(b for b in self.sizes if b >= s)
-        rows, tables, block = self.rows_np, self.tables_np, self.block_size
-        for i, c in enumerate(chunks):
-            p = c.start
-            rows[0, i], rows[1, i], rows[3, i] = c.token_ids[0], p, p + 1
-            rows[2, i] = c.block_table[p // block] * block + p % block
-            tables[i, : len(c.block_table)] = c.block_table
-        rows[0, s:bs], rows[1, s:bs], rows[2, s:bs], rows[3, s:bs] = 0, 0, self.kv.trash_slot, 1
-        self.rows.copy_(self.host_rows, non_blocking=True)
-        self.block_tables[:bs].copy_(self.host_tables[:bs], non_blocking=True)
+        self.host.fill(chunks, bs, self.block_size, self.kv.trash_slot)
+        self.rows.copy_(self.host.rows, non_blocking=True)
+        self.block_tables[:bs].copy_(self.host.tables[:bs], non_blocking=True)
         self.graphs[bs].replay()
         return self.outputs[bs][:s]

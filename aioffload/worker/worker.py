@@ -18,7 +18,8 @@ from aioffload.attention.backends import select_backend
 from aioffload.attention.kv_cache import KVCache, kv_bytes_per_block
 from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
 from aioffload.config import ConfigError, EngineConfig
-from aioffload.offload.placement import Placement, estimate_activation_bytes, plan_placement
+from aioffload.offload.device import device_facts, fixed_kv_blocks, pick_device, place
+from aioffload.offload.placement import Placement
 from aioffload.offload.transfer_queue import TransferQueue
 from aioffload.worker.cuda_graphs import CudaGraphRunner
 from aioffload.worker.draft import DraftModel, check_same_vocabulary
@@ -33,28 +34,6 @@ from aioffload.worker.step_cost import StepCost, measure_dense_flops, predict_st
 log = logging.getLogger("aioffload.worker")
 
 
-def pick_device(requested: str) -> torch.device:
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def measure_h2d_bytes_per_s(device: torch.device, nbytes: int = 256 << 20) -> float:
-    """Pinned host -> device copy bandwidth, measured with events after a warm-up copy."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dev.copy_(host, non_blocking=True)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(4):
-        dev.copy_(host, non_blocking=True)
-    end.record()
-    end.synchronize()
-    return 4 * nbytes / (start.elapsed_time(end) / 1e3)
-
-
 class Worker:
     def __init__(self, config: EngineConfig, ckpt: Checkpoint) -> None:
         self.config = config
@@ -67,17 +46,9 @@ class Worker:
         self.block_size = config.cache.block_size
         self.attention = select_backend(config.attention_backend, self.device)
         elem = torch.empty((), dtype=self.dtype).element_size()
-        self.h2d_bytes_per_s = (
-            config.offload.h2d_gbps * 1e9
-            if config.offload.h2d_gbps
-            else (measure_h2d_bytes_per_s(self.device) if cuda else 25e9)
-        )
-        total = self._device_total_bytes()
-        sched = config.scheduler
-        self.placement: Placement = plan_placement(
-            mcfg, elem, config.offload, config.cache, sched, self.max_model_len, total, self.h2d_bytes_per_s,
-            estimate_activation_bytes(mcfg, elem, sched.max_num_batched_tokens, sched.max_num_seqs),
-        )  # fmt: skip
+        facts = device_facts(config, self.device)  # the same figures `aioffload plan` prints
+        self.h2d_bytes_per_s, total, sched = facts.h2d_bytes_per_s, facts.total_bytes, config.scheduler
+        self.placement: Placement = place(config, mcfg, elem, self.max_model_len, facts)
         log.info("placement: %s", self.placement.reason)
         self.hybrid: HybridPlan | None = plan_hybrid(
             config.offload, mcfg, ckpt.layout, len(self.placement.offloaded_layers), self.dtype, self.device,
@@ -143,14 +114,6 @@ class Worker:
         target = kv_bytes_per_block(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim, elem)
         return target + (self.draft.kv_bytes_per_block() if self.draft is not None else 0)
 
-    def _device_total_bytes(self) -> int:
-        gb = self.config.offload.gpu_memory_gb
-        if gb is not None:
-            return int(gb * 1e9)
-        if self.device.type == "cuda":
-            return torch.cuda.get_device_properties(self.device).total_memory
-        return 1 << 40  # CPU: memory fractions mean nothing unless --gpu-memory-gb emulates a card
-
     def _graph_decision(self) -> str | None:
         """None when graphs should be captured, else why not."""
         if self.device.type != "cuda":
@@ -167,10 +130,9 @@ class Worker:
         cfg = self.config
         block_bytes = self._block_bytes(elem)
         need = -(-self.max_model_len // self.block_size)
-        if cfg.cache.num_blocks is not None:
-            blocks = cfg.cache.num_blocks
-        elif self.device.type != "cuda":
-            blocks = int(cfg.cache.cpu_kv_cache_gb * 1e9 // block_bytes)
+        fixed = fixed_kv_blocks(cfg, self.device, block_bytes)
+        if fixed is not None:
+            blocks = fixed
         else:
             peak = self._profile_peak_bytes()
             budget = cfg.cache.gpu_memory_utilization * total - peak
