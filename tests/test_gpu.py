@@ -151,7 +151,7 @@ def test_hybrid_engine_on_gpu_greedy_equals_streaming(tiny: str) -> None:
     # A tiny layer streams in microseconds, so the cost model rightly gives the host nothing; force a
     # share (all of the single 128-wide chunk) to run the split path end to end through the engine.
     assert on.worker.hybrid.split.num_chunks == 1
-    on.worker.hybrid.chooser = lambda tokens: 1  # type: ignore[assignment,method-assign]
+    on.worker.hybrid.before_step = lambda tokens: 1  # type: ignore[method-assign]
     out = greedy_outputs(on)
     assert out == greedy_outputs(make_engine(tiny, cpu_offload_gb=half, hybrid="off"))
 

@@ -28,7 +28,7 @@ MAX_SPLITS = 32
 CPU_SMS = 4  # the interpreter has no SMs: a small figure, so CPU tests exercise several splits
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: no recompiles
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, row_seq_ptr, row_ctx_ptr, rows_ptr,
     part_acc_ptr, part_ml_ptr,
