@@ -3,13 +3,15 @@
 `Checkpoint.open` checks everything it can from headers alone (files, architecture,
 every tensor's presence and shape) so bad input fails before any allocation, with a
 message naming the file. `read_layer_into` reads one decoder layer straight into a
-caller-owned flat buffer (the worker's model assembly decides where that buffer lives).
+caller-owned flat buffer (the worker's model assembly decides where that buffer lives);
+`read_expert_into` does the same for one routed expert of an MoE layer.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 
 from aioffload.checkpoint.safetensors_io import SafetensorsError, TensorEntry, read_header, read_into
 from aioffload.config import ConfigError, EngineConfig, ModelConfig
-from aioffload.model.layout import LayerLayout, layer_layout, source_shapes
+from aioffload.model.layout import LayerLayout, expert_layout, layer_layout, source_shapes
 
 log = logging.getLogger("aioffload.weights")
 
@@ -71,10 +73,17 @@ class Checkpoint:
         }
         if not (cfg.tie_word_embeddings and "lm_head.weight" not in self.entries):
             expected["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-        for spec in self.layout.params:
-            for src, shape in zip(spec.sources, source_shapes(cfg, spec), strict=True):
-                for i in range(cfg.num_layers):
+        for i in range(cfg.num_layers):
+            for spec in layer_layout(cfg, i).params:
+                for src, shape in zip(spec.sources, source_shapes(cfg, spec), strict=True):
                     expected[f"model.layers.{i}.{src}"] = shape
+        if cfg.is_moe:
+            self._check_fused_experts()
+            for spec in expert_layout(cfg).params:
+                for src, shape in zip(spec.sources, source_shapes(cfg, spec), strict=True):
+                    for i in cfg.moe_layers:
+                        for e in range(cfg.num_experts):
+                            expected[f"model.layers.{i}.{src.format(e=e)}"] = shape
         for name, shape in expected.items():
             entry = self.entries.get(name)
             if entry is None:
@@ -84,8 +93,20 @@ class Checkpoint:
                     f"{entry.path.name}: tensor {name} has shape {list(entry.shape)}, expected {list(shape)}"
                 )
 
+    def _check_fused_experts(self) -> None:
+        """transformers 5 holds experts fused in memory (experts.gate_up_proj [E, 2I, H]) but saves
+        them per expert; a folder saved fused is named as such rather than as a missing tensor."""
+        fused = next((n for n in self.entries if n.endswith(("experts.gate_up_proj", "experts.down_proj"))), None)
+        if fused is not None:
+            raise CheckpointError(
+                f"{self.entries[fused].path.name}: tensor {fused} holds every expert of a layer fused; aioffload reads "
+                "per-expert tensors (experts.{e}.gate_proj/up_proj/down_proj.weight, or w1/w2/w3 for Mixtral), as "
+                "save_pretrained writes them"
+            )
+
     @property
     def layout(self) -> LayerLayout:
+        """Layer 0's buffer layout (every layer's, for dense models; see `layer_layout(cfg, i)`)."""
         return layer_layout(self.model_config)
 
     def resolve_dtype(self, requested: str, device: torch.device) -> torch.dtype:
@@ -123,15 +144,23 @@ def _read_entries(root: Path) -> dict[str, TensorEntry]:
 
 
 def read_layer_into(ckpt: Checkpoint, i: int, flat: torch.Tensor) -> None:
-    """Read decoder layer i's tensors into its flat buffer `flat` (laid out as `ckpt.layout`). The
-    alignment gaps between them are zeroed, so a
+    """Read decoder layer i's tensors into its flat buffer `flat` (laid out as `layer_layout(cfg, i)`).
+    The alignment gaps between them are zeroed, so a
     layer's buffer is fully defined (offloaded buffers are compared bitwise in tests)."""
-    layout = ckpt.layout
+    _read_flat(ckpt, layer_layout(ckpt.model_config, i), lambda src: f"model.layers.{i}.{src}", flat)
+
+
+def read_expert_into(ckpt: Checkpoint, i: int, expert: int, flat: torch.Tensor) -> None:
+    """Read routed expert `expert` of MoE layer i (gate | up | down, `expert_layout`) into `flat`."""
+    _read_flat(ckpt, expert_layout(ckpt.model_config), lambda src: f"model.layers.{i}.{src.format(e=expert)}", flat)
+
+
+def _read_flat(ckpt: Checkpoint, layout: LayerLayout, tensor_name: Callable[[str], str], flat: torch.Tensor) -> None:
     ends = [p.offset for p in layout.params[1:]] + [layout.numel]
     for spec, end in zip(layout.params, ends):
         offset = spec.offset
         for src in spec.sources:
-            e = ckpt.entries[f"model.layers.{i}.{src}"]
+            e = ckpt.entries[tensor_name(src)]
             n = e.nbytes // e.dtype.itemsize
             read_into(e, flat[offset : offset + n])
             offset += n

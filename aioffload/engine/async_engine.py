@@ -125,6 +125,7 @@ class Engine:
                 self.worker.offload_bytes_per_step, self.worker.h2d_bytes_per_s
             ),
             "steps_total": self.stats_.steps_total,
+            **self.worker.expert_stats(),  # MoE with offloaded experts: cache hit rate, bytes per step
         }
 
     async def generate(

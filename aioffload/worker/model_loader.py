@@ -16,8 +16,9 @@ import torch
 from aioffload.attention.backends import AttentionBackend
 from aioffload.checkpoint.checkpoint import Checkpoint, read_layer_into
 from aioffload.checkpoint.safetensors_io import read_into
-from aioffload.model.layout import LayerLayout, LayerWeights
+from aioffload.model.layout import LayerLayout, LayerWeights, layer_layout
 from aioffload.model.llama import LayerSource, LlamaModel
+from aioffload.offload.expert_placement import ExpertPlan
 from aioffload.offload.pinned import pinned_empty
 from aioffload.offload.transfer_queue import ResidentLayers, TransferQueue
 from aioffload.progress import Progress
@@ -34,7 +35,14 @@ def build_model(
     offloaded: frozenset[int] = frozenset(),
     embed_on_host: bool = False,
     ring_size: int = 2,
+    experts: ExpertPlan | None = None,
 ) -> tuple[LlamaModel, LayerSource]:
+    """`experts`: an MoE model's expert placement (None: every expert resident); MoE models keep
+    every non-expert buffer resident, so `offloaded` applies to dense models only."""
+    if ckpt.model_config.is_moe:
+        from aioffload.worker.expert_loader import build_moe_model
+
+        return build_moe_model(ckpt, dtype, device, attention, max_positions, experts, embed_on_host)
     w = load_weights(ckpt, dtype, device, offloaded, embed_on_host)
     layers: LayerSource
     if w.host:
@@ -63,12 +71,13 @@ def load_weights(
     embed_on_host: bool = False,
 ) -> LoadedWeights:
     """Read every tensor once into its final place. Offloaded layers go to pinned host memory
-    (plain host memory on a CPU-only machine), everything else to `device`."""
+    (plain host memory on a CPU-only machine), everything else to `device`. An MoE model's routed
+    experts are not read here (worker/expert_loader.py)."""
     cfg, layout = ckpt.model_config, ckpt.layout
+    layouts = [layer_layout(cfg, i) for i in range(cfg.num_layers)]  # all equal unless the model is MoE
     pin = device.type == "cuda"
-    layer_bytes = layout.nbytes(dtype)
     elem = torch.empty((), dtype=dtype).element_size()
-    total = cfg.num_layers * layer_bytes + 2 * cfg.vocab_size * cfg.hidden_size * elem
+    total = sum(lay.numel for lay in layouts) * elem + 2 * cfg.vocab_size * cfg.hidden_size * elem
     progress = Progress("loading weights", total, unit_scale=1e9, unit="GB")
     t0 = time.perf_counter()
 
@@ -86,23 +95,24 @@ def load_weights(
     else:
         lm_head = embed if embed.device == device else embed.to(device)
 
-    def host_buffer() -> torch.Tensor:
-        return pinned_empty(layout.numel, dtype) if pin else torch.empty(layout.numel, dtype=dtype)
+    def host_buffer(numel: int) -> torch.Tensor:
+        return pinned_empty(numel, dtype) if pin else torch.empty(numel, dtype=dtype)
 
     # Resident layers pass through one reused pinned staging buffer on their way to the GPU.
-    staging = host_buffer() if pin and len(offloaded) < cfg.num_layers else None
+    most = max(lay.numel for lay in layouts)
+    staging = host_buffer(most) if pin and len(offloaded) < cfg.num_layers else None
     resident: dict[int, LayerWeights] = {}
     host: dict[int, torch.Tensor] = {}
-    for i in range(cfg.num_layers):
+    for i, lay in enumerate(layouts):
         offload = i in offloaded
-        flat = host_buffer() if offload or staging is None else staging
+        flat = host_buffer(lay.numel) if offload or staging is None else staging[: lay.numel]
         read_layer_into(ckpt, i, flat)
         if offload:
             host[i] = flat
         else:
             dev_flat = flat.to(device, non_blocking=False) if flat.device != device else flat
-            resident[i] = LayerWeights(dev_flat, layout)
-        progress.advance(layer_bytes)
+            resident[i] = LayerWeights(dev_flat, lay)
+        progress.advance(lay.numel * elem)
     progress.close()
     log.info(
         "loaded %s: %d layers (%d resident, %d offloaded), %s, %.1f GB in %.1f s",

@@ -18,6 +18,7 @@ from aioffload.attention.kv_cache import KVCache, kv_bytes_per_block
 from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
 from aioffload.config import ConfigError, EngineConfig
 from aioffload.offload.batching import offload_token_budget
+from aioffload.offload.expert_stream import MoeLayers
 from aioffload.offload.placement import Placement, estimate_activation_bytes, plan_placement
 from aioffload.offload.transfer_queue import TransferQueue
 from aioffload.worker.cuda_graphs import CudaGraphRunner
@@ -81,10 +82,11 @@ class Worker:
         self.model, self.layers = build_model(
             ckpt, self.dtype, self.device, self.attention, self.max_model_len,
             offloaded=frozenset(self.placement.offloaded_layers), embed_on_host=self.placement.embed_on_host,
-            ring_size=config.offload.prefetch,
+            ring_size=config.offload.prefetch, experts=self.placement.experts,
         )  # fmt: skip
-        self.offload_active = isinstance(self.layers, TransferQueue)
-        self.offload_bytes_per_step = self.layers.bytes_per_step if isinstance(self.layers, TransferQueue) else 0
+        streamed = isinstance(self.layers, TransferQueue | MoeLayers)  # MoeLayers: 0 bytes when experts are resident
+        self.offload_bytes_per_step = self.layers.bytes_per_step if streamed else 0
+        self.offload_active = self.offload_bytes_per_step > 0
         self.copy_floor_s = self.offload_bytes_per_step / self.h2d_bytes_per_s
         # Known before KV sizing, so the warm-up step profiles the largest step that will run.
         self.token_budget = sched.max_num_batched_tokens
@@ -131,6 +133,8 @@ class Worker:
             return f"{len(self.placement.offloaded_layers)} layers offloaded: streamed eager path"
         if self.attention.name != "torch":
             return f"attention backend {self.attention.name} is not graph-safe"
+        if isinstance(self.layers, MoeLayers) and not self.layers.graph_safe:
+            return "MoE experts without torch._grouped_mm read their token counts on the host"
         return None
 
     def _size_kv_cache(self, total: int, elem: int) -> int:
@@ -181,6 +185,10 @@ class Worker:
         del tmp, inp
         torch.cuda.empty_cache()
         return peak
+
+    def expert_stats(self) -> dict[str, float]:
+        """MoE expert streaming counters for /metrics (cache hit rate, bytes per step); {} otherwise."""
+        return self.layers.stats() if isinstance(self.layers, MoeLayers) else {}
 
     def execute(
         self,
