@@ -149,7 +149,8 @@ def _moe_fields(arch: str, cfg: dict[str, Any], num_layers: int, source: str) ->
         inter = cfg.get("moe_intermediate_size")
         shared = int(cfg.get("shared_expert_intermediate_size") or 0) if arch == "Qwen2MoeForCausalLM" else 0
         norm = bool(cfg.get("norm_topk_prob", False))
-        step = int(cfg.get("decoder_sparse_step") or 1)
+        step = cfg.get("decoder_sparse_step")
+        step = 1 if step is None else int(step)
         dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
         if step < 1:
             raise ConfigError(f"{source}: decoder_sparse_step must be >= 1, got {step}")

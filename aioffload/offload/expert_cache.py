@@ -29,9 +29,17 @@ class ExpertCache:
         self.hand = 0
         self.hits = 0
         self.misses = 0
+        self.freq: dict[Key, int] = {}  # routing counts, cached or not (halved every `window` lookups)
+        self.window = max(64, 8 * capacity)
+        self._lookups = 0
 
     def lookup(self, key: Key) -> int | None:
-        """The slot holding `key` (counted as a hit, its count raised), or None (a miss)."""
+        """`key` is routed: the slot holding it (a hit, its count raised), or None (a miss)."""
+        self.freq[key] = self.freq.get(key, 0) + 1
+        self._lookups += 1
+        if self._lookups >= self.window:
+            self._lookups = 0
+            self.freq = {k: f // 2 for k, f in self.freq.items() if f > 1}
         slot = self.slot_of.get(key)
         if slot is None:
             self.misses += 1
@@ -40,9 +48,14 @@ class ExpertCache:
         self.count[slot] = min(self.max_count, self.count[slot] + 1)
         return slot
 
+    def peek(self, key: Key) -> int | None:
+        """The slot holding `key`, without counting a use (whole-set loads copy every expert)."""
+        return self.slot_of.get(key)
+
     def insert(self, key: Key, pinned: set[Key]) -> int | None:
         """A slot for `key` (not cached), evicting a victim if the cache is full; None when every
-        slot is pinned (or capacity is 0). Entries in `pinned` are never evicted."""
+        slot is pinned, capacity is 0, or the victim has been routed more often than `key`.
+        Entries in `pinned` are never evicted."""
         if self.capacity == 0:
             return None
         for _ in range((self.max_count + 1) * self.capacity + 1):  # every count reaches 0 within this
@@ -54,6 +67,8 @@ class ExpertCache:
             if old is not None and self.count[slot] > 0:
                 self.count[slot] -= 1
                 continue
+            if old is not None and self.freq.get(key, 0) < self.freq.get(old, 0):
+                return None  # not admitted: the victim is the more frequently routed
             if old is not None:
                 del self.slot_of[old]
                 self.per_layer[old[0]] -= 1

@@ -111,6 +111,7 @@ class ExpertStream:
         self.tokens = 0
         self.step = StepCounters()
         self.last = StepCounters()  # the last finished step
+        self.total = StepCounters()  # every finished step
         self._pending: list[int] = []  # streamed layers whose counts were copied without a wait
         self._reset()
 
@@ -191,6 +192,8 @@ class ExpertStream:
             self._observe(j, np.flatnonzero(self.counts_host[j].numpy()))
         self._pending.clear()
         self.last, self.step = self.step, StepCounters()
+        for f in ("copied_bytes", "routed_bytes", "full_layers", "routed_layers"):
+            setattr(self.total, f, getattr(self.total, f) + getattr(self.last, f))
 
     def stats(self) -> dict[str, float]:
         return {
@@ -260,7 +263,7 @@ class ExpertStream:
         r, dst, host = self.num_resident[layer], self.slots[g % self.ring], self.host[layer]
         uncached, cached = [], []
         for e in range(r, self.num_experts):
-            c = self.cache.lookup((layer, e))
+            c = self.cache.peek((layer, e))
             (uncached if c is None else cached).append((e, c))
         with self._copying(g % self.ring):
             if r:
