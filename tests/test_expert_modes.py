@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from aioffload.offload.expert_modes import ROUTED_BUBBLE_S, UnionModel, choose_full
+from aioffload.offload.expert_modes import HBM_BYTES_PER_S, ROUTED_BUBBLE_S, UnionModel, choose_full
 
 E, K = 128, 8  # Qwen3-30B-A3B
 EXPERT_BYTES = 9_437_184
 BUBBLE = ROUTED_BUBBLE_S * 54e9 / EXPERT_BYTES  # ~0.86 experts at 54 GB/s
+READ = 54e9 / HBM_BYTES_PER_S  # an expert's GEMM reads its 9.4 MB from HBM in 0.018 of its copy time
 
 
 def test_uniform_union_prediction() -> None:
@@ -32,12 +33,18 @@ def test_observed_skew_lowers_the_prediction() -> None:
 
 @pytest.mark.parametrize(
     "tokens, cached, full",
-    [(1, 0, False), (8, 0, False), (32, 0, False), (64, 0, True), (256, 0, True), (8, 100, True)],
+    [(1, 0, False), (8, 0, False), (32, 0, False), (64, 0, True), (256, 0, True), (8, 100, False), (32, 120, True)],
 )
 def test_choose_full_for_qwen3_30b(tokens: int, cached: int, full: bool) -> None:
     u = UnionModel(E, K).predict(0, tokens)
-    assert choose_full(u, E, E, cached, BUBBLE) is full
+    assert choose_full(u, E, E, cached, BUBBLE, READ) is full
+
+
+def test_the_gemm_read_tips_64_tokens_to_whole_sets() -> None:
+    u = UnionModel(E, K).predict(0, 64)  # 125.95 of 128
+    assert u + BUBBLE < E  # copies + bubble alone would still favour routed
+    assert u * (1 + READ) + BUBBLE > E  # the GEMMs reading 126 experts from HBM tip it
 
 
 def test_nothing_offloaded_is_never_full() -> None:
-    assert choose_full(128.0, E, 0, 0, BUBBLE) is False
+    assert choose_full(128.0, E, 0, 0, BUBBLE, READ) is False

@@ -125,3 +125,35 @@ def test_plan_text_shows_experts_on_gpu_and_host_per_layer() -> None:
     assert f"routed floor     {routed / H2D * 1e3:.1f} ms at batch 1" in text
     assert f"step floor       {p.predicted_step_floor_s * 1e3:.1f} ms copying every offloaded expert" in text
     assert "expert staging   2.42 GB (2 slots of 128 experts)" in text
+
+
+def test_aioffload_plan_on_an_moe_checkpoint(tmp_path, capsys) -> None:
+    from aioffload.bench.synthetic import make_synthetic_checkpoint
+    from aioffload.cli import main
+
+    path = make_synthetic_checkpoint(tmp_path / "m", "tiny-moe", device="cpu")  # bf16, 4 layers x 8 experts
+    rc = main(["plan", "--model", str(path), "--gpu-memory-gb", "1", "--trigger", "0.0006",
+               "--expert-stream", "routed", "--expert-cache-gb", "0.0001"])  # fmt: skip
+    out = " ".join(capsys.readouterr().out.split())
+    assert rc == 0
+    eb = 3 * 32 * 64 * 2  # 12.3 kB per expert in bf16
+    assert "(Qwen3MoeForCausalLM, 4 layers, bfloat16)" in out
+    assert "layers 0-3 GPU attention, norms, router" in out
+    assert re.search(r"layers? [0-9-]+ (GPU|split) ", out)
+    assert re.search(r"layers? [0-9-]+ host 8 experts x 12\.3 kB", out)
+    assert f"expert cache 0.00 GB ({math.floor(1e5 / eb)} experts; streaming routed)" in out
+    assert "routed floor" in out and "step floor" in out
+
+
+def test_expert_flags_are_validated() -> None:
+    from aioffload.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--expert-stream", "sometimes"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["plan", "--expert-cache-gb", "-1"])
+    with pytest.raises(ConfigError, match="--expert-cache-gb must be >= 0"):
+        from aioffload.config import EngineConfig
+
+        EngineConfig(model="m", offload=OffloadConfig(expert_cache_gb=-1.0)).validate()

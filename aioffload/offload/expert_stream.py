@@ -31,7 +31,7 @@ import torch
 
 from aioffload.model.layout import ExpertWeights, LayerLayout, LayerWeights
 from aioffload.offload.expert_cache import ExpertCache
-from aioffload.offload.expert_modes import ROUTED_BUBBLE_S, UnionModel, choose_full
+from aioffload.offload.expert_modes import HBM_BYTES_PER_S, ROUTED_BUBBLE_S, UnionModel, choose_full
 from aioffload.offload.pinned import pinned_empty
 from aioffload.offload.transfer_queue import ResidentLayers
 
@@ -97,6 +97,7 @@ class ExpertStream:
         self.cache_buf = torch.empty(cache_experts, layout.numel, dtype=dtype, device=device)
         self.union = UnionModel(e, top_k)
         self.bubble_experts = ROUTED_BUBBLE_S * h2d_bytes_per_s / self.expert_bytes
+        self.h2d_per_hbm = h2d_bytes_per_s / HBM_BYTES_PER_S
         self.cuda = device.type == "cuda"
         n = len(self.order)
         if self.cuda:
@@ -148,9 +149,8 @@ class ExpertStream:
             for j, layer in enumerate(self.order):
                 off = self.num_experts - self.num_resident[layer]
                 u = self.union.predict(layer, num_tokens)
-                self.full[j] = choose_full(
-                    u, self.num_experts, off, self.cache.cached_in_layer(layer), self.bubble_experts
-                )
+                cached = self.cache.cached_in_layer(layer)
+                self.full[j] = choose_full(u, self.num_experts, off, cached, self.bubble_experts, self.h2d_per_hbm)
         self._top_up()
 
     def acquire(self, layer: int, counts: torch.Tensor) -> ExpertWeights:  # counts: [E] int32
