@@ -73,7 +73,7 @@ def plan(path: str, resident: dict[int, int], mode: str, cache: int, h2d: float)
 
 def test_grouped_mm_runs_on_this_gpu(moe: str) -> None:
     cfg = Checkpoint.open(moe).model_config
-    assert grouped_mm_works(CUDA, torch.bfloat16, cfg.hidden_size, cfg.moe_intermediate_size)
+    assert grouped_mm_works(CUDA, torch.bfloat16, expert_layout(cfg))
 
 
 @pytest.mark.parametrize(

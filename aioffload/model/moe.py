@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from aioffload.config import ModelConfig
-from aioffload.model.layout import ExpertWeights, LayerWeights
+from aioffload.model import ops as torch_ops
+from aioffload.model.layout import ExpertWeights, LayerLayout, LayerWeights
 from aioffload.model.llama import DenseMlp
 
 
@@ -71,16 +72,17 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor, grouped
     return out
 
 
-def grouped_mm_works(device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> bool:
-    """Whether torch._grouped_mm runs here for these shapes (CUDA wants bf16 on sm90+ and 16-byte
-    aligned dims; the CPU has a fallback from torch 2.9). Probed once, at model assembly."""
+def grouped_mm_works(device: torch.device, dtype: torch.dtype, layout: LayerLayout) -> bool:
+    """Whether torch._grouped_mm runs here on expert stacks laid out as `layout` (CUDA wants bf16 on
+    sm90+ and 16-byte aligned strides; the CPU has a fallback from torch 2.9). Probed once, at model
+    assembly, on the same strided [E, out, in] views the layers use."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.zeros(4, hidden, dtype=dtype, device=device)
-        w = torch.zeros(2, 2 * inter, hidden, dtype=dtype, device=device)
+        ew = ExpertWeights(torch.zeros(2, layout.numel, dtype=dtype, device=device), layout)
         offs = torch.tensor([1, 4], dtype=torch.int32, device=device)
-        grouped_linear(x, w, offs, grouped=True)
+        x = torch.zeros(4, ew.gate_up_w.shape[2], dtype=dtype, device=device)
+        grouped_linear(torch_ops.silu_mul(grouped_linear(x, ew.gate_up_w, offs, True)), ew.down_w, offs, True)
         return True
     except (RuntimeError, NotImplementedError):
         return False

@@ -21,12 +21,11 @@ requests.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from aioffload.model.layout import ExpertWeights, LayerLayout, LayerWeights
@@ -95,6 +94,11 @@ class ExpertStream:
         self.views = [ExpertWeights(s, layout) for s in self.slots]
         self.cache = ExpertCache(cache_experts)
         self.cache_buf = torch.empty(cache_experts, layout.numel, dtype=dtype, device=device)
+        # Per-expert row views, made once: slicing a tensor per copy costs more host time than the copy call.
+        self.slot_rows = [list(s.unbind(0)) for s in self.slots]
+        self.cache_rows = list(self.cache_buf.unbind(0))
+        self.host_rows = {layer: list(h.unbind(0)) for layer, h in host.items()}
+        self.resident_rows = {layer: list(t.unbind(0)) for layer, t in resident.items() if layer in host}
         self.union = UnionModel(e, top_k)
         self.bubble_experts = ROUTED_BUBBLE_S * h2d_bytes_per_s / self.expert_bytes
         self.h2d_per_hbm = h2d_bytes_per_s / HBM_BYTES_PER_S
@@ -108,6 +112,7 @@ class ExpertStream:
             self.counts_host = pinned_empty(n * e, torch.int32).view(n, e)
         else:
             self.counts_host = torch.zeros(n, e, dtype=torch.int32)
+        self.counts_np = self.counts_host.numpy()
         self.full = [mode == "full"] * n  # this step's plan, per streamed layer
         self.tokens = 0
         self.step = StepCounters()
@@ -189,7 +194,7 @@ class ExpertStream:
         """Account the finished step (read the unions of whole-set layers) and start new counters.
         Call only when the step's device work is done (its logits were read); begin_step does."""
         for j in self._pending:
-            self._observe(j, np.flatnonzero(self.counts_host[j].numpy()))
+            self._observe(j, self.counts_np[j].nonzero()[0].tolist())
         self._pending.clear()
         self.last, self.step = self.step, StepCounters()
         for f in ("copied_bytes", "routed_bytes", "full_layers", "routed_layers"):
@@ -205,74 +210,90 @@ class ExpertStream:
 
     # ---- loads ----
 
-    def _copy_counts(self, j: int, counts: torch.Tensor, wait: bool) -> np.ndarray:
-        """Counts to the pinned row of streamed layer j; with `wait`, the union of routed experts."""
-        row = self.counts_host[j]
-        row.copy_(counts, non_blocking=self.cuda)
+    def _copy_counts(self, j: int, counts: torch.Tensor, wait: bool) -> list[int]:
+        """Counts to the pinned row of streamed layer j; with `wait`, the routed experts (sorted ids)."""
+        self.counts_host[j].copy_(counts, non_blocking=self.cuda)
         if self.cuda and not wait:
             self._pending.append(j)  # read by end_step, once the step is done
-            return np.empty(0, dtype=np.int64)
+            return []
         if self.cuda:
             self.counts_ready.record(torch.cuda.current_stream())
             self.counts_ready.synchronize()
-        union = np.flatnonzero(row.numpy())
+        union = self.counts_np[j].nonzero()[0].tolist()
         self._observe(j, union)
         return union
 
-    def _observe(self, j: int, union: np.ndarray) -> None:
+    def _observe(self, j: int, union: list[int]) -> None:
         layer = self.order[j]
         self.union.observe(layer, self.tokens, len(union))
-        self.step.routed_bytes += int((union >= self.num_resident[layer]).sum()) * self.expert_bytes
+        on_host = len(union) - bisect.bisect_left(union, self.num_resident[layer])
+        self.step.routed_bytes += on_host * self.expert_bytes
 
-    @contextmanager
-    def _copying(self, slot: int) -> Iterator[None]:
-        """Copies into `slot` on the copy stream, after its last reader, then `loaded`."""
-        if not self.cuda:
-            yield
-            return
-        with torch.cuda.stream(self.copy_stream):
+    def _begin_copies(self, slot: int) -> None:
+        """Copies into `slot` go on the copy stream, after its last reader (`freed`)."""
+        if self.cuda:
+            self._stream_ctx = torch.cuda.stream(self.copy_stream)
+            self._stream_ctx.__enter__()
             self.copy_stream.wait_event(self.freed[slot])
-            yield
-            self.loaded[slot].record(self.copy_stream)
 
-    def _load_routed(self, g: int, union: np.ndarray) -> None:
+    def _end_copies(self, slot: int) -> None:
+        if self.cuda:
+            self.loaded[slot].record(self.copy_stream)
+            self._stream_ctx.__exit__(None, None, None)
+
+    def _load_routed(self, g: int, experts: list[int]) -> None:
+        """The routed experts into the layer's slot: host-to-device first (the long copies; runs of
+        consecutive ids in one), then resident (a split layer) and cached ones device to device; then
+        the newly copied experts are offered to the cache."""
         layer = self.order[g % len(self.order)]
-        r, dst, host = self.num_resident[layer], self.slots[g % self.ring], self.host[layer]
-        experts = [int(e) for e in union]
-        pinned = {(layer, e) for e in experts if e >= r}
-        misses = []
-        with self._copying(g % self.ring):
-            for a, b in _runs([e for e in experts if e < r]):
-                dst[a:b].copy_(self.resident[layer][a:b])
-            for e in (e for e in experts if e >= r):
-                c = self.cache.lookup((layer, e))
+        slot = g % self.ring
+        r, rows, host_rows = self.num_resident[layer], self.slot_rows[slot], self.host_rows[layer]
+        cache = self.cache
+        hits, misses = [], []
+        for e in experts:
+            if e >= r:
+                c = cache.lookup((layer, e)) if cache.capacity else None
                 if c is None:
                     misses.append(e)
                 else:
-                    dst[e].copy_(self.cache_buf[c])
-            for a, b in _runs(misses):
-                dst[a:b].copy_(host[a - r : b - r], non_blocking=True)
-                self.step.copied_bytes += (b - a) * self.expert_bytes
+                    hits.append((e, c))
+        self._begin_copies(slot)
+        for a, b in _runs(misses):
+            if b - a == 1:
+                rows[a].copy_(host_rows[a - r], non_blocking=True)
+            else:
+                self.slots[slot][a:b].copy_(self.host[layer][a - r : b - r], non_blocking=True)
+            self.step.copied_bytes += (b - a) * self.expert_bytes
+        for e in experts:
+            if e >= r:
+                break
+            rows[e].copy_(self.resident_rows[layer][e])
+        for e, c in hits:
+            rows[e].copy_(self.cache_rows[c])
+        if cache.capacity:
+            pinned = {(layer, e) for e in experts if e >= r}
             for e in misses:
-                c = self.cache.insert((layer, e), pinned)
+                c = cache.insert((layer, e), pinned)
                 if c is not None:
-                    self.cache_buf[c].copy_(dst[e])
+                    self.cache_rows[c].copy_(rows[e])
+        self._end_copies(slot)
 
     def _load_full(self, g: int) -> None:
+        """The layer's whole expert set into its slot, cached experts from the cache."""
         layer = self.order[g % len(self.order)]
-        r, dst, host = self.num_resident[layer], self.slots[g % self.ring], self.host[layer]
-        uncached, cached = [], []
-        for e in range(r, self.num_experts):
-            c = self.cache.peek((layer, e))
-            (uncached if c is None else cached).append((e, c))
-        with self._copying(g % self.ring):
-            if r:
-                dst[:r].copy_(self.resident[layer])
-            for a, b in _runs([e for e, _ in uncached]):
-                dst[a:b].copy_(host[a - r : b - r], non_blocking=True)
-                self.step.copied_bytes += (b - a) * self.expert_bytes
-            for e, c in cached:
-                dst[e].copy_(self.cache_buf[c])
+        slot = g % self.ring
+        r, dst, host = self.num_resident[layer], self.slots[slot], self.host[layer]
+        cached = [(e, c) for e in range(r, self.num_experts) if (c := self.cache.peek((layer, e))) is not None]
+        in_cache = {e for e, _ in cached}
+        self._begin_copies(slot)
+        if r:
+            dst[:r].copy_(self.resident[layer])
+        for a, b in _runs([e for e in range(r, self.num_experts) if e not in in_cache]):
+            dst[a:b].copy_(host[a - r : b - r], non_blocking=True)
+            self.step.copied_bytes += (b - a) * self.expert_bytes
+        for e, c in cached:
+            self.slot_rows[slot][e].copy_(self.cache_rows[c])
+        self._end_copies(slot)
 
 
 def _runs(ids: list[int]) -> Iterator[tuple[int, int]]:

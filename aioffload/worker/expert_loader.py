@@ -45,7 +45,7 @@ def build_moe_model(
     split = dict(plan.resident) if plan is not None else {layer: cfg.num_experts for layer in cfg.moe_layers}
     resident, host = load_experts(ckpt, dtype, device, split)
     layout = expert_layout(cfg)
-    grouped = grouped_mm_works(device, dtype, cfg.hidden_size, cfg.moe_intermediate_size)
+    grouped = grouped_mm_works(device, dtype, layout)
     experts: ResidentExperts | ExpertStream
     if host:
         assert plan is not None
