@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from aioffload.offload.expert_modes import HBM_BYTES_PER_S, ROUTED_BUBBLE_S, UnionModel, choose_full
+from aioffload.offload.expert_modes import ROUTED_BUBBLE_S, UnionModel, choose_full
+from aioffload.offload.placement import HBM_BYTES_PER_S
 
 E, K = 128, 8  # Qwen3-30B-A3B
 EXPERT_BYTES = 9_437_184

@@ -10,8 +10,9 @@ import torch
 from aioffload.attention.backends import SdpaBackend
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.model.layout import expert_layout
+from aioffload.offload.expert_layers import MoeLayers, ResidentExperts
 from aioffload.offload.expert_placement import ExpertPlan
-from aioffload.offload.expert_stream import ExpertStream, MoeLayers, ResidentExperts
+from aioffload.offload.expert_stream import ExpertStream
 from aioffload.worker.model_loader import build_model
 from tests.helpers import CPU, Runner, one_torch_thread
 from tests.tiny_models import make_moe_checkpoint

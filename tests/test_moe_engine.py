@@ -9,7 +9,8 @@ import torch
 
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.model.layout import expert_layout
-from aioffload.offload.expert_stream import ExpertStream, MoeLayers
+from aioffload.offload.expert_layers import MoeLayers
+from aioffload.offload.expert_stream import ExpertStream
 from aioffload.serving.metrics import Metrics
 from tests.test_engine import make_engine, prompts, run_all, spy_preemptions
 from tests.tiny_models import add_word_tokenizer, make_moe_checkpoint

@@ -18,8 +18,9 @@ from aioffload.config import CacheConfig, EngineConfig, OffloadConfig, Scheduler
 from aioffload.engine.async_engine import Engine
 from aioffload.model.layout import expert_layout
 from aioffload.model.moe import grouped_mm_works
+from aioffload.offload.expert_layers import MoeLayers
 from aioffload.offload.expert_placement import ExpertPlan
-from aioffload.offload.expert_stream import ExpertStream, MoeLayers
+from aioffload.offload.expert_stream import ExpertStream
 from aioffload.worker.inputs import SeqChunk, build_inputs
 from aioffload.worker.model_loader import build_model
 from aioffload.worker.sampling import SamplingParams

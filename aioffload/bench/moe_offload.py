@@ -36,7 +36,8 @@ from aioffload.bench.common import phase, say
 from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
 from aioffload.config import EngineConfig, ModelConfig
 from aioffload.model.layout import expert_layout
-from aioffload.offload.expert_stream import ExpertStream, MoeLayers
+from aioffload.offload.expert_layers import MoeLayers
+from aioffload.offload.expert_stream import ExpertStream
 from aioffload.offload.placement import estimate_activation_bytes, plan_placement
 from aioffload.worker.worker import Worker, pick_device
 

@@ -19,7 +19,6 @@ import math
 # next copies start. An estimate for an H100/H200 at small batch; `aioffload bench offload`
 # on an MoE model reports the measured step against the routed-bytes floor.
 ROUTED_BUBBLE_S = 150e-6
-HBM_BYTES_PER_S = 3.0e12  # device memory the expert GEMMs read from (H100/H200 class)
 
 
 class UnionModel:

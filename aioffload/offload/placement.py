@@ -350,7 +350,7 @@ def _size(n: float) -> str:
 def format_plan(p: Placement, model: ModelConfig, block_size: int) -> str:
     """The text `aioffload plan` prints: one row per run of layers in one place, then totals."""
     if p.experts is not None:
-        from aioffload.offload.expert_placement import format_expert_plan
+        from aioffload.offload.expert_plan_text import format_expert_plan
 
         return format_expert_plan(p, model, block_size)
     dtype_bytes = p.layer_bytes // layer_layout(model).numel

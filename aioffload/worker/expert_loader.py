@@ -21,8 +21,9 @@ from aioffload.checkpoint.checkpoint import Checkpoint, read_expert_into
 from aioffload.model.layout import expert_layout
 from aioffload.model.llama import LayerSource, LlamaModel
 from aioffload.model.moe import MoeMlp, grouped_mm_works
+from aioffload.offload.expert_layers import MoeLayers, ResidentExperts
 from aioffload.offload.expert_placement import ExpertPlan
-from aioffload.offload.expert_stream import ExpertStream, MoeLayers, ResidentExperts
+from aioffload.offload.expert_stream import ExpertStream
 from aioffload.offload.pinned import pinned_empty
 from aioffload.progress import Progress
 from aioffload.worker.model_loader import load_weights

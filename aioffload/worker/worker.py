@@ -18,7 +18,7 @@ from aioffload.attention.kv_cache import KVCache, kv_bytes_per_block
 from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
 from aioffload.config import ConfigError, EngineConfig
 from aioffload.offload.batching import offload_token_budget
-from aioffload.offload.expert_stream import MoeLayers
+from aioffload.offload.expert_layers import MoeLayers
 from aioffload.offload.placement import Placement, estimate_activation_bytes, plan_placement
 from aioffload.offload.transfer_queue import TransferQueue
 from aioffload.worker.cuda_graphs import CudaGraphRunner
