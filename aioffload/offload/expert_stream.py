@@ -7,9 +7,9 @@ per slot, as the dense transfer queue's. Per layer and step one of two loads fil
 
 - routed: after the router, the per-expert token counts go to a small pinned buffer; the
   host waits on an event (blocking, never spinning), then copies exactly the union of the
-  routed experts: resident ones (a split layer) device to device, cached ones from the
-  GPU expert cache, the rest host to device (contiguous runs coalesced), the latter then
-  admitted to the cache;
+  routed experts: those not in the GPU expert cache host to device first (runs of
+  consecutive ids in one copy), then resident ones (a split layer) and cached ones device
+  to device; the newly copied ones are then offered to the cache;
 - full: the layer's whole offloaded set, queued ahead like the dense ring (no wait on the
   router); cached experts are copied from the cache instead of the host.
 
