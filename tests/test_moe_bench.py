@@ -68,4 +68,8 @@ def test_bench_offload_on_an_moe_shape(tmp_path: Path, monkeypatch: pytest.Monke
             assert r["routed_mb"] * 1e6 <= full["offloaded_experts"] * eb * 1.001
             assert r["x_copy_floor"] == pytest.approx(r["step_ms"] / r["copy_floor_ms"], rel=1e-2)
     assert data["greedy"]["identical"] is True
+    assert [(d["tokens"], d["grouped_mm_ms"] > 0, d["loop_ms"] > 0) for d in data["expert_gemm"]] == [
+        (1, True, True),
+        (4, True, True),
+    ]
     assert data["resident_b1_ms"] > 0

@@ -18,7 +18,9 @@ the layers written:
 - the same with a skewed router: a fixed per-layer bias ~ N(0, --router-skew^2) added to
   the router logits (random weights route near-uniformly; real routers are skewed);
 - greedy tokens with streaming == the all-resident model (the written layers fit the real
-  card), and the all-resident batch-1 step for reference.
+  card), and the all-resident batch-1 step for reference;
+- one layer's expert GEMMs at each batch size, torch._grouped_mm against a loop of matmuls
+  (PyTorch elementwise ops in both, so only the GEMM strategy differs).
 Per-token figures for the full model: multiply step times and bytes by full / written.
 """
 
@@ -35,7 +37,9 @@ from aioffload.bench import common
 from aioffload.bench.common import phase, say
 from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
 from aioffload.config import EngineConfig, ModelConfig
-from aioffload.model.layout import expert_layout
+from aioffload.model import ops as torch_ops
+from aioffload.model.layout import ExpertWeights, expert_layout
+from aioffload.model.moe import expert_counts, grouped_mm_works, route, run_experts
 from aioffload.offload.expert_layers import MoeLayers
 from aioffload.offload.expert_stream import ExpertStream
 from aioffload.offload.placement import estimate_activation_bytes, plan_placement
@@ -64,6 +68,9 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
     with phase(R, "h2d"):
         R["h2d_GBps"] = round((common.measure_h2d(dev, mcfg.num_experts * eb) or 25e9) / 1e9, 2)
         R["h2d_expert_GBps"] = round((common.measure_h2d(dev, eb) or 25e9) / 1e9, 2)
+    with phase(R, "expert_gemm"):
+        R["expert_gemm"] = [_time_gemms(mcfg, dtype, dev, b) for b in args.batch_sizes]
+    common.free_device_memory()
     prompts = common.random_prompts(args.check_prompts, 32, mcfg.vocab_size, seed=4321)
     greedy_stream = None
     if off_cfg is not None:
@@ -137,6 +144,33 @@ def _scaled_config(base: EngineConfig, mcfg: ModelConfig, elem: int, full: int, 
     ).validate()
 
 
+def _time_gemms(mcfg: ModelConfig, dtype: torch.dtype, dev: torch.device, tokens: int, iters: int = 10) -> dict:
+    """One layer's expert GEMMs (sort, gather, gate_up, SiLU x up, down, combine) over a random resident
+    [E, numel] stack with uniform routing: torch._grouped_mm against a loop of matmuls."""
+    layout = expert_layout(mcfg)
+    g = torch.Generator(device=dev).manual_seed(0)
+    ew = ExpertWeights(torch.randn(mcfg.num_experts, layout.numel, generator=g, device=dev).to(dtype) * 0.02, layout)
+    h = torch.randn(tokens, mcfg.hidden_size, generator=g, device=dev).to(dtype)
+    logits = torch.randn(tokens, mcfg.num_experts, generator=g, device=dev)
+    weights, idx = route(logits, mcfg.num_experts_per_tok, True, False)
+    counts = expert_counts(idx, mcfg.num_experts)
+    out: dict = {"tokens": tokens}
+    for name, grouped in (("grouped_mm_ms", True), ("loop_ms", False)):
+        if grouped and not grouped_mm_works(dev, dtype, layout):
+            out[name] = None
+            continue
+        for _ in range(2):
+            run_experts(h, idx, weights.to(dtype), counts, ew, torch_ops, grouped)
+        common.sync(dev)
+        t = time.perf_counter()
+        for _ in range(iters):
+            run_experts(h, idx, weights.to(dtype), counts, ew, torch_ops, grouped)
+        common.sync(dev)
+        out[name] = round((time.perf_counter() - t) / iters * 1e3, 3)
+    say(f"expert GEMMs, {tokens} tokens: grouped_mm {out['grouped_mm_ms']} ms, loop {out['loop_ms']} ms")
+    return out
+
+
 def _set_skew(worker: Worker, skew: float) -> None:
     mlp = worker.model.mlp
     cfg = worker.model_config
@@ -192,6 +226,9 @@ def _table(R: dict) -> None:
                 rows.append([f"{key} {d['batch']}", d["step_ms"], d["copied_mb"], d["routed_mb"],
                              f"{d['routed_layers']}/{d['full_layers']}", d["hit_rate"], d["copy_floor_ms"],
                              d["routed_floor_ms"], d["x_copy_floor"], d["x_routed_floor"]])  # fmt: skip
+    for d in R.get("expert_gemm", []):
+        rows.append([f"GEMMs {d['tokens']} tok ms", d["grouped_mm_ms"], "loop", d["loop_ms"], None, None, None, None,
+                     None, None])  # fmt: skip
     rows.append(["resident b=1 ms", R.get("resident_b1_ms"), None, None, None, None, None, None, None, None])
     rows.append(["greedy == resident", R.get("greedy", {}).get("identical"), None, None, None, None, None, None,
                  None, None])  # fmt: skip
