@@ -146,6 +146,8 @@ def test_layouts_of_dense_and_sparse_layers(ckpts):
     ex = expert_layout(cfg)
     assert [(p.name, p.shape) for p in ex.params] == [("gate_up_w", (64, 64)), ("down_w", (64, 32))]
     assert ex.params[0].sources == ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight")
+    assert expert_layout(cfg, 3).params[1].sources == ("mlp.experts.3.down_proj.weight",)
+    assert expert_layout(cfg, 3).numel == ex.numel
     mixtral = Checkpoint.open(ckpts["mixtral-e3-top1"]).model_config
     assert [p.sources for p in expert_layout(mixtral).params] == [
         ("block_sparse_moe.experts.{e}.w1.weight", "block_sparse_moe.experts.{e}.w3.weight"),

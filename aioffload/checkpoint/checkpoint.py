@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,11 +78,11 @@ class Checkpoint:
                     expected[f"model.layers.{i}.{src}"] = shape
         if cfg.is_moe:
             self._check_fused_experts()
-            for spec in expert_layout(cfg).params:
-                for src, shape in zip(spec.sources, source_shapes(cfg, spec), strict=True):
-                    for i in cfg.moe_layers:
-                        for e in range(cfg.num_experts):
-                            expected[f"model.layers.{i}.{src.format(e=e)}"] = shape
+            for e in range(cfg.num_experts):
+                for spec in expert_layout(cfg, e).params:
+                    for src, shape in zip(spec.sources, source_shapes(cfg, spec), strict=True):
+                        for i in cfg.moe_layers:
+                            expected[f"model.layers.{i}.{src}"] = shape
         for name, shape in expected.items():
             entry = self.entries.get(name)
             if entry is None:
@@ -143,24 +142,16 @@ def _read_entries(root: Path) -> dict[str, TensorEntry]:
     return entries
 
 
-def read_layer_into(ckpt: Checkpoint, i: int, flat: torch.Tensor) -> None:
-    """Read decoder layer i's tensors into its flat buffer `flat` (laid out as `layer_layout(cfg, i)`).
-    The alignment gaps between them are zeroed, so a
-    layer's buffer is fully defined (offloaded buffers are compared bitwise in tests)."""
-    _read_flat(ckpt, layer_layout(ckpt.model_config, i), lambda src: f"model.layers.{i}.{src}", flat)
-
-
-def read_expert_into(ckpt: Checkpoint, i: int, expert: int, flat: torch.Tensor) -> None:
-    """Read routed expert `expert` of MoE layer i (gate | up | down, `expert_layout`) into `flat`."""
-    _read_flat(ckpt, expert_layout(ckpt.model_config), lambda src: f"model.layers.{i}.{src.format(e=expert)}", flat)
-
-
-def _read_flat(ckpt: Checkpoint, layout: LayerLayout, tensor_name: Callable[[str], str], flat: torch.Tensor) -> None:
+def read_layer_into(ckpt: Checkpoint, i: int, flat: torch.Tensor, layout: LayerLayout | None = None) -> None:
+    """Read decoder layer i's tensors named by `layout` (default `ckpt.layout`: all of them) into
+    the flat buffer `flat`. The alignment gaps after each are zeroed, so the buffer is fully
+    defined (offloaded buffers are compared bitwise in tests)."""
+    layout = layout or ckpt.layout
     ends = [p.offset for p in layout.params[1:]] + [layout.numel]
     for spec, end in zip(layout.params, ends):
         offset = spec.offset
         for src in spec.sources:
-            e = ckpt.entries[tensor_name(src)]
+            e = ckpt.entries[f"model.layers.{i}.{src}"]
             n = e.nbytes // e.dtype.itemsize
             read_into(e, flat[offset : offset + n])
             offset += n
@@ -176,3 +167,8 @@ def resolve_max_model_len(config: EngineConfig, ckpt: Checkpoint) -> int:
     if wanted > limit:
         raise ConfigError(f"--max-model-len {wanted} exceeds the model's max_position_embeddings {limit}")
     return wanted
+
+
+def read_expert_into(ckpt: Checkpoint, i: int, expert: int, flat: torch.Tensor) -> None:
+    """Read routed expert `expert` of MoE layer i (gate | up | down, `expert_layout`) into `flat`."""
+    read_layer_into(ckpt, i, flat, expert_layout(ckpt.model_config, expert))

@@ -84,14 +84,14 @@ def _moe_items(cfg: ModelConfig) -> _Items:
     return items
 
 
-def expert_layout(cfg: ModelConfig) -> LayerLayout:
+def expert_layout(cfg: ModelConfig, expert: int | str = "{e}") -> LayerLayout:
     """One routed expert's flat buffer: gate_up_w [2I, H] (gate rows, then up rows), down_w [H, I].
-    Sources are templates: `src.format(e=expert)` gives the suffix after "model.layers.{i}."."""
+    Every expert's is the same; `expert` only names the HF sources (suffixes after "model.layers.{i}.")."""
     h, i, m = cfg.hidden_size, cfg.moe_intermediate_size, _moe_prefix(cfg)
     if cfg.architecture == "MixtralForCausalLM":  # w1 = gate, w3 = up, w2 = down
-        gate, up, down = (f"{m}experts.{{e}}.{w}.weight" for w in ("w1", "w3", "w2"))
+        gate, up, down = (f"{m}experts.{expert}.{w}.weight" for w in ("w1", "w3", "w2"))
     else:
-        gate, up, down = (f"{m}experts.{{e}}.{p}_proj.weight" for p in ("gate", "up", "down"))
+        gate, up, down = (f"{m}experts.{expert}.{p}_proj.weight" for p in ("gate", "up", "down"))
     return _pack([("gate_up_w", (2 * i, h), (gate, up)), ("down_w", (h, i), (down,))])
 
 

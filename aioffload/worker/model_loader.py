@@ -106,7 +106,7 @@ def load_weights(
     for i, lay in enumerate(layouts):
         offload = i in offloaded
         flat = host_buffer(lay.numel) if offload or staging is None else staging[: lay.numel]
-        read_layer_into(ckpt, i, flat)
+        read_layer_into(ckpt, i, flat, lay)
         if offload:
             host[i] = flat
         else:
