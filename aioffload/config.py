@@ -190,9 +190,9 @@ class OffloadConfig:
     prefetch: int = 2  # staging ring slots
     gpu_memory_gb: float | None = None  # emulate a card of this size
     h2d_gbps: float | None = None  # None = measure at startup (GPU) / 25 assumed
-    embed_on_host: bool = False
     expert_cache_gb: float | None = None  # MoE: GPU cache of offloaded experts; None = spare KV memory
     expert_stream: str = "auto"  # MoE: routed (union of selected experts) | full (whole expert set) | auto
+    embed_on_host: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,13 +247,13 @@ class EngineConfig:
             raise ConfigError(f"--offload-prefetch must be >= 1, got {o.prefetch}")
         if o.gpu_memory_gb is not None and o.gpu_memory_gb <= 0:
             raise ConfigError(f"--gpu-memory-gb must be > 0, got {o.gpu_memory_gb}")
+        if o.h2d_gbps is not None and o.h2d_gbps <= 0:
+            raise ConfigError(f"--h2d-gbps must be > 0, got {o.h2d_gbps}")
         if o.expert_cache_gb is not None and o.expert_cache_gb < 0:
             raise ConfigError(f"--expert-cache-gb must be >= 0, got {o.expert_cache_gb}")
         if o.expert_stream not in EXPERT_STREAM_MODES:
             modes = ", ".join(EXPERT_STREAM_MODES)
             raise ConfigError(f"--expert-stream must be one of {modes}, got {o.expert_stream!r}")
-        if o.h2d_gbps is not None and o.h2d_gbps <= 0:
-            raise ConfigError(f"--h2d-gbps must be > 0, got {o.h2d_gbps}")
         if isinstance(o.trigger, float | int) and not isinstance(o.trigger, bool):
             if o.trigger < 1.0 and o.trigger > c.gpu_memory_utilization:
                 raise ConfigError(

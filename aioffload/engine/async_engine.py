@@ -124,8 +124,8 @@ class Engine:
             "copy_busy_fraction": self.stats_.copy_busy_fraction(
                 self.worker.offload_bytes_per_step, self.worker.h2d_bytes_per_s
             ),
-            "steps_total": self.stats_.steps_total,
             **self.worker.expert_stats(),  # MoE with offloaded experts: cache hit rate, bytes per step
+            "steps_total": self.stats_.steps_total,
         }
 
     async def generate(

@@ -35,10 +35,10 @@ _GAUGES = {
     "kv_blocks_free": ("kv_blocks_free", "Free KV cache blocks"),
     "kv_blocks_total": ("kv_blocks_total", "KV cache blocks in the pool"),
     "offload_bytes_per_step": ("offload_bytes_per_step", "Weight bytes copied host-to-device per step"),
-    "copy_busy_fraction": ("copy_stream_busy_fraction", "Fraction of step time the copy stream is busy"),
     "expert_cache_hit_rate": ("expert_cache_hit_rate", "Share of offloaded expert loads served by the GPU cache"),
     "expert_copy_bytes_per_step": ("expert_copy_bytes_per_step", "Expert bytes copied host-to-device, last step"),
     "expert_routed_bytes_per_step": ("expert_routed_bytes_per_step", "Bytes of routed offloaded experts, last step"),
+    "copy_busy_fraction": ("copy_stream_busy_fraction", "Fraction of step time the copy stream is busy"),
 }
 
 
