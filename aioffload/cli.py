@@ -99,6 +99,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="count memory fractions against this many GB instead of the card (emulate a small card)")
     o.add_argument("--h2d-gbps", type=_positive(float), default=None,
                    help="host-to-device bandwidth to plan with (default: measured at startup, 25 on the CPU)")
+    o.add_argument("--expert-cache-gb", type=_non_negative_float, default=None,
+                   help="MoE: GPU cache of streamed experts (default: the memory the KV cache cannot use)")
+    o.add_argument("--expert-stream", default=d[3].expert_stream, metavar="{auto,routed,full}",
+                   help="MoE: copy the routed experts (routed), whole expert sets (full), or choose per layer "
+                        "and step (default: %(default)s)")
     o.add_argument("--embed-on-host", action="store_true", help="keep the input embedding table on the host")
     o.add_argument("--hybrid", choices=HYBRID_MODES, default=d[3].hybrid,
                    help="host cores compute a share of each offloaded layer while the rest streams: auto = on when "
@@ -139,6 +144,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         ),
         offload=OffloadConfig(
             trigger=args.trigger, cpu_offload_gb=args.cpu_offload_gb, prefetch=args.offload_prefetch,
+            expert_cache_gb=args.expert_cache_gb, expert_stream=args.expert_stream,
             gpu_memory_gb=args.gpu_memory_gb, h2d_gbps=args.h2d_gbps, embed_on_host=args.embed_on_host,
             hybrid=args.hybrid, host_threads=args.host_threads,
         ),

@@ -16,7 +16,12 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
 )
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+EXPERT_STREAM_MODES = ("auto", "routed", "full")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "torch", "xformers", "sdpa")
 HYBRID_MODES = ("auto", "on", "off")
@@ -48,6 +53,23 @@ class ModelConfig:
     rope_scaling: tuple[tuple[str, Any], ...] | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # Mixture of experts (0 / () for dense models). `moe_layers` are the sparse layers, the
+    # others use the dense MLP of `intermediate_size` (HF: mlp_only_layers, decoder_sparse_step).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert; 0 = none
+    norm_topk_prob: bool = False  # renormalise the top-k router probabilities (always on for Mixtral)
+    moe_layers: tuple[int, ...] = ()
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.moe_layers)
+
+    @property
+    def router_weights_fp32(self) -> bool:
+        """Mixtral's router keeps the top-k weights in float32; Qwen's cast them to the model dtype."""
+        return self.architecture == "MixtralForCausalLM"
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -91,6 +113,11 @@ class ModelConfig:
                 rope_scaling = None
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        moe = _moe_fields(arch, cfg, int(cfg["num_hidden_layers"]), source) if arch in MOE_ARCHITECTURES else {}
+        if arch == "Qwen2MoeForCausalLM":
+            qkv_bias = bool(cfg.get("qkv_bias", True))
+        else:
+            qkv_bias = arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False))
         return cls(
             architecture=arch,
             vocab_size=int(cfg["vocab_size"]),
@@ -104,13 +131,42 @@ class ModelConfig:
             rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(cfg.get("attention_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qkv_bias=qkv_bias,
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             checkpoint_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             rope_scaling=tuple(sorted(rope_scaling.items())) if rope_scaling else None,
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            **moe,
         )
+
+
+def _moe_fields(arch: str, cfg: dict[str, Any], num_layers: int, source: str) -> dict[str, Any]:
+    """The MoE fields of ModelConfig, read the way transformers reads them."""
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts")  # transformers 5 saves either name
+    top_k = cfg.get("num_experts_per_tok", 2)
+    if arch == "MixtralForCausalLM":
+        inter, shared, norm = cfg.get("intermediate_size"), 0, True
+        sparse = tuple(range(num_layers))
+    else:
+        inter = cfg.get("moe_intermediate_size")
+        shared = int(cfg.get("shared_expert_intermediate_size") or 0) if arch == "Qwen2MoeForCausalLM" else 0
+        norm = bool(cfg.get("norm_topk_prob", False))
+        step = cfg.get("decoder_sparse_step")
+        step = 1 if step is None else int(step)
+        dense = {int(i) for i in cfg.get("mlp_only_layers") or ()}
+        if step < 1:
+            raise ConfigError(f"{source}: decoder_sparse_step must be >= 1, got {step}")
+        sparse = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
+    if not isinstance(experts, int) or experts < 1:
+        raise ConfigError(f"{source}: {arch} needs num_experts (or num_local_experts) >= 1, got {experts!r}")
+    if not isinstance(top_k, int) or not 1 <= top_k <= experts:
+        raise ConfigError(f"{source}: num_experts_per_tok must be in [1, {experts}], got {top_k!r}")
+    if not isinstance(inter, int) or inter < 1:
+        key = "intermediate_size" if arch == "MixtralForCausalLM" else "moe_intermediate_size"
+        raise ConfigError(f"{source}: {arch} needs {key} >= 1, got {inter!r}")
+    return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=inter,
+                shared_expert_intermediate_size=shared, norm_topk_prob=norm, moe_layers=sparse)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -137,6 +193,8 @@ class OffloadConfig:
     prefetch: int = 2  # staging ring slots
     gpu_memory_gb: float | None = None  # emulate a card of this size
     h2d_gbps: float | None = None  # None = measure at startup (GPU) / 25 assumed
+    expert_cache_gb: float | None = None  # MoE: GPU cache of offloaded experts; None = spare KV memory
+    expert_stream: str = "auto"  # MoE: routed (union of selected experts) | full (whole expert set) | auto
     embed_on_host: bool = False
     hybrid: str = "auto"  # auto | on | off: the host computes a share of each offloaded layer
     host_threads: int | None = None  # host-compute threads; None = physical cores - 1
@@ -228,6 +286,11 @@ class EngineConfig:
             raise ConfigError(f"--host-threads must be >= 1, got {o.host_threads}")
         if o.h2d_gbps is not None and o.h2d_gbps <= 0:
             raise ConfigError(f"--h2d-gbps must be > 0, got {o.h2d_gbps}")
+        if o.expert_cache_gb is not None and o.expert_cache_gb < 0:
+            raise ConfigError(f"--expert-cache-gb must be >= 0, got {o.expert_cache_gb}")
+        if o.expert_stream not in EXPERT_STREAM_MODES:
+            modes = ", ".join(EXPERT_STREAM_MODES)
+            raise ConfigError(f"--expert-stream must be one of {modes}, got {o.expert_stream!r}")
         if isinstance(o.trigger, float | int) and not isinstance(o.trigger, bool):
             if o.trigger < 1.0 and o.trigger > c.gpu_memory_utilization:
                 raise ConfigError(

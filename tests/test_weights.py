@@ -78,10 +78,12 @@ def test_unsupported_architecture_lists_supported_ones(ckpt_copy):
     edit_json(ckpt_copy / "config.json", architectures=["GPT2LMHeadModel"])
     msg = open_fails(ckpt_copy)
     assert "config.json" in msg and "GPT2LMHeadModel" in msg
-    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):  # fmt: skip
         assert arch in msg
     assert set(SUPPORTED_ARCHITECTURES) == {
-        "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"
+        "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+        "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
     }  # fmt: skip
 
 

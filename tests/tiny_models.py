@@ -58,3 +58,50 @@ def add_word_tokenizer(path: Path, vocab_size: int = 256, eos_id: int = 2) -> Pa
     tok.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": f"w{eos_id}", "add_bos_token": False}))
     return path
+
+
+# name -> (family, experts, top-k, extra config): odd expert counts, top-1 and top-2, shared expert on and
+# off, norm_topk_prob both ways, and mixed dense/sparse layers (mlp_only_layers, decoder_sparse_step).
+MOE_ARCHS = {
+    "mixtral-e3-top1": ("mixtral", 3, 1, {}),
+    "mixtral-e5-top2": ("mixtral", 5, 2, {}),
+    "qwen2_moe-e5-top2-shared": ("qwen2_moe", 5, 2, dict(shared_expert_intermediate_size=48, mlp_only_layers=[1])),
+    "qwen2_moe-e7-top1-shared-norm": ("qwen2_moe", 7, 1, dict(shared_expert_intermediate_size=40,
+                                                              norm_topk_prob=True, decoder_sparse_step=2)),
+    "qwen3_moe-e7-top2-norm": ("qwen3_moe", 7, 2, dict(norm_topk_prob=True)),
+    "qwen3_moe-e5-top2-mixed": ("qwen3_moe", 5, 2, dict(norm_topk_prob=False, mlp_only_layers=[0, 3])),
+}  # fmt: skip
+
+
+def make_moe_checkpoint(root: Path, name: str, seed: int = 0, layers: int = 4) -> Path:
+    """A tiny random MoE checkpoint of MOE_ARCHS[name], saved by transformers (per-expert tensors)."""
+    import transformers as tf
+
+    family, experts, top_k, extra = MOE_ARCHS[name]
+    common = dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+        num_experts_per_tok=top_k,
+    )  # fmt: skip
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(**common, intermediate_size=32, num_local_experts=experts, **extra)
+        cls = tf.MixtralForCausalLM
+    elif family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, num_experts=experts,
+                                **extra)  # fmt: skip
+        cls = tf.Qwen2MoeForCausalLM
+    else:
+        cfg = tf.Qwen3MoeConfig(**common, head_dim=32, intermediate_size=96, moe_intermediate_size=32,
+                                num_experts=experts, **extra)  # fmt: skip
+        cls = tf.Qwen3MoeForCausalLM
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # norms away from 1 so they matter
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.08)
+    path = root / f"{name}-{seed}"
+    model.save_pretrained(path, safe_serialization=True)
+    return path

@@ -39,6 +39,8 @@ def add_synthetic_args(p: argparse.ArgumentParser, default: str | None = None) -
                    help="create (or reuse) a random-weight checkpoint of this shape under --synthetic-dir and use "
                         f"it as --model (default: {default or 'none'})")  # fmt: skip
     p.add_argument("--synthetic-dir", default="/tmp/aioffload-synth", help="where synthetic checkpoints live")
+    p.add_argument("--synthetic-layers", type=int, default=None,
+                   help="write only this many decoder layers of the shape (default: all; 12 for qwen3-30b-a3b)")
 
 
 def int_list(value: str) -> list[int]:
@@ -56,9 +58,11 @@ def resolve_model(config: EngineConfig, args: argparse.Namespace) -> EngineConfi
     shape = getattr(args, "synthetic", None)
     if not shape or shape == "none":
         return config
-    from aioffload.bench.synthetic import make_synthetic_checkpoint
+    from aioffload.bench.synthetic import BENCH_LAYERS, make_synthetic_checkpoint
 
-    path = make_synthetic_checkpoint(Path(args.synthetic_dir) / shape, shape)
+    layers = getattr(args, "synthetic_layers", None) or BENCH_LAYERS.get(shape)
+    name = shape if layers is None else f"{shape}-{layers}l"
+    path = make_synthetic_checkpoint(Path(args.synthetic_dir) / name, shape, num_layers=layers)
     return config.replace(model=str(path))
 
 

@@ -54,6 +54,11 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accelerate-cpu-budget", default="110GiB", help="Accelerate max_memory for the CPU (110GiB)")
     p.add_argument("--accelerate-batch-sizes", type=common.int_list, default=[1, 8], help="(default: 1,8)")
     p.add_argument("--hf-new-tokens", type=int, default=9, help="Accelerate per step = (gen(n) - gen(1)) / (n - 1)")
+    p.add_argument("--router-skew", type=float, default=2.0,
+                   help="MoE models: std of a fixed per-layer bias on router logits for the skewed run (0: skip)")
+    p.add_argument("--emulate-layers", type=int, default=None,
+                   help="MoE models: plan for the shape's full layer count (default: the synthetic shape's) and "
+                        "scale the expert split to the layers written")
     common.add_synthetic_args(p, default="llama3-8b")
 
 
@@ -114,6 +119,10 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
         common.write_json("offload.json", R)
         return 1
     ckpt = Checkpoint.open(config.model)
+    if ckpt.model_config.is_moe:  # routed-expert streaming has its own phases (bench/moe_offload.py)
+        from aioffload.bench import moe_offload
+
+        return moe_offload.run(config, args)
     mcfg, dev = ckpt.model_config, pick_device(config.device)
     dtype = ckpt.resolve_dtype(config.dtype, dev)
     seqs = max(config.scheduler.max_num_seqs, *args.batch_sizes, args.num_prompts, args.check_prompts)

@@ -1,4 +1,4 @@
-"""Synthetic Llama-shaped checkpoints for benchmarks: random weights, real file format.
+"""Synthetic Llama- and MoE-shaped checkpoints for benchmarks: random weights, real file format.
 
 The folder is what `from_pretrained` and our loader both read: config.json,
 generation_config.json, safetensors shards (one per group of decoder layers) with
@@ -7,6 +7,10 @@ generated id decodes. Weights are drawn on the GPU when there is one (16 GB of r
 bf16 on the CPU takes ~225 s; on the GPU it is the disk write that costs). A marker
 file makes a second call with the same shape, dtype and seed reuse the folder; a
 non-empty folder without it is never overwritten.
+
+MoE shapes (Qwen3-MoE) write per-expert tensors as transformers saves them. `num_layers`
+writes fewer decoder layers than the shape has (the 61 GB Qwen3-30B-A3B shape does not
+fit a benchmark machine's disk or time budget; its per-layer figures do).
 """
 
 from __future__ import annotations
@@ -32,21 +36,44 @@ SHAPES: dict[str, dict] = {
         num_key_value_heads=2, vocab_size=512, rope_theta=500000.0, max_position_embeddings=2048,
         bos_token_id=1, eos_token_id=2,
     ),
+    # Qwen3-30B-A3B: 48 layers, 128 experts, top-8, expert intermediate 768; 61 GB in bf16.
+    "qwen3-30b-a3b": dict(
+        architecture="Qwen3MoeForCausalLM", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, vocab_size=151936, rope_theta=1000000.0,
+        max_position_embeddings=40960, bos_token_id=151643, eos_token_id=151645,
+    ),
+    "tiny-moe": dict(
+        architecture="Qwen3MoeForCausalLM", hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=512, rope_theta=1000000.0, max_position_embeddings=2048,
+        bos_token_id=1, eos_token_id=2,
+    ),
 }  # fmt: skip
+
+# Decoder layers a benchmark writes when not told (--synthetic-layers): the whole 48-layer, 61 GB
+# Qwen3-30B-A3B does not fit the benchmark machine's disk and time budget; 12 layers (15.3 GB) do.
+BENCH_LAYERS = {"qwen3-30b-a3b": 12}
 
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
-def hf_config(shape: str, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """config.json contents for a named shape (untied LlamaForCausalLM)."""
+def hf_config(shape: str, dtype: torch.dtype = torch.bfloat16, num_layers: int | None = None) -> dict:
+    """config.json contents for a named shape (untied LlamaForCausalLM unless the shape names an
+    architecture); `num_layers` overrides the shape's layer count."""
     if shape not in SHAPES:
         raise ValueError(f"unknown synthetic shape {shape!r}; choose from {', '.join(SHAPES)}")
-    s = SHAPES[shape]
+    s = dict(SHAPES[shape])
+    arch = s.pop("architecture", "LlamaForCausalLM")
+    if num_layers is not None:
+        s["num_hidden_layers"] = num_layers
+    moe = {"model_type": "qwen3_moe", "decoder_sparse_step": 1, "mlp_only_layers": []}
     return {
-        "architectures": ["LlamaForCausalLM"],
+        "architectures": [arch],
         "model_type": "llama",
-        **s,
+        **(moe if arch == "Qwen3MoeForCausalLM" else {}),
         "head_dim": s["hidden_size"] // s["num_attention_heads"],
+        **s,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-5,
         "attention_bias": False,
@@ -60,19 +87,26 @@ def hf_config(shape: str, dtype: torch.dtype = torch.bfloat16) -> dict:
 
 def _layer_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    q = cfg["num_attention_heads"] * cfg["head_dim"]
-    kv = cfg["num_key_value_heads"] * cfg["head_dim"]
-    return {
+    d = cfg["head_dim"]
+    q = cfg["num_attention_heads"] * d
+    kv = cfg["num_key_value_heads"] * d
+    shapes = {
         "input_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (q, h),
         "self_attn.k_proj.weight": (kv, h),
         "self_attn.v_proj.weight": (kv, h),
         "self_attn.o_proj.weight": (h, q),
         "post_attention_layernorm.weight": (h,),
-        "mlp.gate_proj.weight": (i, h),
-        "mlp.up_proj.weight": (i, h),
-        "mlp.down_proj.weight": (h, i),
     }
+    if "num_experts" not in cfg:
+        return shapes | {"mlp.gate_proj.weight": (i, h), "mlp.up_proj.weight": (i, h), "mlp.down_proj.weight": (h, i)}
+    shapes |= {"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)}
+    shapes["mlp.gate.weight"] = (cfg["num_experts"], h)
+    m = cfg["moe_intermediate_size"]
+    for e in range(cfg["num_experts"]):
+        p = f"mlp.experts.{e}."
+        shapes |= {f"{p}gate_proj.weight": (m, h), f"{p}up_proj.weight": (m, h), f"{p}down_proj.weight": (h, m)}
+    return shapes
 
 
 def _shard_plan(cfg: dict) -> list[dict[str, tuple[int, ...]]]:
@@ -114,15 +148,17 @@ def make_synthetic_checkpoint(
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str | None = None,
     seed: int = 0,
+    num_layers: int | None = None,
 ) -> Path:
-    """Write (or reuse) a random-weight HF Llama folder at `path`; returns the path.
+    """Write (or reuse) a random-weight HF folder of `shape` at `path` (`num_layers` decoder layers,
+    default the shape's); returns the path.
 
     Weights ~ N(0, 0.02), norm weights = 1, drawn on `device` (default: CUDA when available).
     """
     from safetensors.torch import save_file
 
     root = Path(path)
-    cfg = hf_config(shape, dtype)
+    cfg = hf_config(shape, dtype, num_layers)
     marker = {"shape": shape, "dtype": _DTYPE_NAMES[dtype], "seed": seed, "config": cfg}
     marker_path = root / MARKER
     if marker_path.is_file():

@@ -3,7 +3,8 @@
 `Checkpoint.open` checks everything it can from headers alone (files, architecture,
 every tensor's presence and shape) so bad input fails before any allocation, with a
 message naming the file. `read_layer_into` reads one decoder layer straight into a
-caller-owned flat buffer (the worker's model assembly decides where that buffer lives).
+caller-owned flat buffer (the worker's model assembly decides where that buffer lives);
+`read_expert_into` does the same for one routed expert of an MoE layer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from aioffload.checkpoint.safetensors_io import SafetensorsError, TensorEntry, read_header, read_into
 from aioffload.config import ConfigError, EngineConfig, ModelConfig
-from aioffload.model.layout import LayerLayout, layer_layout, source_shapes
+from aioffload.model.layout import LayerLayout, expert_layout, layer_layout, source_shapes
 
 log = logging.getLogger("aioffload.weights")
 
@@ -71,10 +72,17 @@ class Checkpoint:
         }
         if not (cfg.tie_word_embeddings and "lm_head.weight" not in self.entries):
             expected["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
-        for spec in self.layout.params:
-            for src, shape in zip(spec.sources, source_shapes(cfg, spec), strict=True):
-                for i in range(cfg.num_layers):
+        for i in range(cfg.num_layers):
+            for spec in layer_layout(cfg, i).params:
+                for src, shape in zip(spec.sources, source_shapes(cfg, spec), strict=True):
                     expected[f"model.layers.{i}.{src}"] = shape
+        if cfg.is_moe:
+            self._check_fused_experts()
+            for e in range(cfg.num_experts):
+                for spec in expert_layout(cfg, e).params:
+                    for src, shape in zip(spec.sources, source_shapes(cfg, spec), strict=True):
+                        for i in cfg.moe_layers:
+                            expected[f"model.layers.{i}.{src}"] = shape
         for name, shape in expected.items():
             entry = self.entries.get(name)
             if entry is None:
@@ -84,8 +92,20 @@ class Checkpoint:
                     f"{entry.path.name}: tensor {name} has shape {list(entry.shape)}, expected {list(shape)}"
                 )
 
+    def _check_fused_experts(self) -> None:
+        """transformers 5 holds experts fused in memory (experts.gate_up_proj [E, 2I, H]) but saves
+        them per expert; a folder saved fused is named as such rather than as a missing tensor."""
+        fused = next((n for n in self.entries if n.endswith(("experts.gate_up_proj", "experts.down_proj"))), None)
+        if fused is not None:
+            raise CheckpointError(
+                f"{self.entries[fused].path.name}: tensor {fused} holds every expert of a layer fused; aioffload reads "
+                "per-expert tensors (experts.{e}.gate_proj/up_proj/down_proj.weight, or w1/w2/w3 for Mixtral), as "
+                "save_pretrained writes them"
+            )
+
     @property
     def layout(self) -> LayerLayout:
+        """Layer 0's buffer layout (every layer's, for dense models; see `layer_layout(cfg, i)`)."""
         return layer_layout(self.model_config)
 
     def resolve_dtype(self, requested: str, device: torch.device) -> torch.dtype:
@@ -147,3 +167,8 @@ def resolve_max_model_len(config: EngineConfig, ckpt: Checkpoint) -> int:
     if wanted > limit:
         raise ConfigError(f"--max-model-len {wanted} exceeds the model's max_position_embeddings {limit}")
     return wanted
+
+
+def read_expert_into(ckpt: Checkpoint, i: int, expert: int, flat: torch.Tensor) -> None:
+    """Read routed expert `expert` of MoE layer i (gate | up | down, `expert_layout`) into `flat`."""
+    read_layer_into(ckpt, i, flat, expert_layout(ckpt.model_config, expert))

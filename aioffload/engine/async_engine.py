@@ -144,6 +144,7 @@ class Engine:
             "copy_busy_fraction": self.stats_.copy_busy_fraction(
                 self.worker.offload_bytes_per_step, self.worker.h2d_bytes_per_s
             ),
+            **self.worker.expert_stats(),  # MoE with offloaded experts: cache hit rate, bytes per step
             "steps_total": self.stats_.steps_total,
             "spec_proposed_tokens_total": self.stats_.spec_proposed_total,
             "spec_accepted_tokens_total": self.stats_.spec_accepted_total,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aioffload.attention.kv_cache import kv_bytes_per_block
 from aioffload.config import CacheConfig, ConfigError, ModelConfig, OffloadConfig, SchedulerConfig
@@ -21,6 +22,9 @@ from aioffload.offload.units import duration as _duration
 from aioffload.offload.units import gb as _gb
 from aioffload.offload.units import size as _size
 from aioffload.offload.units import span as _span
+
+if TYPE_CHECKING:
+    from aioffload.offload.expert_placement import ExpertPlan
 
 HBM_BYTES_PER_S = 3.0e12  # device-memory bandwidth assumed by trigger "auto" (H100/H200 class)
 _WORKSPACE_BYTES = 256 << 20
@@ -44,6 +48,9 @@ class Placement:
     predicted_step_floor_s: float  # streamed layer bytes per decode step / h2d bandwidth
     trigger: float  # the trigger in force (auto / --cpu-offload-gb: the equivalent one)
     reason: str  # one sentence for the startup log
+    # MoE models (offload/expert_placement.py): non-expert weights all resident, routed experts split
+    # per layer; offloaded_layers are then the layers with streamed experts, layer_bytes one expert set.
+    experts: ExpertPlan | None = None
 
     @property
     def offload_active(self) -> bool:
@@ -179,6 +186,13 @@ def plan_placement(
             model, dtype_bytes, sched.max_num_batched_tokens, sched.max_num_seqs
         )
         per_token = estimate_activation_bytes(model, dtype_bytes, 1, 0) - _WORKSPACE_BYTES
+    if model.is_moe:
+        from aioffload.offload.expert_placement import plan_expert_placement
+
+        return plan_expert_placement(
+            model, dtype_bytes, offload, cache, sched, max_model_len, device_total_bytes, h2d_bytes_per_s,
+            activation_bytes,
+        )  # fmt: skip
     vocab_bytes = model.vocab_size * model.hidden_size * dtype_bytes
     b = _Budget(
         num_layers=model.num_layers,
@@ -309,6 +323,10 @@ def format_plan(
 ) -> str:
     """The text `aioffload plan` prints: one row per run of layers in one place, then totals.
     `on_cpu`: the worker computes on the CPU; `stand_in`: the device total is the CPU's no-limit figure."""
+    if p.experts is not None:
+        from aioffload.offload.expert_plan_text import format_expert_plan
+
+        return format_expert_plan(p, model, block_size)
     dtype_bytes = p.layer_bytes // layer_layout(model).numel
     vocab_bytes = model.vocab_size * model.hidden_size * dtype_bytes
     rows = [("embed_tokens", "host" if p.embed_on_host else "GPU", "", _size(vocab_bytes))]

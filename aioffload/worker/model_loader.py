@@ -16,8 +16,9 @@ import torch
 from aioffload.attention.backends import AttentionBackend
 from aioffload.checkpoint.checkpoint import Checkpoint, read_layer_into
 from aioffload.checkpoint.safetensors_io import read_into
-from aioffload.model.layout import LayerLayout, LayerWeights
+from aioffload.model.layout import LayerLayout, LayerWeights, layer_layout
 from aioffload.model.llama import LayerSource, LlamaModel
+from aioffload.offload.expert_placement import ExpertPlan
 from aioffload.offload.pinned import pinned_empty
 from aioffload.offload.split_layout import SplitLayout, fill_mlp
 from aioffload.offload.split_mlp import HostCompute, SplitMlp
@@ -38,9 +39,16 @@ def build_model(
     ring_size: int = 2,
     split: SplitLayout | None = None,
     host_compute: HostCompute | None = None,
+    experts: ExpertPlan | None = None,
 ) -> tuple[LlamaModel, LayerSource]:
     """The model over its weights. With `split` (and `host_compute`), offloaded layers are laid
-    out for a host/GPU split of their MLP and computed by both sides (offload/split_mlp.py)."""
+    out for a host/GPU split of their MLP and computed by both sides (offload/split_mlp.py).
+    `experts`: an MoE model's expert placement (None: every expert resident); MoE models keep
+    every non-expert buffer resident, so `offloaded` and `split` apply to dense models only."""
+    if ckpt.model_config.is_moe:
+        from aioffload.worker.expert_loader import build_moe_model
+
+        return build_moe_model(ckpt, dtype, device, attention, max_positions, experts, embed_on_host)
     w = load_weights(ckpt, dtype, device, offloaded, embed_on_host, split if offloaded else None)
     layers: LayerSource
     if w.host:
@@ -74,12 +82,13 @@ def load_weights(
 ) -> LoadedWeights:
     """Read every tensor once into its final place. Offloaded layers go to pinned host memory
     (plain host memory on a CPU-only machine), in the split layout when `split` is given;
-    everything else to `device`."""
+    everything else to `device`. An MoE model's routed experts are not read here
+    (worker/expert_loader.py)."""
     cfg, layout = ckpt.model_config, ckpt.layout
+    layouts = [layer_layout(cfg, i) for i in range(cfg.num_layers)]  # all equal unless the model is MoE
     pin = device.type == "cuda"
-    layer_bytes = layout.nbytes(dtype)
     elem = torch.empty((), dtype=dtype).element_size()
-    total = cfg.num_layers * layer_bytes + 2 * cfg.vocab_size * cfg.hidden_size * elem
+    total = sum(lay.numel for lay in layouts) * elem + 2 * cfg.vocab_size * cfg.hidden_size * elem
     progress = Progress("loading weights", total, unit_scale=1e9, unit="GB")
     t0 = time.perf_counter()
 
@@ -97,27 +106,28 @@ def load_weights(
     else:
         lm_head = embed if embed.device == device else embed.to(device)
 
-    def host_buffer(numel: int = layout.numel) -> torch.Tensor:
+    def host_buffer(numel: int) -> torch.Tensor:
         return pinned_empty(numel, dtype) if pin else torch.empty(numel, dtype=dtype)
 
     # Resident layers pass through one reused pinned staging buffer on their way to the GPU.
-    staging = host_buffer() if pin and len(offloaded) < cfg.num_layers else None
+    most = max(lay.numel for lay in layouts)
+    staging = host_buffer(most) if pin and len(offloaded) < cfg.num_layers else None
     resident: dict[int, LayerWeights] = {}
     host: dict[int, torch.Tensor] = {}
-    for i in range(cfg.num_layers):
+    for i, lay in enumerate(layouts):
         offload = i in offloaded
         if offload and split is not None:
             flat = host_buffer(split.numel)
             _read_split_layer(ckpt, i, flat, split, dtype)
         else:
-            flat = host_buffer() if offload or staging is None else staging
-            read_layer_into(ckpt, i, flat)
+            flat = host_buffer(lay.numel) if offload or staging is None else staging[: lay.numel]
+            read_layer_into(ckpt, i, flat, lay)
         if offload:
             host[i] = flat
         else:
             dev_flat = flat.to(device, non_blocking=False) if flat.device != device else flat
-            resident[i] = LayerWeights(dev_flat, layout)
-        progress.advance(layer_bytes)
+            resident[i] = LayerWeights(dev_flat, lay)
+        progress.advance(lay.numel * elem)
     progress.close()
     log.info(
         "loaded %s: %d layers (%d resident, %d offloaded), %s, %.1f GB in %.1f s",

@@ -19,6 +19,7 @@ from aioffload.attention.kv_cache import KVCache, kv_bytes_per_block
 from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
 from aioffload.config import ConfigError, EngineConfig
 from aioffload.offload.device import device_facts, fixed_kv_blocks, pick_device, place
+from aioffload.offload.expert_layers import MoeLayers
 from aioffload.offload.placement import Placement
 from aioffload.offload.transfer_queue import TransferQueue
 from aioffload.worker.cuda_graphs import CudaGraphRunner
@@ -50,7 +51,8 @@ class Worker:
         self.h2d_bytes_per_s, total, sched = facts.h2d_bytes_per_s, facts.total_bytes, config.scheduler
         self.placement: Placement = place(config, mcfg, elem, self.max_model_len, facts)
         log.info("placement: %s", self.placement.reason)
-        self.hybrid: HybridPlan | None = plan_hybrid(
+        # MoE models stream routed experts instead (offload/expert_stream.py); the split is for dense MLPs.
+        self.hybrid: HybridPlan | None = None if mcfg.is_moe else plan_hybrid(
             config.offload, mcfg, ckpt.layout, len(self.placement.offloaded_layers), self.dtype, self.device,
             self.h2d_bytes_per_s,
         )  # fmt: skip
@@ -58,11 +60,12 @@ class Worker:
             ckpt, self.dtype, self.device, self.attention, self.max_model_len,
             offloaded=frozenset(self.placement.offloaded_layers), embed_on_host=self.placement.embed_on_host,
             ring_size=config.offload.prefetch, split=self.hybrid.split if self.hybrid else None,
-            host_compute=self.hybrid.host if self.hybrid else None,
+            host_compute=self.hybrid.host if self.hybrid else None, experts=self.placement.experts,
         )  # fmt: skip
         self.draft = self._load_draft(ckpt)
-        self.offload_active = isinstance(self.layers, TransferQueue)
-        self.offload_bytes_per_step = self.layers.bytes_per_step if isinstance(self.layers, TransferQueue) else 0
+        streamed = isinstance(self.layers, TransferQueue | MoeLayers)  # MoeLayers: 0 bytes when experts are resident
+        self.offload_bytes_per_step = self.layers.bytes_per_step if streamed else 0
+        self.offload_active = self.offload_bytes_per_step > 0
         self.copy_floor_s = self.offload_bytes_per_step / self.h2d_bytes_per_s
         # Known before KV sizing, so the warm-up step profiles the largest step that will run.
         self.token_budget = sched.max_num_batched_tokens
@@ -124,6 +127,8 @@ class Worker:
             return f"{len(self.placement.offloaded_layers)} layers offloaded: streamed eager path"
         if self.attention.name != "torch":
             return f"attention backend {self.attention.name} is not graph-safe"
+        if isinstance(self.layers, MoeLayers) and not self.layers.graph_safe:
+            return "MoE experts without torch._grouped_mm read their token counts on the host"
         return None
 
     def _size_kv_cache(self, total: int, elem: int) -> int:
@@ -173,6 +178,10 @@ class Worker:
         del tmp, inp
         torch.cuda.empty_cache()
         return peak
+
+    def expert_stats(self) -> dict[str, float]:
+        """MoE expert streaming counters for /metrics (cache hit rate, bytes per step); {} otherwise."""
+        return self.layers.stats() if isinstance(self.layers, MoeLayers) else {}
 
     def execute(
         self,
