@@ -13,12 +13,14 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aioffload.attention.kv_cache import BlockManager, BlockPool
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.checkpoint.tokenizer import Tokenizer
 from aioffload.config import EngineConfig
 from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
+from aioffload.engine.placement_map import describe_placement
 from aioffload.engine.request import Request
 from aioffload.engine.request_state import OutputSlot, RequestState
 from aioffload.engine.scheduler import Scheduler, StepPlan, should_hold
@@ -49,6 +51,7 @@ class Engine:
         self._dead: BaseException | None = None
         self._rng = random.Random(config.seed)
         self._configure_offload_batching()
+        self._placement_map = describe_placement(worker)  # fixed for the engine's life
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
@@ -126,6 +129,18 @@ class Engine:
             ),
             "steps_total": self.stats_.steps_total,
         }
+
+    def describe(self) -> dict[str, Any]:
+        """Where every weight lives, the KV cache and the copy floor (engine/placement_map.py)."""
+        return self._placement_map
+
+    def dashboard(self, since: int = 0) -> dict[str, Any]:
+        """The live snapshot the dashboard polls: the steps recorded after step `since` (rows of
+        `step_fields`) and the engine's counters now. Cheap, and takes no lock."""
+        steps_total, steps = self.stats_.steps_since(since)
+        return {**self.stats(), "time": time.time(), "model": self.model_name, "steps_total": steps_total,
+                "step_fields": self.stats_.step_fields, "steps": steps,
+                "copy_floor_ms": self.worker.copy_floor_s * 1e3}
 
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
