@@ -3,7 +3,7 @@
 
     python scripts/render_dashboard.py dashboard.jsonl docs/dashboard.png
 
-A tiny local server serves the package's static page (`aioffload/serving/static`) and answers
+A tiny local server serves this checkout's static page (`aioffload/serving/static`) and answers
 GET /v1/dashboard with the lines of the recording (from `scripts/record_dashboard.py`) in
 order; headless Chromium (Debian's, driven by Playwright) polls it quickly (`?poll_ms=`) and
 the screenshot is taken once every line has been drawn (later polls get no answer). The charts' time axis is the
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mimetypes
 import os
 import sys
 import threading
@@ -22,9 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: `python scripts/...`
-from aioffload.serving.dashboard import load_static  # noqa: E402
-
+STATIC_DIR = Path(__file__).resolve().parent.parent / "aioffload" / "serving" / "static"
 CHROMIUM = os.environ.get("AIOFFLOAD_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -66,6 +65,12 @@ class Replay:
         self.closed.set()
 
 
+def load_static() -> dict[str, tuple[bytes, str]]:
+    """The page's files as the server ships them (name -> bytes, content type)."""
+    return {f.name: (f.read_bytes(), mimetypes.guess_type(f.name)[0] or "application/octet-stream")
+            for f in STATIC_DIR.iterdir() if f.is_file()}
+
+
 def make_server(replay: Replay) -> ThreadingHTTPServer:
     files = load_static()
 
@@ -96,7 +101,7 @@ def make_server(replay: Replay) -> ThreadingHTTPServer:
     return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 
 
-def render(recording: Path, out: Path, width: int, height: int, poll_ms: int, label: str | None) -> dict[str, int]:
+def render(recording: Path, out: Path, width: int, height: int, poll_ms: int, label: str | None) -> dict[str, Any]:
     """Replay `recording` into the page and screenshot it; returns what the page drew."""
     from playwright.sync_api import sync_playwright
 
@@ -114,7 +119,7 @@ def render(recording: Path, out: Path, width: int, height: int, poll_ms: int, la
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(f"http://127.0.0.1:{server.server_address[1]}/?poll_ms={poll_ms}")
             n = len(replay.lines)
-            page.wait_for_function(f"Number(document.body.dataset.polls || 0) >= {n}",
+            page.wait_for_function(f"() => Number(document.body.dataset.polls || 0) >= {n}",
                                    timeout=max(30_000, 4 * n * poll_ms))
             page.evaluate("label => { const s = document.getElementById('status');"
                           " s.textContent = label; s.dataset.state = 'ok'; }",
@@ -126,7 +131,8 @@ def render(recording: Path, out: Path, width: int, height: int, poll_ms: int, la
                 rate_points: Number(document.getElementById('chart-toks').dataset.points),
                 cells: document.querySelectorAll('#cells .cell').length,
                 host_cells: document.querySelectorAll('#cells .cell[data-place=host]').length,
-                charts: document.querySelectorAll('#chart-grid .chart').length })""")
+                split_cells: document.querySelectorAll('#cells .cell[data-place=split]').length,
+                charts: [...document.querySelectorAll('#chart-grid .chart')].map(c => c.id.slice(6)) })""")
             browser.close()
     finally:
         replay.close()
@@ -152,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{args.out}: {drawn['snapshots']} snapshots; step chart {drawn['step_points']} points, rate charts "
-          f"{drawn['rate_points']} points, {drawn['charts']} charts; {drawn['cells']} placement cells "
-          f"({drawn['host_cells']} streamed from host)")
+          f"{drawn['rate_points']} points; charts {','.join(drawn['charts'])}; {drawn['cells']} placement cells "
+          f"({drawn['host_cells']} streamed from host, {drawn['split_cells']} split)")
     return 0 if drawn["step_points"] > 0 and drawn["cells"] > 0 else 1
 
 

@@ -14,7 +14,7 @@ cache) and served by the dashboard. Shape (every size in bytes):
                 ...],
      "totals": {"gpu_weight_bytes", "host_weight_bytes", "ring_bytes", "activation_bytes",
                 "device_total_bytes"},
-     "kv": {"blocks", "block_size", "tokens", "bytes"},
+     "kv": {"blocks", "block_size", "tokens", "bytes"},   # bytes: the K/V tensors (+ one trash block)
      "copy": {"bytes_per_step", "h2d_bytes_per_s", "floor_ms"},
      "trigger": 0.278, "reason": "...", "cuda_graphs": false}
 

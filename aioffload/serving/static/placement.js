@@ -82,7 +82,8 @@ export function renderPlacement(p) {
   dl.replaceChildren();
   term(dl, "resident weights", `${formatBytes(t.gpu_weight_bytes)} (${counts.gpu} of ${p.num_layers} layers)`);
   const hostLayers = counts.host + counts.split;
-  term(dl, "host weights", `${formatBytes(t.host_weight_bytes)} (${hostLayers} layers${counts.split ? `, ${counts.split} split` : ""})`);
+  const split = counts.split ? `, ${counts.split} split` : "";
+  term(dl, "host weights", `${formatBytes(t.host_weight_bytes)} (${hostLayers} layer${hostLayers === 1 ? "" : "s"}${split})`);
   if (t.ring_bytes) term(dl, "prefetch ring", formatBytes(t.ring_bytes));
   const kv = p.kv;
   term(dl, "KV cache", `${kv.blocks} blocks x ${kv.block_size} = ${kv.tokens.toLocaleString("en-US")} tokens (${formatBytes(kv.bytes)})`);
