@@ -10,8 +10,13 @@ const EXTRA_TITLES = {
   spec_acceptance: ["speculative decoding: acceptance rate (%)", 100],
 };
 
-function pointSeries(label, color) {
-  return { label, stroke: color, fill: undefined, width: 0, paths: () => null,
+// Every y axis starts at 0, so a step's distance from the floor (or a rate's from nothing) reads true.
+function fromZero(u, min, max) {
+  return [0, max > 0 ? max * 1.08 : 1];
+}
+
+function pointSeries(label, color, scale = "y") {
+  return { label, scale, stroke: color, fill: undefined, width: 0, paths: () => null,
            points: { show: true, size: 4, stroke: color, fill: color } };
 }
 
@@ -32,11 +37,16 @@ class Chart {
     this.figure.append(caption, this.plotDiv);
     grid.append(this.figure);
     const axis = { stroke: "#9aa4b1", grid: { stroke: "#2a3038" }, ticks: { stroke: "#2a3038" } };
+    const axes = [{ ...axis }, { ...axis, size: 50 }];
+    if (series.some((x) => x.scale && x.scale !== "y")) {  // a second y scale: its axis on the right
+      const scale = series.find((x) => x.scale && x.scale !== "y").scale;
+      axes.push({ ...axis, scale, side: 1, size: 40, grid: { show: false } });
+    }
     this.plot = new uPlot({
       width: this.width(), height: 170,
       series: [{}, ...series],
-      axes: [{ ...axis }, { ...axis, size: 50 }],
-      scales: { x: { time: true, range: () => xRange() } },
+      axes,
+      scales: { x: { time: true, range: () => xRange() }, y: { range: fromZero }, seqs: { range: fromZero } },
       cursor: { drag: { x: false, y: false } },
       legend: { live: false },
     }, [[], ...series.map(() => [])], this.plotDiv);
@@ -93,8 +103,8 @@ export class Charts {
     const chart = (id, title, series) => new Chart(this.grid, id, title, series, () => this.xRange());
     const c = {
       step: chart("step", "step time (ms) against the copy floor", stepSeries),
-      batch: chart("batch", "tokens and sequences per step",
-                   [pointSeries("tokens", COLORS[3]), pointSeries("sequences", COLORS[4])]),
+      batch: chart("batch", "tokens (left) and sequences (right) per step",
+                   [pointSeries("tokens", COLORS[3]), pointSeries("sequences", COLORS[4], "seqs")]),
       toks: chart("toks", "output tokens/s", [lineSeries("output tok/s", COLORS[0])]),
       kv: chart("kv", "KV cache usage (%)", [lineSeries("KV usage %", COLORS[3])]),
       busy: chart("busy", this.offload ? "copy stream busy (% of wall time)" : "copy stream busy (%): nothing is streamed",
