@@ -6,7 +6,6 @@ import asyncio
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -76,19 +75,16 @@ def test_extra_fields_widen_every_row() -> None:
 
 
 @pytest.fixture(scope="module")
-def offloaded() -> Iterator[Engine]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = add_word_tokenizer(make_checkpoint(Path(tmp), "llama", seed=3, layers=4))
-        ckpt_layer = layer_layout(Checkpoint.open(path).model_config).numel * 4  # float32
-        cfg = EngineConfig(
-            model=str(path), dtype="float32",
-            cache=CacheConfig(num_blocks=64, block_size=4),
-            scheduler=SchedulerConfig(max_model_len=128, max_num_batched_tokens=64, max_num_seqs=4),
-            offload=OffloadConfig(cpu_offload_gb=2 * ckpt_layer / 1e9),  # the last two layers
-        ).validate()  # fmt: skip
-        yield Engine.from_config(cfg)
+def offloaded(tmp_path_factory: pytest.TempPathFactory) -> Engine:
+    path = add_word_tokenizer(make_checkpoint(tmp_path_factory.mktemp("dashboard"), "llama", seed=3, layers=4))
+    layer_bytes = layer_layout(Checkpoint.open(path).model_config).numel * 4  # float32
+    cfg = EngineConfig(
+        model=str(path), dtype="float32",
+        cache=CacheConfig(num_blocks=64, block_size=4),
+        scheduler=SchedulerConfig(max_model_len=128, max_num_batched_tokens=64, max_num_seqs=4),
+        offload=OffloadConfig(cpu_offload_gb=2 * layer_bytes / 1e9),  # the last two layers
+    ).validate()  # fmt: skip
+    return Engine.from_config(cfg)
 
 
 def test_describe_places_every_weight_and_adds_up_to_the_plan(offloaded: Engine) -> None:
@@ -120,8 +116,11 @@ def test_dashboard_snapshot_has_one_row_per_step_of_a_generation(offloaded: Engi
 
     async def main() -> int:
         n = 0
-        async for out in offloaded.generate([1, 5, 6, 7, 8], params, "dash-1"):
-            n += len(out.token_ids)
+        try:
+            async for out in offloaded.generate([1, 5, 6, 7, 8], params, "dash-1"):
+                n += len(out.token_ids)
+        finally:
+            await offloaded.shutdown(1.0)
         return n
 
     assert asyncio.run(main()) == 12
