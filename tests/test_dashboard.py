@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,7 @@ from aioffload.attention.kv_cache import kv_bytes_per_block
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig, ServerConfig
 from aioffload.engine.async_engine import Engine
+from aioffload.engine.placement_map import layer_cells
 from aioffload.engine.request import Request
 from aioffload.engine.scheduler import StepPlan
 from aioffload.engine.stats import STEP_FIELDS, StepStats
@@ -134,6 +136,33 @@ def test_dashboard_snapshot_has_one_row_per_step_of_a_generation(offloaded: Engi
     assert snap["generation_tokens_total"] >= 12 and snap["num_running"] == 0
     assert snap["copy_floor_ms"] == pytest.approx(offloaded.worker.copy_floor_s * 1e3)
     assert len(offloaded.dashboard(steps0 + 10)["steps"]) == 2
+
+
+def test_layer_cells_of_a_split_mark_the_offloaded_layers_split(offloaded: Engine) -> None:
+    cells = layer_cells(offloaded.worker.placement, 4, split=True)
+    assert [c["place"] for c in cells] == ["gpu", "gpu", "split", "split"]
+    assert all("host_share" not in c for c in cells)  # chosen per step: the step record carries it
+    assert [c["host_bytes"] for c in cells] == [0, 0, cells[0]["bytes"], cells[0]["bytes"]]
+
+
+def test_a_worker_that_splits_puts_its_host_share_in_every_step_row(offloaded: Engine) -> None:
+    worker = offloaded.worker
+    had, before = "hybrid" in vars(worker), vars(worker).get("hybrid")
+    worker.hybrid = types.SimpleNamespace(last_share=0.25)  # stands for worker/hybrid.py's HybridPlan
+    try:
+        engine = Engine(offloaded.config, worker, offloaded.tokenizer, "split")
+        assert engine.stats_.step_fields == ("t", "step_ms", "tokens", "seqs", "host_share")
+        assert [c["place"] for c in engine.describe()["layers"]] == ["gpu", "gpu", "split", "split"]
+        engine._record_step(plan(("a", 5, 1)), 0.1)
+        worker.hybrid.last_share = 0.5
+        engine._record_step(plan(("a", 5, 1)), 0.1)
+        assert [r[4] for r in engine.dashboard()["steps"]] == [0.25, 0.5]
+    finally:
+        if had:
+            worker.hybrid = before
+        else:
+            del worker.hybrid
+    assert offloaded.stats_.step_fields == STEP_FIELDS  # a worker without a split: no extra column
 
 
 # ---- the routes --------------------------------------------------------------------------------

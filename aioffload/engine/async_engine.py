@@ -42,7 +42,10 @@ class Engine:
         self.block_manager = BlockManager(BlockPool(worker.num_blocks, worker.block_size))
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len)
         self.eos_token_ids = tuple(sorted(set(tokenizer.eos_token_ids) | set(worker.model_config.eos_token_ids)))
-        self.stats_ = StepStats()
+        # The host/GPU split of offloaded layers (worker/hybrid.py), where the worker runs one: its
+        # host share of each step goes into the step record.
+        self._hybrid = getattr(worker, "hybrid", None)
+        self.stats_ = StepStats(extra_fields=("host_share",) if self._hybrid is not None else ())
         self._states: dict[str, RequestState] = {}
         self._pending_aborts: list[str] = []
         self._wake = asyncio.Event()
@@ -51,7 +54,7 @@ class Engine:
         self._dead: BaseException | None = None
         self._rng = random.Random(config.seed)
         self._configure_offload_batching()
-        self._placement_map = describe_placement(worker)  # fixed for the engine's life
+        self._placement_map = describe_placement(worker, split=self._hybrid is not None)  # fixed for its life
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
@@ -195,7 +198,7 @@ class Engine:
                     continue
                 t0 = time.perf_counter()
                 sampled = await asyncio.to_thread(self._run_step, plan)
-                self.stats_.record_step(plan, time.perf_counter() - t0)
+                self._record_step(plan, time.perf_counter() - t0)
                 self._apply_aborts()  # aborts that arrived during the step
                 self._postprocess(plan, sampled)
                 self._maybe_log()
@@ -207,6 +210,9 @@ class Engine:
             for st in self._states.values():
                 st.abort()  # the error itself is in the log
             self._states.clear()
+
+    def _record_step(self, plan: StepPlan, seconds: float) -> None:
+        self.stats_.record_step(plan, seconds, () if self._hybrid is None else (self._hybrid.last_share,))
 
     def _maybe_log(self) -> None:
         s = self.scheduler

@@ -133,7 +133,9 @@ export class Charts {
         entry[name] = row[col[name]] === null ? null : row[col[name]] * scale;
       }
       this.steps.push(entry);
-      if (floor) busyMs += Math.min(ms, floor);
+      // A split step streams only the GPU's share of each offloaded layer.
+      const streamed = col.host_share === undefined ? 1 : 1 - row[col.host_share];
+      if (floor) busyMs += Math.min(ms, floor * streamed);
     }
     const prev = this.last;
     if (prev && snap.time > prev.time) {
