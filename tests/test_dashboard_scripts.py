@@ -119,3 +119,16 @@ def test_render_refuses_a_recording_without_the_placement(recording: tuple[Path,
     later.write_text("".join(path.read_text().splitlines(keepends=True)[1:]))
     r = subprocess.run([*RENDER, str(later), str(tmp_path / "x.png")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "no placement map (record from the start" in r.stderr
+
+
+def test_overhead_verdict_is_the_median_paired_ratio_with_a_bootstrap_interval() -> None:
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("dashboard_overhead", REPO / "scripts" / "dashboard_overhead.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.paired([1.0] * 8, random.Random(0)) == (1.0, 1.0, 1.0)
+    ratio, lo, hi = mod.paired([0.97, 1.0, 1.01, 1.02, 1.03, 0.99, 1.05], random.Random(0))
+    assert ratio == 1.01 and 0.97 <= lo <= ratio <= hi <= 1.05

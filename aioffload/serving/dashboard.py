@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 STATIC_DIR = Path(__file__).parent / "static"
 _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                   ".css": "text/css; charset=utf-8", ".txt": "text/plain; charset=utf-8"}
+_KEY_META = b'<meta name="aioffload-api-key" content="optional">'  # "required" with --api-key
 # Everything the page loads comes from this server: no CDN, no inline script.
-_KEY_META = b'<meta name="aioffload-api-key" content="optional">'
 _HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
             "Content-Security-Policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:"}
 
