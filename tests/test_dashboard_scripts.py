@@ -92,7 +92,7 @@ def test_render_replays_the_recording_into_the_page(recording: tuple[Path, Serve
     assert width == 1200 and height >= 900
 
 
-def test_render_draws_split_layers_experts_and_extra_step_series(recording: tuple[Path, ServerProc],
+def test_render_draws_split_layers_experts_and_the_series_features_add(recording: tuple[Path, ServerProc],
                                                                   tmp_path: Path) -> None:
     """What the split host/GPU layers and MoE work will add: the page renders it when it is there."""
     path, _ = recording
@@ -101,15 +101,18 @@ def test_render_draws_split_layers_experts_and_extra_step_series(recording: tupl
     layers[1].update(place="split", host_share=0.56, gpu_bytes=layers[1]["bytes"] // 2,
                      host_bytes=layers[1]["bytes"] - layers[1]["bytes"] // 2)
     layers[2]["experts"] = {"count": 8, "gpu": 2, "host": 6, "bytes_each": 1000}
-    for s in snaps:
+    for i, s in enumerate(snaps):
         s["step_fields"] = [*s["step_fields"], "host_share"]
         s["steps"] = [[*row, 0.5] for row in s["steps"]]
+        # speculative decoding's counters (engine/stats.py): 4 proposals a poll, 3 accepted
+        s.update(spec_proposed_tokens_total=4 * i, spec_accepted_tokens_total=3 * i,
+                 spec_emitted_tokens_total=4 * i, spec_verifications_total=i)
     edited = tmp_path / "edited.jsonl"
     edited.write_text("".join(json.dumps(s) + "\n" for s in snaps))
     r = subprocess.run([*RENDER, str(edited), str(tmp_path / "edited.png")], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "charts step,batch,toks,kv,busy,host_share;" in r.stdout
+    assert "charts step,batch,toks,kv,busy,host_share,spec;" in r.stdout
     assert "6 placement cells (2 streamed from host, 1 split)" in r.stdout
 
 

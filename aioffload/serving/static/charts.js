@@ -6,8 +6,6 @@ const COLORS = ["#4fc3f7", "#ffb74d", "#e57373", "#81c784", "#ba68c8", "#fff176"
 // Labels of the extra per-step fields features may add (StepStats.extra_fields); others show by name.
 const EXTRA_TITLES = {
   host_share: ["host share of the split layers (%)", 100],
-  spec_accepted: ["speculative decoding: accepted tokens per sequence", 1],
-  spec_acceptance: ["speculative decoding: acceptance rate (%)", 100],
 };
 
 // Every y axis starts at 0, so a step's distance from the floor (or a rate's from nothing) reads true.
@@ -46,7 +44,7 @@ class Chart {
       width: this.width(), height: 170,
       series: [{}, ...series],
       axes,
-      scales: { x: { time: true, range: () => xRange() }, y: { range: fromZero }, seqs: { range: fromZero } },
+      scales: { x: { time: true, range: () => xRange() }, y: { range: fromZero }, right: { range: fromZero } },
       cursor: { drag: { x: false, y: false } },
       legend: { live: false },
     }, [[], ...series.map(() => [])], this.plotDiv);
@@ -97,14 +95,14 @@ export class Charts {
     this.extras = snap.step_fields.slice(4);
     this.offload = snap.copy_floor_ms > 0;
     this.steps = new Columns(["t", "decode", "mixed", "floor", "tokens", "seqs", ...this.extras]);
-    this.polls = new Columns(["t", "toks", "kv", "busy"]);
-    const stepSeries = [pointSeries("decode steps", COLORS[0]), pointSeries("steps with prefill", COLORS[1])];
+    this.polls = new Columns(["t", "toks", "kv", "busy", "accepted", "length"]);
+    const stepSeries = [pointSeries("decode steps", COLORS[0]), pointSeries("steps with prefill or proposals", COLORS[1])];
     if (this.offload) stepSeries.push(lineSeries("copy floor", COLORS[2], [6, 4]));
     const chart = (id, title, series) => new Chart(this.grid, id, title, series, () => this.xRange());
     const c = {
       step: chart("step", "step time (ms) against the copy floor", stepSeries),
       batch: chart("batch", "tokens (left) and sequences (right) per step",
-                   [pointSeries("tokens", COLORS[3]), pointSeries("sequences", COLORS[4], "seqs")]),
+                   [pointSeries("tokens", COLORS[3]), pointSeries("sequences", COLORS[4], "right")]),
       toks: chart("toks", "output tokens/s", [lineSeries("output tok/s", COLORS[0])]),
       kv: chart("kv", "KV cache usage (%)", [lineSeries("KV usage %", COLORS[3])]),
       busy: chart("busy", this.offload ? "copy stream busy (% of wall time)" : "copy stream busy (%): nothing is streamed",
@@ -140,8 +138,20 @@ export class Charts {
     const prev = this.last;
     if (prev && snap.time > prev.time) {
       const dt = snap.time - prev.time;
-      this.polls.push({ t: snap.time, toks: (snap.generation_tokens_total - prev.generation_tokens_total) / dt,
-                        kv: snap.kv_usage * 100, busy: Math.min(100, busyMs / (dt * 10)) });
+      const delta = (key) => snap[key] - prev[key];
+      const row = { t: snap.time, toks: delta("generation_tokens_total") / dt, kv: snap.kv_usage * 100,
+                    busy: Math.min(100, busyMs / (dt * 10)), accepted: null, length: null };
+      // Speculative decoding, where the engine counts it: proposals accepted, tokens per verifying step.
+      if (snap.spec_proposed_tokens_total !== undefined && delta("spec_proposed_tokens_total") > 0) {
+        row.accepted = 100 * delta("spec_accepted_tokens_total") / delta("spec_proposed_tokens_total");
+        row.length = delta("spec_emitted_tokens_total") / Math.max(1, delta("spec_verifications_total"));
+        if (!this.charts.spec) {
+          this.charts.spec = new Chart(this.grid, "spec", "speculative decoding: accepted (%, left), tokens per verifying step (right)",
+            [lineSeries("accepted %", COLORS[5]), { ...lineSeries("tokens per step", COLORS[4]), scale: "right" }],
+            () => this.xRange());
+        }
+      }
+      this.polls.push(row);
     }
     if (!prev || snap.time > prev.time) this.last = snap;
     this.steps.trimBefore(snap.time - this.windowS);
@@ -165,6 +175,7 @@ export class Charts {
     c.toks.set([p.t, p.toks]);
     c.kv.set([p.t, p.kv]);
     c.busy.set([p.t, p.busy]);
+    if (c.spec) c.spec.set([p.t, p.accepted, p.length]);
     for (const name of this.extras) c[`extra-${name}`].set([s.t, s[name]]);
   }
 }
