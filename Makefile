@@ -81,3 +81,12 @@ LOAD_ARGS ?=
 .PHONY: load
 load: install-test
 	PYTHON=$(BIN)/python load_tests/run.sh $(LOAD_ARGS)
+
+# The dashboard's browser tests drive Debian's Chromium through Playwright (which must never
+# download a browser of its own); install the package where it is missing.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+install-test: $(CHROMIUM)
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium

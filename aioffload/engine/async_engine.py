@@ -13,12 +13,14 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aioffload.attention.kv_cache import BlockManager, BlockPool
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.checkpoint.tokenizer import Tokenizer
 from aioffload.config import EngineConfig
 from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
+from aioffload.engine.placement_map import describe_placement
 from aioffload.engine.request import Request
 from aioffload.engine.request_state import OutputSlot, RequestState
 from aioffload.engine.scheduler import Scheduler, StepPlan, should_hold
@@ -43,7 +45,10 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager, self.max_model_len,
                                    speculation=self.speculation)  # fmt: skip
         self.eos_token_ids = tuple(sorted(set(tokenizer.eos_token_ids) | set(worker.model_config.eos_token_ids)))
-        self.stats_ = StepStats()
+        # The host/GPU split of offloaded layers (worker/hybrid.py), where the worker runs one: its
+        # host share of each step goes into the step record.
+        self._hybrid = worker.hybrid
+        self.stats_ = StepStats(extra_fields=("host_share",) if self._hybrid is not None else ())
         self._states: dict[str, RequestState] = {}
         self._pending_aborts: list[str] = []
         self._wake = asyncio.Event()
@@ -52,6 +57,7 @@ class Engine:
         self._dead: BaseException | None = None
         self._rng = random.Random(config.seed)
         self._configure_offload_batching()
+        self._placement_map = describe_placement(worker, split=self._hybrid is not None)  # fixed for its life
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
@@ -153,6 +159,18 @@ class Engine:
             "spec_mean_accepted_length": self.stats_.mean_accepted_length,
         }
 
+    def describe(self) -> dict[str, Any]:
+        """Where every weight lives, the KV cache and the copy floor (engine/placement_map.py)."""
+        return self._placement_map
+
+    def dashboard(self, since: int = 0) -> dict[str, Any]:
+        """The live snapshot the dashboard polls: the steps recorded after step `since` (rows of
+        `step_fields`) and the engine's counters now. Cheap, and takes no lock."""
+        steps_total, steps = self.stats_.steps_since(since)
+        return {**self.stats(), "time": time.time(), "model": self.model_name, "steps_total": steps_total,
+                "step_fields": self.stats_.step_fields, "steps": steps,
+                "copy_floor_ms": self.worker.copy_floor_s * 1e3}
+
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
@@ -206,7 +224,7 @@ class Engine:
                     continue
                 t0 = time.perf_counter()
                 sampled = await asyncio.to_thread(self._run_step, plan)
-                self.stats_.record_step(plan, time.perf_counter() - t0)
+                self._record_step(plan, time.perf_counter() - t0)
                 if self.speculation is not None:
                     self.speculation.step_s = self.stats_.step_time_ema
                 self._apply_aborts()  # aborts that arrived during the step
@@ -220,6 +238,9 @@ class Engine:
             for st in self._states.values():
                 st.abort()  # the error itself is in the log
             self._states.clear()
+
+    def _record_step(self, plan: StepPlan, seconds: float) -> None:
+        self.stats_.record_step(plan, seconds, () if self._hybrid is None else (self._hybrid.last_share,))
 
     def _maybe_log(self) -> None:
         s = self.scheduler

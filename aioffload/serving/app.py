@@ -30,6 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from aioffload.config import EngineConfig, ServerConfig
+from aioffload.serving.dashboard import dashboard_data, static_endpoints
 from aioffload.serving.metrics import Metrics
 from aioffload.serving.protocol import (
     ApiError,
@@ -203,7 +204,11 @@ def build_app(
 ) -> Starlette:
     """The ASGI app; with `engine=None` it answers 503 until `app.state.server.engine` is set."""
     state = ServerState(server_config, metrics or Metrics(), engine)
+    index, static_file = static_endpoints(server_config.api_key is not None)
     routes = [
+        Route("/", index, methods=["GET"]),
+        Route("/static/{name}", static_file, methods=["GET"]),
+        Route("/v1/dashboard", _endpoint(state, dashboard_data, True), methods=["GET"]),
         Route("/v1/completions", _endpoint(state, _completions, True), methods=["POST"]),
         Route("/v1/chat/completions", _endpoint(state, _chat, True), methods=["POST"]),
         Route("/v1/models", _endpoint(state, _models, True), methods=["GET"]),
