@@ -56,10 +56,8 @@ def _template_call(call: Any, param: str) -> dict[str, Any]:
     if not isinstance(arguments, dict):
         raise ApiError(400, "arguments must be a JSON object", f"{param}.function.arguments")
     # Templates (Llama 3.1, Qwen, Mistral) render the arguments object themselves, with tojson.
-    entry: dict[str, Any] = {"type": "function", "function": {"name": call.function.name, "arguments": arguments}}
-    if call.id is not None:
-        entry["id"] = call.id
-    return entry
+    entry: dict[str, Any] = {} if call.id is None else {"id": call.id}
+    return {**entry, "type": "function", "function": {"name": call.function.name, "arguments": arguments}}
 
 
 def check_tools(tools: list[Tool]) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from aioffload import __version__
+import aioffload  # the package root: __version__
 from aioffload.serving.chat import check_tools, template_messages
 from aioffload.serving.openapi import openapi_document
 from aioffload.serving.protocol import ApiError, DetokenizeRequest, TokenizeRequest, decode_request, json_response
@@ -114,8 +114,8 @@ async def detokenize(state: ServerState, request: Request) -> Response:
 
 
 async def version(state: ServerState, request: Request) -> Response:
-    return json_response({"version": __version__})
+    return json_response({"version": aioffload.__version__})
 
 
 async def openapi_json(state: ServerState, request: Request) -> Response:
-    return json_response(openapi_document(__version__))
+    return json_response(openapi_document(aioffload.__version__))
