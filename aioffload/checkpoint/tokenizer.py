@@ -155,6 +155,10 @@ class Tokenizer:
             ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]  # not None when _prepend_bos
         return ids
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (what grammar libraries build their token tables from)."""
+        return self._hf.to_str()
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
