@@ -133,7 +133,7 @@ def test_tool_call_spec(tokenizer: Tokenizer, compiler: GrammarCompiler) -> None
     for seed in range(6):
         gen = torch.Generator().manual_seed(seed)
         matcher = compiler.compile(GrammarSpec.tool_call(tools))
-        ids, ended = greedy_walk(matcher, lambda _: torch.randn(tokenizer.vocab_size, generator=gen),
+        ids, ended = greedy_walk(matcher, lambda _, g=gen: torch.randn(tokenizer.vocab_size, generator=g),
                                  tokenizer.eos_token_ids, tokenizer.vocab_size)
         call = json.loads(tokenizer.decode(ids))
         assert ended and set(call) == {"name", "arguments"}
