@@ -122,6 +122,13 @@ def test_template_messages_with_tool_calls() -> None:
     ]  # fmt: skip
 
 
+def test_assistant_tool_calls_without_content() -> None:
+    """Clients dump the assistant message with exclude_none: no `content` key at all."""
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    [message] = template_messages(chat(messages=[{"role": "assistant", "tool_calls": [call]}]).messages)
+    assert message["content"] == "" and message["tool_calls"][0]["function"] == {"name": "f", "arguments": {}}
+
+
 @pytest.mark.parametrize(("message", "param"), [
     ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]},
      "messages[0].tool_calls[0].function.arguments"),

@@ -152,7 +152,7 @@ class ContentPart(_Strict, kw_only=True):
 
 class ChatMessage(_Strict, kw_only=True):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None
+    content: str | list[ContentPart] | None = None  # may be left out by an assistant message with tool_calls
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool message answers this call
