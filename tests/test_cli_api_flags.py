@@ -33,4 +33,5 @@ def test_tool_call_parser_choices(capsys: pytest.CaptureFixture[str]) -> None:
     assert parse("--tool-call-parser", "mistral").tool_call_parser == "mistral"  # type: ignore[attr-defined]
     with pytest.raises(SystemExit):
         parse("--tool-call-parser", "nope")
-    assert all(name in capsys.readouterr().err for name in PARSERS)
+    err = capsys.readouterr().err
+    assert "invalid choice" in err and all(name in err for name in PARSERS)
