@@ -154,6 +154,8 @@ class Generation:
 
     async def _first_outputs(self) -> list[RequestOutput]:
         """Every choice's first output (all admitted), or the first refusal: then no response starts."""
+        if len(self.choices) == 1:
+            return [await self._next(self.choices[0], first=True)]
         results = await asyncio.gather(*(self._spawn(c, first=True) for c in self.choices), return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
@@ -175,21 +177,26 @@ class Generation:
                 c.tracker.finish(out.finish_reason or "stop")
             return await on_events(c, events, reason)
 
-        pending: dict[asyncio.Task[RequestOutput], Choice] = {}
+        active = []
         for c, out in zip(self.choices, firsts):
             if not await handle(c, out):
                 return False
             if not out.finished:
-                pending[self._spawn(c)] = c
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in sorted(done, key=lambda t: pending[t].index):
-                c = pending.pop(task)
-                out = task.result()
+                active.append(c)
+        pending: dict[asyncio.Task[RequestOutput], Choice] = {}
+        while active:
+            if len(active) == 1 and not pending:  # one choice (the usual case): no task per token
+                ready = [(active[0], await self._next(active[0], first=False))]
+            else:
+                waiting = {c.index for c in pending.values()}
+                pending.update({self._spawn(c): c for c in active if c.index not in waiting})
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                ready = [(pending.pop(t), t.result()) for t in sorted(done, key=lambda t: pending[t].index)]
+            for c, out in ready:
                 if not await handle(c, out):
                     return False
-                if not out.finished:
-                    pending[self._spawn(c)] = c
+                if out.finished:
+                    active.remove(c)
         return True
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
