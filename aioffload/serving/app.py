@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP API: routes, auth, body limits, and `run_server`.
 
 Every handler is wrapped so that a refused request is an OpenAI-style error object and an
-unexpected exception a logged, generic 500. The generation itself (SSE or JSON, abort on
-disconnect) is `http_stream.Generation`.
+unexpected exception a logged, generic 500. The generation itself (one engine request per
+choice, SSE or JSON, abort on disconnect) is `stream.Generation`; the small routes are in
+`routes`. CORS is off unless `--allowed-origins` names origins.
 """
 
 from __future__ import annotations
