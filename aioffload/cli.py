@@ -24,6 +24,7 @@ from aioffload.config import (
     ServerConfig,
     SpeculativeConfig,
 )
+from aioffload.serving.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 
 DEMO_MODEL = str(Path(__file__).parent / "assets" / "demo")
 
@@ -60,6 +61,15 @@ class _Parser(argparse.ArgumentParser):
 
 def _positive(kind: type) -> Callable[[str], object]:
     return _number(kind, lambda v: v > 0, "an integer > 0" if kind is int else "a number > 0")
+
+
+def _origins(value: str) -> list[str]:
+    """'https://a.example,https://b.example' -> the list; each is '*' or a scheme://host[:port] origin."""
+    origins = [o.strip() for o in value.split(",") if o.strip()]
+    for o in origins:
+        if o != "*" and (not o.startswith(("http://", "https://")) or o.endswith("/")):
+            raise argparse.ArgumentTypeError(f"{o!r} is not an origin like https://app.example.com (or '*')")
+    return origins
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -170,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* routes")
     h.add_argument("--shutdown-timeout", type=_positive(float), default=s.shutdown_timeout_s,
                    help="seconds in-flight requests get to finish on SIGINT/SIGTERM")
+    h.add_argument("--allowed-origins", type=_origins, action="extend", default=[],
+                   help="CORS: browser origins allowed to call the API, comma-separated or repeated "
+                        "(e.g. https://app.example.com, or '*'); default: CORS off")
+    h.add_argument("--tool-call-parser", choices=tuple(TOOL_CALL_PARSERS), default=None,
+                   help="tool-call format to read from the model's output (default: chosen by the chat template)")
 
     gen = sub.add_parser("generate", help="generate continuations offline (several --prompt run as one batch)")
     add_engine_args(gen)
@@ -212,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
             from aioffload.serving.app import run_server
 
             server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
-                                  shutdown_timeout_s=args.shutdown_timeout)  # fmt: skip
+                                  shutdown_timeout_s=args.shutdown_timeout,
+                                  allowed_origins=tuple(args.allowed_origins),
+                                  tool_call_parser=args.tool_call_parser)  # fmt: skip
             return run_server(config, server)
         if args.command == "generate":
             return asyncio.run(_generate(config, args))

@@ -308,3 +308,5 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
     shutdown_timeout_s: float = 10.0
+    allowed_origins: tuple[str, ...] = ()  # CORS; empty = off
+    tool_call_parser: str | None = None  # None: chosen by the chat template

@@ -1,6 +1,7 @@
 """A FakeEngine with the real Engine's interface, a byte tokenizer, and a uvicorn test server.
 
-Text is deterministic from the prompt: token i is WORDS[(sum(prompt_ids) + i) % len(WORDS)].
+Text is deterministic from the prompt: token i is WORDS[(sum(prompt_ids) + i) % len(WORDS)];
+or, with `script` set, the engine "samples" the script's byte tokens (FakeTokenizer ids) in order.
 A "model step" optionally sleeps `token_delay_s` in a worker thread (the event loop stays
 free, as with the real engine). KV blocks are held from admission until the request
 finishes or `abort()` is called; closing the output generator alone does NOT free them,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -25,17 +27,41 @@ from aioffload.worker.sampling import SamplingParams
 
 WORDS = [" alpha", " beta", " gamma", " delta", " epsilon", " zeta", " eta", " theta", " iota", " kappa"]
 BOS = 256
+SPECIALS = {BOS: "<s>", 257: "[TOOL_CALLS]", 258: "</s>"}  # special: left out of decoded text by default
+EOS = 258
 
 
 class FakeTokenizer:
+    """Bytes are ids 0-255; SPECIALS above them. The "template" renders tools (Hermes-style markers)."""
+
     vocab_size = 300
+    chat_template = "{{ tools }} {{ messages }} <tool_call>"
+    template_uses_tools = True
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = list(text.encode("utf-8"))
+        ids = []
+        for part in text.split("[TOOL_CALLS]"):
+            ids += [*part.encode("utf-8"), 257]
+        ids = ids[:-1]
         return [BOS, *ids] if add_special_tokens else ids
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        out, run = [], bytearray()
+        for t in ids:
+            if t < 256:
+                run.append(t)
+                continue
+            out.append(run.decode("utf-8", errors="replace"))
+            run = bytearray()
+            out.append("" if skip_special_tokens else SPECIALS.get(t, ""))
+        return "".join(out) + run.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        text = f"<tools>{json.dumps(tools)}</tools>\n" if tools else ""
+        for m in messages:
+            calls = "".join(f"<call>{json.dumps(c)}</call>" for c in m.get("tool_calls", []))
+            text += f"<{m['role']}>{m['content']}{calls}\n"
         return text + ("<assistant>" if add_generation_prompt else "")
 
 
@@ -60,6 +86,8 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.calls: list[tuple[list[int], SamplingParams, str]] = []
         self.fail_after: int | None = None  # raise RuntimeError after this many tokens
+        self.script: list[int] | None = None  # token ids to "sample", then EOS
+        self.eos_token_ids = (EOS,)
         self.accepting = True
         self.started = False
         self.prompt_tokens_total = 0
@@ -129,11 +157,16 @@ class FakeEngine:
                 return
             if self.fail_after is not None and i >= self.fail_after:
                 raise RuntimeError("fake engine failure")
-            word = WORDS[(sum(ids) + i) % len(WORDS)]
+            word, token = WORDS[(sum(ids) + i) % len(WORDS)], i
+            if self.script is not None:
+                token = self.script[i] if i < len(self.script) else EOS
+                word = self.tokenizer.decode([token])
             slot.num_blocks = -(-(len(ids) + i + 1) // self.block_size)
             self.generation_tokens_total += 1
             stop = next((s for s in params.stop if s in text + word), None)
             finished, reason = i + 1 == params.max_tokens, "length"
+            if token == EOS and self.script is not None:
+                finished, reason = True, "stop"
             if stop is not None:
                 word = (text + word)[: (text + word).index(stop)][len(text):]
                 finished, reason = True, "stop"
@@ -141,7 +174,7 @@ class FakeEngine:
             if finished:
                 self.running.pop(request_id, None)
             finish_reason = reason if finished else None
-            yield RequestOutput(request_id, word, [i], finished, finish_reason, len(ids), i + 1)
+            yield RequestOutput(request_id, word, [token], finished, finish_reason, len(ids), i + 1)
             if finished:
                 return
 

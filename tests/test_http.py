@@ -107,7 +107,7 @@ def test_stop_string_and_token_prompt(oai: openai.OpenAI, engine: FakeEngine) ->
 
 def test_sampling_params_reach_engine(client: httpx.Client, engine: FakeEngine) -> None:
     body = {"model": MODEL, "prompt": "x", "temperature": 0.5, "top_p": 0.9, "top_k": 5, "seed": 7,
-            "stop": "zzz", "user": "ignored", "presence_penalty": 0, "unknown_field": {"a": 1}}
+            "stop": "zzz", "user": "ignored", "presence_penalty": 0}
     assert client.post("/v1/completions", json=body).status_code == 200
     params = engine.calls[-1][1]
     assert (params.temperature, params.top_p, params.top_k, params.seed) == (0.5, 0.9, 5, 7)
@@ -174,7 +174,11 @@ BAD: list[tuple[str, Any, int, str | None]] = [
     (C, b"", 400, None), (C, b"{", 400, None), (C, b"not json", 400, None), (C, b"[]", 400, None),
     (C, b"null", 400, None), (C, b'"text"', 400, None), (C, b"\xff\xfe", 400, None),
     (C, {}, 400, "prompt"), (C, {"prompt": 5}, 400, "prompt"), (C, {"prompt": ""}, 400, "prompt"),
-    (C, {"prompt": []}, 400, "prompt"), (C, {"prompt": ["a", "b"]}, 400, "prompt[0]"),
+    (C, {"prompt": []}, 400, "prompt"), (C, {"prompt": ["a", 1]}, 400, "prompt[1]"),
+    (C, {"prompt": [[1], "a"]}, 400, "prompt[1]"), (C, {"prompt": [[1, "x"]]}, 400, "prompt[0][1]"),
+    (C, {"prompt": [[1], []]}, 400, "prompt[1]"), (C, {"prompt": [True]}, 400, "prompt[0]"),
+    (C, {"prompt": [{"a": 1}]}, 400, "prompt[0]"), (C, {"prompt": ["a", "x" * 300]}, 400, "prompt[1]"),
+    (C, {"prompt": [[1], [1, 100000]]}, 400, "prompt[1]"),
     (C, {"prompt": [1, -1]}, 400, "prompt"), (C, {"prompt": [1, 100000]}, 400, "prompt"),
     (C, {"prompt": [1, 2.5]}, 400, "prompt[1]"), (C, {"prompt": None}, 400, "prompt"),
     (C, {**P, "model": "other"}, 404, "model"), (C, {**P, "model": 3}, 400, "model"),
@@ -207,7 +211,7 @@ BAD: list[tuple[str, Any, int, str | None]] = [
     (H, {**M, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     (H, {**M, "max_completion_tokens": 1000}, 400, "max_completion_tokens"),
     (H, {**M, "max_tokens": 0}, 400, "max_tokens"), (H, msg(role="user", content="x" * 300), 400, "messages"),
-    (H, {**M, "logprobs": True}, 400, "logprobs"), (H, {**M, "top_logprobs": 2}, 400, "logprobs"),
+    (H, {**M, "logprobs": True}, 400, "logprobs"), (H, {**M, "top_logprobs": 2}, 400, "top_logprobs"),
     (H, {**M, "temperature": 3}, 400, "temperature"), (H, {**M, "n": 3}, 400, "n"),
     (H, {**M, "model": "gpt-4"}, 404, "model"), (H, {**M, "top_p": 0.0}, 400, "top_p"),
     (H, b"{\"messages\": [", 400, None),

@@ -356,3 +356,36 @@ def test_long_stream_window_stays_bounded(llama3: Tokenizer) -> None:
         longest = max(longest, len(detok._ids))  # tokens kept for the decode window
     assert len(ids) > 300 and longest < 100  # O(1) per token: old tokens are dropped
     assert detok.text + detok.flush() == text
+
+
+QWEN25_TEMPLATE = (Path(__file__).parent / "data" / "qwen2_5_chat_template.jinja").read_text()
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
+TOOL_MESSAGES = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "content": "21 C, sunny", "tool_call_id": "call_1"},
+]  # fmt: skip
+
+
+def test_tools_rendered_like_transformers(byte_level_hf: HFTokenizer, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    folder = _write(tmp_path, byte_level_hf, {"eos_token": "<|im_end|>", "chat_template": QWEN25_TEMPLATE})
+    tok = Tokenizer.from_dir(folder)
+    assert tok.template_uses_tools and tok.chat_template == QWEN25_TEMPLATE
+    ours = tok.apply_chat_template(TOOL_MESSAGES, add_generation_prompt=True, tools=[WEATHER_TOOL])
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|im_end|>")
+    ref.chat_template = QWEN25_TEMPLATE
+    theirs = ref.apply_chat_template(TOOL_MESSAGES, tools=[WEATHER_TOOL], tokenize=False, add_generation_prompt=True)
+    assert ours == theirs
+    assert json.dumps(WEATHER_TOOL) in ours and '{"name": "get_weather", "arguments": {"city": "Paris"}}' in ours
+    assert "<tool_response>\n21 C, sunny\n</tool_response>" in ours
+    without = tok.apply_chat_template(TOOL_MESSAGES[:1], add_generation_prompt=True)
+    assert "<tools>" not in without  # tools=None: the template's plain branch
+
+
+def test_template_uses_tools(llama3: Tokenizer) -> None:
+    assert not llama3.template_uses_tools  # Llama-3's 8B template above never reads `tools`
+    assert json.loads(llama3.to_json())["model"]["type"] == "BPE"

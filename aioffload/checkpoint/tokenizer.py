@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -75,7 +76,7 @@ class Tokenizer:
     def __init__(
         self,
         hf: HFTokenizer,
-        template: jinja2.Template,
+        template_source: str,
         template_file: Path,
         bos_token: str | None,
         eos_token: str | None,
@@ -83,8 +84,10 @@ class Tokenizer:
         eos_token_ids: tuple[int, ...],
     ) -> None:
         self._hf = hf
-        self._template = template
+        self._template, template_vars = _compile_template(template_source, template_file)
         self._template_file = template_file  # named in render errors
+        self.chat_template = template_source
+        self.template_uses_tools = "tools" in template_vars  # a template that never reads tools cannot show them
         self._bos_token = bos_token
         self._eos_token = eos_token
         self.bos_token_id: int | None = hf.token_to_id(bos_token) if bos_token is not None else None
@@ -136,7 +139,7 @@ class Tokenizer:
             template_source, template_file = jinja_file.read_text(encoding="utf-8"), jinja_file
         return cls(
             hf=hf,
-            template=_compile_template(template_source or FALLBACK_CHAT_TEMPLATE, template_file),
+            template_source=template_source or FALLBACK_CHAT_TEMPLATE,
             template_file=template_file,
             bos_token=bos_token,
             eos_token=eos_token,
@@ -152,24 +155,32 @@ class Tokenizer:
             ids.insert(0, self.bos_token_id)  # type: ignore[arg-type]  # not None when _prepend_bos
         return ids
 
+    def to_json(self) -> str:
+        """The tokenizer.json text (what grammar libraries build their token tables from)."""
+        return self._hf.to_str()
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render `messages` (HF's shape: role, content, and tool_calls / tool_call_id where present) and
+        `tools` (OpenAI's `{"type": "function", "function": {...}}` list) with the model's template."""
         try:
             return self._template.render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos_token or "",
                 eos_token=self._eos_token or "",
-                tools=None,
+                tools=tools,
                 documents=None,
             )
         except Exception as e:  # the template is model-supplied code: any failure is the template's
             raise TokenizerError(f"{self._template_file}: chat template failed: {e}") from e
 
 
-def _compile_template(source: str, template_file: Path) -> jinja2.Template:
+def _compile_template(source: str, template_file: Path) -> tuple[jinja2.Template, set[str]]:
+    """The compiled template and the names it reads from its context (`messages`, `tools`, ...)."""
     # The same environment as HF's apply_chat_template, so templates render byte-identically;
     # sandboxed because the template comes from a downloaded checkpoint.
     env = ImmutableSandboxedEnvironment(
@@ -179,7 +190,7 @@ def _compile_template(source: str, template_file: Path) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(source)
+        return env.from_string(source), jinja2.meta.find_undeclared_variables(env.parse(source))
     except jinja2.TemplateError as e:  # syntax errors show at load time, not on the first request
         raise TokenizerError(f"{template_file}: chat template does not compile: {e}") from e
 

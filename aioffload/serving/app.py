@@ -1,8 +1,9 @@
 """OpenAI-compatible HTTP API: routes, auth, body limits, and `run_server`.
 
 Every handler is wrapped so that a refused request is an OpenAI-style error object and an
-unexpected exception a logged, generic 500. The generation itself (SSE or JSON, abort on
-disconnect) is `http_stream.Generation`.
+unexpected exception a logged, generic 500. The generation itself (one engine request per
+choice, SSE or JSON, abort on disconnect) is `stream.Generation`; the small routes are in
+`routes`. CORS is off unless `--allowed-origins` names origins.
 """
 
 from __future__ import annotations
@@ -25,27 +26,40 @@ import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from aioffload.config import EngineConfig, ServerConfig
+from aioffload.serving.chat import template_messages, tool_plan
 from aioffload.serving.dashboard import dashboard_data, static_endpoints
 from aioffload.serving.metrics import Metrics
 from aioffload.serving.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
-    ResponseShape,
-    chat_messages,
-    check_token_ids,
     decode_request,
     error_body,
     error_response,
     json_response,
-    sampling_params,
 )
-from aioffload.serving.stream import Generation, internal_error
+from aioffload.serving.responses import ResponseShape
+from aioffload.serving.routes import (
+    check_model,
+    detokenize,
+    list_models,
+    openapi_json,
+    read_body,
+    ready_engine,
+    retrieve_model,
+    tokenize,
+    version,
+)
+from aioffload.serving.stream import Choice, Generation, Reader, TextReader, internal_error
+from aioffload.serving.tool_calls import ToolCallReader, ToolCallStream, ToolOutputText
+from aioffload.serving.validation import check_token_ids, completion_prompts, refuse_unsupported, sampling_params
 from aioffload.worker.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -96,61 +110,39 @@ def _check_api_key(request: Request, api_key: str) -> None:
                        {"WWW-Authenticate": "Bearer"})
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    too_large = ApiError(413, f"request body exceeds {limit} bytes")
-    length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _ready_engine(state: ServerState) -> Engine:
-    if state.engine is None:
-        raise ApiError(503, "the model is still loading", None, {"Retry-After": "5"})
-    if state.draining:
-        raise ApiError(503, "the server is shutting down")
-    return state.engine
-
-
-def _check_model(model: str | None, engine: Engine) -> None:
-    if model is not None and model != engine.model_name:
-        message = f"model {model!r} does not exist; this server serves {engine.model_name!r}"
-        raise ApiError(404, message, "model")
-
-
 async def _completions(state: ServerState, request: Request) -> Any:
     arrival = time.monotonic()
-    engine = _ready_engine(state)
-    req = decode_request(await _read_body(request, state.config.max_body_bytes), CompletionRequest)
-    _check_model(req.model, engine)
-    if isinstance(req.prompt, str):
-        if not req.prompt:
-            raise ApiError(400, "prompt must not be empty", "prompt")
-        prompt_ids = await anyio.to_thread.run_sync(engine.tokenizer.encode, req.prompt)
-    else:
-        prompt_ids = req.prompt
-    check_token_ids(prompt_ids, getattr(engine.tokenizer, "vocab_size", None), "prompt")
-    default_max = COMPLETION_DEFAULT_MAX_TOKENS
-    params = sampling_params(req, len(prompt_ids), engine.max_model_len, default_max, "prompt")
-    return _generation(state, engine, req, False, prompt_ids, params, arrival)
+    engine = ready_engine(state)
+    req = decode_request(await read_body(request, state.config.max_body_bytes), CompletionRequest)
+    check_model(req.model, engine)
+    refuse_unsupported(req)
+    prompts = completion_prompts(req.prompt)
+
+    def encode() -> list[list[int]]:
+        return [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
+
+    choices = []
+    for i, prompt_ids in enumerate(await anyio.to_thread.run_sync(encode)):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        check_token_ids(prompt_ids, getattr(engine.tokenizer, "vocab_size", None), param)
+        params = sampling_params(req, len(prompt_ids), engine.max_model_len, COMPLETION_DEFAULT_MAX_TOKENS, param)
+        choices.append((prompt_ids, params, TextReader()))
+    return _generation(state, engine, req, False, choices, arrival)
 
 
 async def _chat(state: ServerState, request: Request) -> Any:
     arrival = time.monotonic()
-    engine = _ready_engine(state)
-    req = decode_request(await _read_body(request, state.config.max_body_bytes), ChatCompletionRequest)
-    _check_model(req.model, engine)
-    messages = chat_messages(req)
+    engine = ready_engine(state)
+    req = decode_request(await read_body(request, state.config.max_body_bytes), ChatCompletionRequest)
+    check_model(req.model, engine)
+    refuse_unsupported(req)
+    messages = template_messages(req.messages)
+    tokenizer = engine.tokenizer
+    plan = tool_plan(req, tokenizer.chat_template, tokenizer.template_uses_tools, state.config.tool_call_parser)
 
     def render() -> list[int]:
-        text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return engine.tokenizer.encode(text, add_special_tokens=False)  # the template adds BOS itself
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=plan.tools)
+        return tokenizer.encode(text, add_special_tokens=False)  # the template adds BOS itself
 
     try:
         prompt_ids = await anyio.to_thread.run_sync(render)
@@ -158,24 +150,25 @@ async def _chat(state: ServerState, request: Request) -> Any:
         raise ApiError(400, f"cannot apply the chat template: {e}", "messages") from None
     check_token_ids(prompt_ids, None, "messages")
     params = sampling_params(req, len(prompt_ids), engine.max_model_len, CHAT_DEFAULT_MAX_TOKENS, "messages")
-    return _generation(state, engine, req, True, prompt_ids, params, arrival)
+    reader: Reader = TextReader()
+    if plan.parser is not None:
+        text = ToolOutputText(tokenizer, prompt_ids, params, engine.eos_token_ids)
+        reader = ToolCallReader(text, ToolCallStream(plan.parser, plan.parallel))
+    return _generation(state, engine, req, True, [(prompt_ids, params, reader)], arrival)
 
 
-def _generation(state: ServerState, engine: Engine, req: CompletionRequest | ChatCompletionRequest,
-                chat: bool, prompt_ids: list[int], params: SamplingParams, arrival: float) -> Generation:
+def _generation(state: ServerState, engine: Engine, req: CompletionRequest | ChatCompletionRequest, chat: bool,
+                prompts: list[tuple[list[int], SamplingParams, Reader]], arrival: float) -> Generation:
+    """One choice per prompt; each is one engine request (`<response id>-<index>` when there are several)."""
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     shape = ResponseShape(chat, request_id, int(time.time()), engine.model_name, include_usage)
-    tracker = state.metrics.track(len(prompt_ids), arrival)
-    prompt_param = "messages" if chat else "prompt"
-    return Generation(engine, shape, prompt_ids, params, req.stream, tracker, prompt_param)
-
-
-async def _models(state: ServerState, request: Request) -> Response:
-    engine = _ready_engine(state)
-    card = {"id": engine.model_name, "object": "model", "created": state.created, "owned_by": "aioffload",
-            "max_model_len": engine.max_model_len}
-    return json_response({"object": "list", "data": [card]})
+    choices = [
+        Choice(i, request_id if len(prompts) == 1 else f"{request_id}-{i}", ids, params,
+               state.metrics.track(len(ids), arrival), reader)
+        for i, (ids, params, reader) in enumerate(prompts)
+    ]  # fmt: skip
+    return Generation(engine, shape, choices, req.stream, "messages" if chat else "prompt")
 
 
 async def _health(state: ServerState, request: Request) -> Response:
@@ -211,11 +204,20 @@ def build_app(
         Route("/v1/dashboard", _endpoint(state, dashboard_data, True), methods=["GET"]),
         Route("/v1/completions", _endpoint(state, _completions, True), methods=["POST"]),
         Route("/v1/chat/completions", _endpoint(state, _chat, True), methods=["POST"]),
-        Route("/v1/models", _endpoint(state, _models, True), methods=["GET"]),
+        Route("/v1/models", _endpoint(state, list_models, True), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", _endpoint(state, retrieve_model, True), methods=["GET"]),
+        Route("/tokenize", _endpoint(state, tokenize, True), methods=["POST"]),
+        Route("/detokenize", _endpoint(state, detokenize, True), methods=["POST"]),
+        Route("/version", _endpoint(state, version, False), methods=["GET"]),
+        Route("/openapi.json", _endpoint(state, openapi_json, False), methods=["GET"]),
         Route("/health", _endpoint(state, _health, False), methods=["GET"]),
         Route("/metrics", _endpoint(state, _metrics, False), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_exception})
+    middleware = []
+    if server_config.allowed_origins:  # CORS is off unless origins are named
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(server_config.allowed_origins),
+                                     allow_methods=["GET", "POST"], allow_headers=["*"]))
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _http_exception})
     app.state.server = state
     return app
 

@@ -1,0 +1,198 @@
+"""Wire types and request checks, without a server: unknown, informational and unimplemented fields,
+prompt shapes, chat messages with tool calls, the tool plan, the OpenAPI document."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jsonschema
+import pytest
+
+from aioffload.serving.chat import template_messages, tool_plan
+from aioffload.serving.openapi import openapi_document
+from aioffload.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest, decode_request
+from aioffload.serving.tool_parsers import HermesParser, MistralParser
+from aioffload.serving.validation import UNSUPPORTED, completion_prompts, refuse_unsupported
+
+MSG = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def chat(**fields: Any) -> ChatCompletionRequest:
+    return decode_request(json.dumps({"messages": MSG, **fields}).encode(), ChatCompletionRequest)
+
+
+def completion(**fields: Any) -> CompletionRequest:
+    return decode_request(json.dumps({"prompt": "hi", **fields}).encode(), CompletionRequest)
+
+
+def refusal(fn: Any, *args: Any) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        fn(*args)
+    assert e.value.status == 400
+    return e.value
+
+
+@pytest.mark.parametrize(("kind", "body", "param"), [
+    (CompletionRequest, {"prompt": "hi", "temprature": 0.5}, "temprature"),
+    (CompletionRequest, {"prompt": "hi", "stream_options": {"include_usage": True, "usage": 1}},
+     "stream_options.usage"),
+    (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x", "nmae": "a"}]}, "messages[0].nmae"),
+    (ChatCompletionRequest, {"messages": MSG, "tools": [{**TOOL, "function": {"name": "f", "params": {}}}]},
+     "tools[0].function.params"),
+    (ChatCompletionRequest, {"messages": MSG, "guided_json": {}}, "guided_json"),
+    (ChatCompletionRequest, {"messages": MSG, "echo": True}, "echo"),  # a completions field, not chat's
+])  # fmt: skip
+def test_unknown_fields_are_named(kind: type, body: dict[str, Any], param: str) -> None:
+    e = refusal(decode_request, json.dumps(body).encode(), kind)
+    assert e.param == param and f"`{param}`" in e.message and "does not implement" in e.message
+
+
+def test_informational_fields_are_accepted() -> None:
+    req = chat(user="u1", store=False, metadata={"k": "v"}, service_tier="auto", prompt_cache_key="p",
+               safety_identifier="s", messages=[{"role": "assistant", "content": "x", "refusal": None}, *MSG])
+    refuse_unsupported(req)
+    refuse_unsupported(completion(user="u2"))
+
+
+# field -> (a neutral value clients send by default, a value that would change the output)
+VALUES: dict[str, tuple[Any, Any]] = {
+    "n": (1, 2), "best_of": (1, 3), "logprobs": (None, 2), "top_logprobs": (0, 3), "echo": (False, True),
+    "suffix": ("", "end"), "presence_penalty": (0, 0.5), "frequency_penalty": (0.0, -1.0),
+    "repetition_penalty": (1.0, 1.2), "logit_bias": ({}, {"50": 100}), "min_tokens": (0, 4), "min_p": (0.0, 0.1),
+    "response_format": ({"type": "text"}, {"type": "json_object"}), "modalities": (["text"], ["text", "audio"]),
+    "audio": (None, {"voice": "alloy", "format": "wav"}), "prediction": (None, {"type": "content", "content": "x"}),
+    "reasoning_effort": (None, "low"), "web_search_options": (None, {}),
+    "functions": (None, [{"name": "f"}]), "function_call": (None, "auto"),
+}  # fmt: skip
+
+
+def test_every_unsupported_field_has_test_values() -> None:
+    assert set(VALUES) == set(UNSUPPORTED)
+
+
+@pytest.mark.parametrize("field", sorted(UNSUPPORTED))
+def test_unimplemented_fields_refused_unless_neutral(field: str) -> None:
+    neutral, active = VALUES[field]
+    kind = CompletionRequest if field in ("best_of", "echo", "suffix") else ChatCompletionRequest
+    make = completion if kind is CompletionRequest else chat
+    refuse_unsupported(make(**{field: neutral}))
+    e = refusal(refuse_unsupported, make(**{field: active}))
+    assert e.param == field and e.message.startswith(f"{field}: ")
+    if field != "logprobs":  # logprobs: true for chat, an int for completions
+        assert field not in ChatCompletionRequest.__struct_fields__ or kind is ChatCompletionRequest
+
+
+def test_chat_logprobs_true_and_completion_logprobs_zero_are_refused() -> None:
+    assert refusal(refuse_unsupported, chat(logprobs=True)).param == "logprobs"
+    assert refusal(refuse_unsupported, completion(logprobs=0)).param == "logprobs"
+    refuse_unsupported(chat(logprobs=False))
+
+
+@pytest.mark.parametrize(("prompt", "expected"), [
+    ("hello", ["hello"]), ([5, 6, 7], [[5, 6, 7]]), (["a", "b c"], ["a", "b c"]), ([[1, 2], [3]], [[1, 2], [3]]),
+])  # fmt: skip
+def test_completion_prompt_shapes(prompt: Any, expected: list[Any]) -> None:
+    assert completion_prompts(prompt) == expected
+
+
+@pytest.mark.parametrize(("prompt", "param"), [
+    ("", "prompt"), ([], "prompt"), ([1, "a"], "prompt[1]"), (["a", [1]], "prompt[1]"), ([["x"]], "prompt[0][0]"),
+    ([[1], [2, 3.5]], "prompt[1][1]"), ([None], "prompt[0]"), (["a", ""], "prompt[1]"), ([False, 1], "prompt[0]"),
+])  # fmt: skip
+def test_bad_prompts_name_the_element(prompt: Any, param: str) -> None:
+    assert refusal(completion_prompts, prompt).param == param
+
+
+def test_template_messages_with_tool_calls() -> None:
+    req = chat(messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Weather"}, {"type": "text", "text": "in Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                                                               "function": {"name": "get_weather",
+                                                                            "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "21 C", "name": "get_weather"},
+    ])  # fmt: skip
+    assert template_messages(req.messages) == [
+        {"role": "user", "content": "Weather\nin Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "21 C", "name": "get_weather", "tool_call_id": "call_1"},
+    ]  # fmt: skip
+
+
+def test_assistant_tool_calls_without_content() -> None:
+    """Clients dump the assistant message with exclude_none: no `content` key at all."""
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    [message] = template_messages(chat(messages=[{"role": "assistant", "tool_calls": [call]}]).messages)
+    assert message["content"] == "" and message["tool_calls"][0]["function"] == {"name": "f", "arguments": {}}
+
+
+@pytest.mark.parametrize(("message", "param"), [
+    ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]},
+     "messages[0].tool_calls[0].function.arguments"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "[1]"}}]},
+     "messages[0].tool_calls[0].function.arguments"),
+    ({"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]},
+     "messages[0].tool_calls"),
+    ({"role": "tool", "content": "21 C"}, "messages[0].tool_call_id"),
+    ({"role": "user", "content": "x", "tool_call_id": "c"}, "messages[0].tool_call_id"),
+    ({"role": "user", "content": None}, "messages[0].content"),
+])  # fmt: skip
+def test_bad_messages(message: dict[str, Any], param: str) -> None:
+    assert refusal(template_messages, chat(messages=[message]).messages).param == param
+
+
+def test_tool_plan() -> None:
+    hermes_template = "{{ tools }} <tool_call>"
+    plan = tool_plan(chat(tools=[TOOL]), hermes_template, True, None)
+    assert isinstance(plan.parser, HermesParser) and plan.parallel
+    assert plan.tools == [TOOL]  # OpenAI's shape, unset fields (strict) left out
+    assert isinstance(tool_plan(chat(tools=[TOOL]), "{{ tools }}", True, "mistral").parser, MistralParser)
+    assert not tool_plan(chat(tools=[TOOL], parallel_tool_calls=False), hermes_template, True, None).parallel
+    none = tool_plan(chat(tools=[TOOL], tool_choice="none"), hermes_template, True, None)
+    assert none.tools is None and none.parser is None  # not shown to the model, not looked for
+    assert tool_plan(chat(), hermes_template, True, None).parser is None
+
+
+@pytest.mark.parametrize(("fields", "template", "uses_tools", "param", "words"), [
+    ({"tools": [TOOL], "tool_choice": "required"}, "<tool_call>", True, "tool_choice", "not implemented yet"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "<tool_call>",
+     True, "tool_choice", "not implemented yet"),
+    ({"tool_choice": "auto"}, "<tool_call>", True, "tool_choice", "needs tools"),
+    ({"tools": [TOOL]}, "{{ messages }}", False, "tools", "does not render tools"),
+    ({"tools": [TOOL]}, "{{ tools }}", True, "tools", "--tool-call-parser"),
+    ({"tools": [TOOL, TOOL]}, "<tool_call>", True, "tools[1].function.name", "two tools"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "<tool_call>", True,
+     "tools[0].function.name", "letters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "<tool_call>",
+     True, "tools[0].function.parameters", "object"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True}}]}, "<tool_call>", True,
+     "tools[0].function.strict", "not implemented yet"),
+])  # fmt: skip
+def test_tool_plan_refusals(fields: dict[str, Any], template: str, uses_tools: bool, param: str, words: str) -> None:
+    e = refusal(tool_plan, chat(**fields), template, uses_tools, None)
+    assert e.param == param and words in e.message
+
+
+def test_openapi_document_is_valid_and_complete() -> None:
+    doc = openapi_document("9.9.9")
+    assert doc["openapi"].startswith("3.") and doc["info"]["version"] == "9.9.9"
+    for schema in doc["components"]["schemas"].values():
+        jsonschema.Draft202012Validator.check_schema(schema)
+    assert set(doc["paths"]) == {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model_id}",
+                                 "/tokenize", "/detokenize", "/version", "/openapi.json", "/health", "/metrics"}
+    chat_schema = doc["components"]["schemas"]["ChatCompletionRequest"]
+    assert chat_schema["additionalProperties"] is False and chat_schema["required"] == ["messages"]
+    assert {"tools", "tool_choice", "parallel_tool_calls", "response_format"} <= set(chat_schema["properties"])
+    # The schemas say what the server decodes: a valid body validates, a misspelled field does not.
+    root = {"components": doc["components"], "$ref": "#/components/schemas/ChatCompletionRequest"}
+    validator = jsonschema.Draft202012Validator(root)
+    assert validator.is_valid({"messages": MSG, "tools": [TOOL], "tool_choice": "auto"})
+    assert not validator.is_valid({"messages": MSG, "temprature": 1})
+    completion_schema = doc["components"]["schemas"]["CompletionRequest"]
+    prompt_validator = jsonschema.Draft202012Validator(completion_schema["properties"]["prompt"])
+    assert all(prompt_validator.is_valid(p) for p in ["x", ["a", "b"], [1, 2], [[1], [2, 3]]])
+    assert not prompt_validator.is_valid({"a": 1})
+
