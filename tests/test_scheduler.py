@@ -397,16 +397,6 @@ def test_random_workloads_never_stall_and_match_reference(seed: int) -> None:
 # ---- offload-aware sizing (pure functions) -------------------------------------------
 
 
-def test_offload_token_budget_raises_to_tokens_computed_within_the_floor() -> None:
-    from aioffload.offload.batching import offload_token_budget
-
-    # 8e9 parameters, 180 ms floor, 300 TFLOP/s counted: 0.18 * 300e12 / 16e9 = 3375 free tokens.
-    assert offload_token_budget(2048, 0.18, 8_000_000_000, 300e12) == 3375
-    assert offload_token_budget(4096, 0.18, 8_000_000_000, 300e12) == 4096  # never below the base
-    assert offload_token_budget(2048, 10.0, 8_000_000_000, 300e12) == 16384  # capped
-    assert offload_token_budget(2048, 0.18, 8_000_000_000, 0.0) == 2048  # CPU: no raise
-
-
 def test_should_hold_only_for_fresh_arrivals_with_room() -> None:
     from aioffload.engine.scheduler import should_hold
 
