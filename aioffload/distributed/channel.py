@@ -16,6 +16,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from aioffload.distributed.group import store_prefix
+
 log = logging.getLogger("aioffload.distributed")
 
 KEEP = 64
@@ -28,7 +30,7 @@ class RankZeroGone(RuntimeError):
 
 class CommandChannel:
     def __init__(self, store: dist.Store) -> None:
-        self.store = dist.PrefixStore("aioffload/cmd", store)
+        self.store = dist.PrefixStore(store_prefix("cmd"), store)
         self.next = 0  # the command a follower takes next
 
     def post(self, command: Any) -> None:

@@ -70,6 +70,11 @@ class RankEnv:
         return f"{self.host}:{self.port}"
 
 
+def store_prefix(what: str) -> str:
+    """Keys of this run in the rendezvous store; a torchrun restart starts over under new ones."""
+    return f"aioffload/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{what}"
+
+
 def backend_for(device_type: str) -> str:
     return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
 
@@ -102,7 +107,7 @@ class TPGroup:
             is_master = env.rank == 0 and not env.agent_store
             store = open_store(env.host, env.port, env.world_size, is_master, STORE_WAIT_S)
         dist.init_process_group(
-            backend_for(device_type), store=dist.PrefixStore("aioffload/pg", store), rank=env.rank,
+            backend_for(device_type), store=dist.PrefixStore(store_prefix("pg"), store), rank=env.rank,
             world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s),
         )  # fmt: skip
         log.info("rank %d of %d joined (%s, %s)", env.rank, env.world_size, backend_for(device_type), device)
