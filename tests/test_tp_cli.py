@@ -5,6 +5,7 @@ a rank whose rank 0 dies leaves."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -127,3 +128,24 @@ def test_a_rank_leaves_when_its_rank_zero_dies() -> None:
         server.proc.wait(10)
         assert wait_for(lambda: not alive(pid), timeout=20), f"rank 1 (pid {pid}) outlived rank 0"
         assert "rank 1 stops: the rank-0 store is gone" in server.stderr_text()
+
+
+def test_bench_latency_at_tp2_times_steps_and_counts_one_ranks_bytes(tmp_path: Path) -> None:
+    """Two TP 2 workers one after the other (--check-graphs builds the second once the first is gone):
+    the follower replaces its shard, and both give the same greedy tokens."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "aioffload.cli", "bench", "latency", "--synthetic", "tiny", "--synthetic-dir",
+         str(tmp_path / "synth"), "--device", "cpu", "--tensor-parallel-size", "2", "--batch-sizes", "1,2",
+         "--input-len", "5", "--output-len", "4", "--num-iters", "1", "--num-iters-warmup", "0", "--check-graphs",
+         "--check-tokens", "3", "--num-kv-blocks", "64", "--max-model-len", "64"],
+        capture_output=True, text=True, env={**ENV, "OUT": str(tmp_path)}, cwd=REPO, timeout=150,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "latency.json").read_text())
+    assert [r["batch"] for r in data["runs"]] == [1, 2] and all(r["step_ms"]["p50"] > 0 for r in data["runs"])
+    assert data["check_graphs"]["identical"] is True and data["check_graphs"]["tokens"] == 12
+    # tiny: 4 layers, hidden 64, 128 MLP units, 4 heads / 2 KV heads of 16, 512 tokens; float32 on the CPU.
+    # One rank: per layer 2 norms (64, padded to 128 elements) + qkv (32 + 16 + 16 rows of 64) + o (64 x 32)
+    # + gate_up (2 x 64 rows) + down (64 x 64); then lm_head's 256 of 512 rows + the final norm.
+    layer = 2 * 128 + 64 * 64 + 64 * 32 + 128 * 64 + 64 * 64
+    assert data["runs"][0]["weight_bytes_read"] == (4 * layer + 257 * 64) * 4

@@ -14,6 +14,7 @@ One tensor-parallel worker at a time: a follower drops its worker when the next 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from aioffload.distributed.group import TPGroup
 from aioffload.distributed.parallel_ops import ShardOps
 from aioffload.distributed.sharding import TPShard, check_tensor_parallel, local_model_config, rank_offload_config
 from aioffload.worker.inputs import SeqChunk
+
+log = logging.getLogger("aioffload.worker")
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,13 @@ class TPLink:
             channel = CommandChannel(group.store)
             channel.post(BuildWorker(config))
         shard = TPShard.of(ckpt.model_config, group.rank, size)
-        return cls(group, shard, local_model_config(ckpt.model_config, shard), channel)
+        local = local_model_config(ckpt.model_config, shard)
+        m = ckpt.model_config
+        log.info("tensor parallel: rank %d of %d holds %d of %d heads, %d of %d KV heads%s, %d of %d MLP units, "
+                 "%d of %d vocabulary rows", group.rank, size, local.num_heads, m.num_heads, local.num_kv_heads,
+                 m.num_kv_heads, " (replicated)" if shard.kv_replicated else "", local.intermediate_size,
+                 m.intermediate_size, local.vocab_size, m.vocab_size)  # fmt: skip
+        return cls(group, shard, local, channel)
 
     @property
     def leader(self) -> bool:
