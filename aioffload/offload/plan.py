@@ -50,8 +50,9 @@ def tensor_parallel_header(full: ModelConfig, local: ModelConfig, size: int, flo
         f"{full.num_heads} attention heads, {local.num_kv_heads} of {full.num_kv_heads} KV heads ({kv}), "
         f"{local.intermediate_size} of {full.intermediate_size} MLP units, {local.vocab_size} of {full.vocab_size} "
         f"vocabulary rows\n"
-        f"per-rank floor   {floor_s * 1e3:.1f} ms per decode step: each rank streams its own shard over its own "
-        "link, all at once (--cpu-offload-gb counts all ranks together; the trigger and --gpu-memory-gb one GPU)"
+        + (f"per-rank floor   {floor_s * 1e3:.1f} ms per decode step: each rank streams its own shard over its "
+           "own link, all at once" if floor_s else "per-rank floor   no offload on any rank")
+        + " (--cpu-offload-gb counts all ranks together; the trigger and --gpu-memory-gb one GPU)"
     )
 
 
