@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from aioffload.config import (
     ATTENTION_BACKENDS,
@@ -20,11 +21,15 @@ from aioffload.config import (
     ConfigError,
     EngineConfig,
     OffloadConfig,
+    ParallelConfig,
     SchedulerConfig,
     ServerConfig,
     SpeculativeConfig,
 )
 from aioffload.serving.tool_parsers import PARSERS as TOOL_CALL_PARSERS
+
+if TYPE_CHECKING:
+    from aioffload.distributed.group import RankEnv
 
 DEMO_MODEL = str(Path(__file__).parent / "assets" / "demo")
 
@@ -133,6 +138,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="shortest suffix prompt lookup matches (default: %(default)s)")
     sp.add_argument("--ngram-max", type=_positive(int), default=d[4].ngram_max,
                     help="longest suffix prompt lookup matches (default: %(default)s)")
+    tp = p.add_argument_group("tensor parallelism")
+    tp.add_argument("--tensor-parallel-size", type=_positive(int), default=1,
+                    help="shard every layer over N ranks, one process and one GPU each, started here (or by "
+                         "torchrun, for several hosts); each rank offloads its own shard (default: 1)")
+    tp.add_argument("--distributed-timeout", type=_positive(float), default=ParallelConfig().timeout_s,
+                    help="seconds a collective between ranks may wait before the step fails (default: %(default)s)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -162,6 +173,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             method=args.speculative, draft_model=args.draft_model, num_tokens=args.num_speculative_tokens,
             ngram_min=args.ngram_min, ngram_max=args.ngram_max,
         ),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, timeout_s=args.distributed_timeout),
     ).validate()  # fmt: skip
 
 
@@ -215,30 +227,78 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:  # configuration: every error is one line and exit status 2, before anything starts
         config = engine_config(args)
+        config, rank_env = _check_parallel(config, args)
         if args.command == "plan":
             return _plan(config)
-        if args.command in ("serve", "generate"):
-            check_before_start(config)
+        if args.command in ("serve", "generate") and config.parallel.tensor_parallel_size == 1:
+            check_before_start(config)  # under tensor parallelism, _check_parallel checked each rank's share
     except ValueError as e:  # ConfigError, CheckpointError, TokenizerError, SafetensorsError
         return config_error(e)
     setup_logging()
+    ranks = None
     try:
-        if args.command == "serve":
-            from aioffload.serving.app import run_server
+        if config.parallel.tensor_parallel_size > 1 and args.command != "plan":  # plan loads nothing
+            from aioffload.distributed.launch import join_torchrun, spawn_ranks
+            from aioffload.worker.follower import follow
+            from aioffload.worker.worker import pick_device
 
-            server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
-                                  shutdown_timeout_s=args.shutdown_timeout,
-                                  allowed_origins=tuple(args.allowed_origins),
-                                  tool_call_parser=args.tool_call_parser)  # fmt: skip
-            return run_server(config, server)
-        if args.command == "generate":
-            return asyncio.run(_generate(config, args))
-        return int(args.run(config, args))
+            device_type = pick_device(config.device).type
+            if rank_env is not None and rank_env.rank != 0:  # a torchrun rank: do what rank 0 says
+                follow(rank_env, device_type, config.parallel)
+                return 0
+            if rank_env is not None:
+                parallel, ranks = join_torchrun(rank_env, config.parallel, device_type)
+            else:
+                parallel, ranks = spawn_ranks(config.parallel, device_type, follow)
+            config = config.replace(parallel=parallel)
+        return _run(config, args)
     except ConfigError as e:
         return config_error(e)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def _run(config: EngineConfig, args: argparse.Namespace) -> int:
+    if args.command == "serve":
+        from aioffload.serving.app import run_server
+
+        server = ServerConfig(host=args.host, port=args.port, api_key=args.api_key,
+                              shutdown_timeout_s=args.shutdown_timeout,
+                              allowed_origins=tuple(args.allowed_origins),
+                              tool_call_parser=args.tool_call_parser)  # fmt: skip
+        return run_server(config, server)
+    if args.command == "generate":
+        return asyncio.run(_generate(config, args))
+    return int(args.run(config, args))
+
+
+def _check_parallel(config: EngineConfig, args: argparse.Namespace) -> tuple[EngineConfig, RankEnv | None]:
+    """--tensor-parallel-size against torchrun's environment, the bench kind and the model (config.json,
+    when it is there already); ConfigError (one line) when they do not fit."""
+    from aioffload.distributed.group import RankEnv
+
+    env = RankEnv.from_environ() if args.command != "plan" else None
+    size = config.parallel.tensor_parallel_size
+    if env is not None and env.world_size > 1:
+        if size not in (1, env.world_size):
+            raise ConfigError(f"--tensor-parallel-size {size}: torchrun started {env.world_size} ranks")
+        size = env.world_size
+        config = config.replace(parallel=dataclasses.replace(config.parallel, tensor_parallel_size=size))
+    elif env is not None:
+        env = None  # torchrun with one rank: nothing to join
+    if size == 1:
+        return config, None
+    if args.command == "bench" and not getattr(args, "tensor_parallel", False):
+        raise ConfigError(f"--tensor-parallel-size {size}: bench {args.bench} compares workers side by side, one "
+                          "process each; run bench latency or throughput")  # fmt: skip
+    from aioffload.worker.tensor_parallel import check_parallel_start
+
+    check_parallel_start(config, devices=env is None and args.command != "plan")
+    return config, env
 
 
 def config_error(e: Exception) -> int:

@@ -228,6 +228,21 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism (DESIGN.md section 10): one process per rank, rank 0 runs the engine."""
+
+    tensor_parallel_size: int = 1
+    timeout_s: float = 600.0  # --distributed-timeout: a collective waiting longer than this fails the step
+    rendezvous: str | None = None  # "host:port" of the ranks' store; set by the rank launcher, never a flag
+
+    def validate(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"--distributed-timeout must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str
     dtype: str = "auto"
@@ -240,6 +255,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -298,6 +314,7 @@ class EngineConfig:
                     "weights would leave no room for the KV cache; lower the trigger"
                 )
         self.speculative.validate()
+        self.parallel.validate()
         return self
 
 

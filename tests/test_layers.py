@@ -1,6 +1,11 @@
 """The package's folders are its layers (DESIGN.md section 2): imports only flow down.
 
-    cli -> serving -> engine -> worker -> {offload, checkpoint} -> model -> attention
+    cli -> serving -> engine -> worker -> {offload, checkpoint} -> model -> {attention, distributed}
+
+`distributed` (tensor-parallel groups, sharding arithmetic, the collectives a step needs, rank
+launch) sits beside `attention` at the bottom: the decoder (model) sums its row-parallel
+outputs through it and everything above shards with it, while it imports only torch and config
+(the rank launcher is handed the worker's command loop as a function).
 
 `config` and `progress` are usable from anywhere; `bench` sits beside `serving` (above
 the engine it drives, below the cli that starts it). Every module's imports are read
@@ -20,6 +25,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "aioffload"
 # Higher rank = higher layer. A module may import from its own layer or any lower one.
 RANK = {
     "attention": 0,
+    "distributed": 0,
     "model": 1,
     "offload": 2,
     "checkpoint": 2,
@@ -31,7 +37,11 @@ RANK = {
 }
 ANYWHERE = {"config", "progress", "assets"}
 # Same rank, different layer: siblings must not lean on each other either.
-SIBLINGS_APART = {frozenset({"offload", "checkpoint"}), frozenset({"serving", "bench"})}
+SIBLINGS_APART = {
+    frozenset({"offload", "checkpoint"}),
+    frozenset({"serving", "bench"}),
+    frozenset({"attention", "distributed"}),
+}
 
 
 def layer_of(module: str) -> str | None:
@@ -110,6 +120,8 @@ def test_every_top_level_entry_is_a_known_layer() -> None:
         ("worker/inputs.py", "from aioffload import serving", "aioffload.serving"),
         ("offload/placement.py", "from aioffload.checkpoint import tokenizer", "aioffload.checkpoint"),
         ("engine/request.py", "from ..serving.protocol import ApiError", "aioffload.serving.protocol"),
+        ("distributed/launch.py", "from aioffload.worker.follower import follow", "aioffload.worker.follower"),
+        ("distributed/group.py", "from aioffload.attention.kv_cache import KVCache", "aioffload.attention.kv_cache"),
     ],
 )
 def test_an_upward_import_is_named(tmp_path: Path, layer: str, statement: str, offender: str) -> None:

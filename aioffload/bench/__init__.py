@@ -17,4 +17,5 @@ def add_bench_parsers(
         p = kinds.add_parser(mod.NAME, help=mod.__doc__.splitlines()[0] if mod.__doc__ else None)
         add_engine_args(p)
         mod.add_args(p)
-        p.set_defaults(run=mod.run)
+        # Kinds that drive one worker at a time run under --tensor-parallel-size > 1 (cli.py checks).
+        p.set_defaults(run=mod.run, tensor_parallel=getattr(mod, "TENSOR_PARALLEL", False))

@@ -227,8 +227,8 @@ def hbm_bytes_per_step(worker: Worker, batch: int, context_len: int) -> tuple[in
 
     Every decoder layer (resident, or from its staging slot), the final norm and lm_head are
     read once; the embedding table only by row (ignored). KV: K and V of `context_len`
-    tokens per sequence, every layer."""
-    p, m = worker.placement, worker.model_config
+    tokens per sequence, every layer. Under tensor parallelism: one rank's (each GPU's) bytes."""
+    p, m = worker.placement, worker.shard_config
     elem = worker.dtype.itemsize
     weights = m.num_layers * p.layer_bytes + (m.vocab_size + 1) * m.hidden_size * elem
     kv = batch * context_len * 2 * m.num_layers * m.num_kv_heads * m.head_dim * elem

@@ -21,6 +21,7 @@ from aioffload.config import EngineConfig
 from aioffload.worker.worker import Worker, pick_device
 
 NAME = "latency"
+TENSOR_PARALLEL = True  # one worker at a time: every rank builds its shard of it
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from aioffload.engine.async_engine import Engine
 
 NAME = "throughput"
+TENSOR_PARALLEL = True  # one worker at a time: every rank builds its shard of it
 
 
 def add_args(p: argparse.ArgumentParser) -> None:

@@ -6,6 +6,10 @@ or one decode token) and returns logits for the rows `meta.last_token_idx` names
 of each sequence, or its last k + 1 when it ends in k proposed tokens to verify.
 Layer weights come from a `LayerSource`: resident layers hand out their views, the
 transfer queue hands out staging slots; the model does not know which is which.
+
+Under tensor parallelism (`parallel`, DESIGN.md section 10) `cfg` is one rank's share (its heads,
+MLP units and vocabulary rows) and the outputs of o and down are summed over the ranks; the
+logits returned are then the rank's vocabulary columns.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from aioffload.attention.backends import AttentionBackend, AttentionMetadata
 from aioffload.attention.kv_cache import KVCache
 from aioffload.config import ModelConfig
+from aioffload.distributed.parallel_ops import ShardOps
 from aioffload.model import ops
 from aioffload.model.layout import LayerWeights
 
@@ -94,6 +99,7 @@ class LlamaModel:
         max_positions: int,
         device: torch.device,
         mlp: Mlp | None = None,
+        parallel: ShardOps | None = None,
     ) -> None:
         self.cfg = cfg
         self.embed = embed
@@ -113,8 +119,14 @@ class LlamaModel:
 
             self.ops = fused
         self.mlp: Mlp = mlp or DenseMlp(self.ops)
+        self.parallel = parallel
+
+    def _sum_ranks(self, x: torch.Tensor) -> torch.Tensor:  # [T, H]: a row-parallel partial -> the sum
+        return self.parallel.all_reduce_(x) if self.parallel is not None else x
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel is not None:
+            return self.parallel.embed(self.embed, input_ids)
         if self.embed.device == input_ids.device:
             return self.embed[input_ids]
         # Host-resident table: gather the rows on the host, copy only them.
@@ -128,7 +140,7 @@ class LlamaModel:
         positions: torch.Tensor,  # [T] int64
         meta: AttentionMetadata,
         kv: KVCache,
-    ) -> torch.Tensor:  # logits [R, V] float32, R = len(meta.last_token_idx)
+    ) -> torch.Tensor:  # logits [R, V] float32, R = len(meta.last_token_idx) (V: this rank's rows under TP)
         """Each layer leaves its MLP output pending; the next layer's add + RMSNorm folds it
         into the residual stream (one fused kernel on CUDA)."""
         cfg, f = self.cfg, self.ops
@@ -144,8 +156,9 @@ class LlamaModel:
                 cfg.head_dim, w.q_norm, w.k_norm, cfg.rms_norm_eps,
             )  # fmt: skip
             o = self.attention.attend(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, Hq, D]
-            h = f.add_rms_norm(x, F.linear(o.reshape(t, cfg.q_size), w.o_w), w.post_norm, cfg.rms_norm_eps)
-            pending = self.mlp(i, h, w)  # [T, H]
+            o = self._sum_ranks(F.linear(o.reshape(t, cfg.q_size), w.o_w))  # [T, H]
+            h = f.add_rms_norm(x, o, w.post_norm, cfg.rms_norm_eps)
+            pending = self._sum_ranks(self.mlp(i, h, w))  # [T, H]
             self.layers.release(i)
         assert pending is not None
         x = x[meta.last_token_idx]  # [R, H]

@@ -3,6 +3,10 @@
 The plan is the one the worker would make on this machine (`device.place`, the same call):
 on a GPU the card's memory and the measured link, on the CPU the assumed 25 GB/s and the KV
 pool of --cpu-kv-cache-gb. The header says which figures are measured, given or assumed.
+
+Under tensor parallelism the plan is one rank's: every rank holds the same share of every layer
+(its heads, MLP units and vocabulary rows) and places it on its own GPU by the same rule, so one
+plan stands for all of them; the ranks stream their shards over their own links at once.
 """
 
 from __future__ import annotations
@@ -10,16 +14,25 @@ from __future__ import annotations
 import torch
 
 from aioffload.config import EngineConfig, ModelConfig
+from aioffload.distributed.sharding import TPShard, local_model_config, rank_offload_config
 from aioffload.offload.device import DeviceFacts, device_facts, place
 from aioffload.offload.placement import format_plan
 
 
 def run_plan(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, max_len: int, source: str,
              device: torch.device) -> int:  # fmt: skip
-    """Print the plan for `mcfg` (read from `source`) at `dtype` and `max_len` tokens per sequence on `device`."""
+    """Print the plan for `mcfg` (read from `source`) at `dtype` and `max_len` tokens per sequence on
+    `device`; under --tensor-parallel-size N, the plan of each rank."""
+    size = config.parallel.tensor_parallel_size
+    full = mcfg
+    if size > 1:
+        mcfg = local_model_config(mcfg, TPShard.of(mcfg, 0, size))
+        config = config.replace(offload=rank_offload_config(config.offload, size))
     facts = device_facts(config, device)
     placement = place(config, mcfg, dtype.itemsize, max_len, facts)
     print(f"model {source} ({mcfg.architecture}, {mcfg.num_layers} layers, {_dtype_name(dtype)})")
+    if size > 1:
+        print(tensor_parallel_header(full, mcfg, size, placement.predicted_step_floor_s))
     for line in describe_device(config, mcfg, dtype, facts):
         print(line)
     print(f"max-model-len    {max_len}")
@@ -65,6 +78,19 @@ def describe_device(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype,
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def tensor_parallel_header(full: ModelConfig, local: ModelConfig, size: int, floor_s: float) -> str:
+    kv = "replicated: fewer KV heads than ranks" if full.num_kv_heads < size else "sharded"
+    return (
+        f"tensor parallel  {size} ranks, one GPU each; the plan below is each rank's: {local.num_heads} of "
+        f"{full.num_heads} attention heads, {local.num_kv_heads} of {full.num_kv_heads} KV heads ({kv}), "
+        f"{local.intermediate_size} of {full.intermediate_size} MLP units, {local.vocab_size} of {full.vocab_size} "
+        f"vocabulary rows\n"
+        + (f"per-rank floor   {floor_s * 1e3:.1f} ms per decode step: each rank streams its own shard over its "
+           "own link, all at once" if floor_s else "per-rank floor   no offload on any rank")
+        + " (--cpu-offload-gb counts all ranks together; the trigger and --gpu-memory-gb one GPU)"
+    )
 
 
 def hybrid_report(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, h2d: float, num_offloaded: int) -> str:

@@ -8,6 +8,7 @@ on a CUDA device. Every decision and the chosen split per batch size go to the l
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from aioffload.config import ModelConfig, OffloadConfig
-from aioffload.model.layout import LayerLayout
+from aioffload.distributed.group import TPGroup
+from aioffload.model.layout import LayerLayout, layer_layout
 from aioffload.offload.calibrate import calibrate_host, default_host_threads
 from aioffload.offload.split_cost import SplitChooser, SplitCostModel, format_table
 from aioffload.offload.split_layout import SplitLayout, split_layout
@@ -86,3 +88,30 @@ def plan_hybrid(
     log.info("hybrid: the GPU waits for host shares %s", "on a word in mapped memory (cuStreamWaitValue32)"
              if host.asynchronous else "through the step thread (no stream wait available)")  # fmt: skip
     return HybridPlan(split, cost, chooser, host)
+
+
+def plan_hybrid_ranks(
+    offload: OffloadConfig,
+    mcfg: ModelConfig,
+    num_offloaded: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    h2d_bytes_per_s: float,
+    group: TPGroup | None,
+) -> HybridPlan | None:
+    """plan_hybrid for this rank's model `mcfg` (its share under tensor parallelism). With a group,
+    rank 0 decides for every rank, since it chooses each step's host share; the others then
+    calibrate their own host, each with its share of the host's cores."""
+
+    def plan(o: OffloadConfig) -> HybridPlan | None:
+        return plan_hybrid(o, mcfg, layer_layout(mcfg), num_offloaded, dtype, device, h2d_bytes_per_s)
+
+    if group is None:
+        return plan(offload)
+    if offload.host_threads is None:
+        offload = dataclasses.replace(offload, host_threads=max(1, default_host_threads() // group.size))
+    mine = plan(offload) if group.leader else None
+    on = group.leader_flag(mine is not None)
+    if group.leader or not on:
+        return mine
+    return plan(dataclasses.replace(offload, hybrid="on"))

@@ -3,6 +3,11 @@
 At start-up the worker places the weights (offload/placement.py), loads them, sizes the KV
 cache from the memory really left after a warm-up forward at the largest step, and
 captures CUDA graphs when every weight is resident. Each decision is logged.
+
+Under tensor parallelism (worker/tensor_parallel.py) every rank builds its own Worker over its
+shard; rank 0's is the engine's, and `execute` on it runs the step on every rank. Placement,
+KV sizing and the hybrid split are per rank, on the rank's share of the model; the ranks agree
+on the KV pool (the smallest), the copy floor (the largest) and rank 0's hybrid decision.
 """
 
 from __future__ import annotations
@@ -18,53 +23,69 @@ from aioffload.attention.backends import select_backend
 from aioffload.attention.kv_cache import KVCache, kv_bytes_per_block
 from aioffload.checkpoint.checkpoint import Checkpoint, resolve_max_model_len
 from aioffload.config import ConfigError, EngineConfig
+from aioffload.distributed.group import TPGroup
 from aioffload.offload.device import device_facts, fixed_kv_blocks, pick_device, place
 from aioffload.offload.expert_layers import MoeLayers
 from aioffload.offload.placement import Placement
 from aioffload.offload.transfer_queue import TransferQueue
 from aioffload.worker.cuda_graphs import CudaGraphRunner
 from aioffload.worker.draft import DraftModel, check_same_vocabulary
-from aioffload.worker.hybrid import HybridPlan, plan_hybrid
+from aioffload.worker.hybrid import HybridPlan, plan_hybrid_ranks
 from aioffload.worker.inputs import SeqChunk, build_inputs
 from aioffload.worker.model_loader import build_model
 from aioffload.worker.outputs import StepOutput
 from aioffload.worker.rejection import verify
 from aioffload.worker.sampling import SamplingParams, sample_tokens
+from aioffload.worker.shard_loader import build_sharded_model
 from aioffload.worker.step_cost import StepCost, measure_dense_flops, predict_step_cost, time_decode_step
+from aioffload.worker.tensor_parallel import RunStep, TPLink
 
 log = logging.getLogger("aioffload.worker")
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, ckpt: Checkpoint) -> None:
+    def __init__(self, config: EngineConfig, ckpt: Checkpoint, tp: TPGroup | None = None) -> None:
+        """`tp`: the group of a rank other than 0 (worker/follower.py); rank 0 joins the running one."""
         self.config = config
-        self.device = pick_device(config.device)
+        self.device = pick_device(config.device) if tp is None else tp.device
+        self.tp: TPLink | None = None
+        if config.parallel.tensor_parallel_size > 1:
+            self.tp = TPLink.open(config, ckpt, self.device, tp)
         cuda = self.device.type == "cuda"
         self.dtype = ckpt.resolve_dtype(config.dtype, self.device)
-        mcfg = ckpt.model_config
-        self.model_config = mcfg
+        self.model_config = ckpt.model_config
+        # What this rank computes: the whole model, or its tensor-parallel share of every layer.
+        mcfg = self.shard_config = self.tp.local if self.tp else ckpt.model_config
+        offload = self.tp.offload_config(config.offload) if self.tp else config.offload
         self.max_model_len = resolve_max_model_len(config, ckpt)
         self.block_size = config.cache.block_size
         self.attention = select_backend(config.attention_backend, self.device)
         elem = torch.empty((), dtype=self.dtype).element_size()
-        facts = device_facts(config, self.device)  # the same figures `aioffload plan` prints
+        # The same figures `aioffload plan` prints; under tensor parallelism the rank's own offload share.
+        facts = device_facts(config, self.device)
         self.h2d_bytes_per_s, total, sched = facts.h2d_bytes_per_s, facts.total_bytes, config.scheduler
-        self.placement: Placement = place(config, mcfg, elem, self.max_model_len, facts)
+        self.placement: Placement = place(config.replace(offload=offload), mcfg, elem, self.max_model_len, facts)
         log.info("placement: %s", self.placement.reason)
         # MoE models stream routed experts instead (offload/expert_stream.py); the split is for dense MLPs.
-        self.hybrid: HybridPlan | None = None if mcfg.is_moe else plan_hybrid(
-            config.offload, mcfg, ckpt.layout, len(self.placement.offloaded_layers), self.dtype, self.device,
-            self.h2d_bytes_per_s,
+        self.hybrid: HybridPlan | None = None if mcfg.is_moe else plan_hybrid_ranks(
+            offload, mcfg, len(self.placement.offloaded_layers), self.dtype, self.device, self.h2d_bytes_per_s,
+            self.tp.group if self.tp else None,
         )  # fmt: skip
-        self.model, self.layers = build_model(
-            ckpt, self.dtype, self.device, self.attention, self.max_model_len,
-            offloaded=frozenset(self.placement.offloaded_layers), embed_on_host=self.placement.embed_on_host,
-            ring_size=config.offload.prefetch, split=self.hybrid.split if self.hybrid else None,
-            host_compute=self.hybrid.host if self.hybrid else None, experts=self.placement.experts,
-        )  # fmt: skip
-        self.draft = self._load_draft(ckpt)
+        split, host = (self.hybrid.split, self.hybrid.host) if self.hybrid else (None, None)
+        where = (frozenset(self.placement.offloaded_layers), self.placement.embed_on_host, config.offload.prefetch)
+        if self.tp is None:
+            self.model, self.layers = build_model(ckpt, self.dtype, self.device, self.attention, self.max_model_len,
+                                                  *where, split, host, experts=self.placement.experts)  # fmt: skip
+        else:
+            self.model, self.layers = build_sharded_model(
+                ckpt, mcfg, self.tp.ops, self.dtype, self.device, self.attention, self.max_model_len, *where, split,
+                host,
+            )
+        self.draft = self._load_draft(ckpt) if self.tp is None or self.tp.leader else None  # rank 0's alone
         streamed = isinstance(self.layers, TransferQueue | MoeLayers)  # MoeLayers: 0 bytes when experts are resident
         self.offload_bytes_per_step = self.layers.bytes_per_step if streamed else 0
+        if self.tp is not None:  # a step waits for the rank streaming the most
+            self.offload_bytes_per_step = self.tp.group.max_int(self.offload_bytes_per_step)
         self.offload_active = self.offload_bytes_per_step > 0
         self.copy_floor_s = self.offload_bytes_per_step / self.h2d_bytes_per_s
         # Known before KV sizing, so the warm-up step profiles the largest step that will run.
@@ -78,6 +99,8 @@ class Worker:
             if self.offload_active:
                 self.token_budget = self.step_cost.prefill_token_budget(sched.max_num_batched_tokens)
         self.num_blocks = self._size_kv_cache(total, elem)
+        if self.tp is not None:  # one block table serves every rank
+            self.num_blocks = self.tp.group.min_int(self.num_blocks)
         self.kv = KVCache(
             mcfg.num_layers, self.num_blocks, self.block_size, mcfg.num_kv_heads, mcfg.head_dim, self.dtype, self.device
         )
@@ -113,7 +136,7 @@ class Worker:
 
     def _block_bytes(self, elem: int) -> int:
         """KV bytes of one block id: the target's K/V, plus the draft's over the same block ids."""
-        m = self.model_config
+        m = self.shard_config
         target = kv_bytes_per_block(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim, elem)
         return target + (self.draft.kv_bytes_per_block() if self.draft is not None else 0)
 
@@ -158,7 +181,7 @@ class Worker:
 
     def _profile_peak_bytes(self) -> int:
         """Peak device memory of a warm-up forward at the largest step (weights included)."""
-        sched, mcfg = self.config.scheduler, self.model_config
+        sched, mcfg = self.config.scheduler, self.shard_config
         tokens = min(self.token_budget, self.max_model_len * sched.max_num_seqs)
         seqs = max(1, min(sched.max_num_seqs, -(-tokens // self.max_model_len)))
         per = -(-tokens // seqs)
@@ -207,19 +230,14 @@ class Worker:
                     for c, d in zip(chunks, prop.token_ids, strict=True)
                 ]
                 draft_probs, full = prop.probs, prop.full
+        share = None
         if self.hybrid is not None and isinstance(self.layers, TransferQueue):  # proposals counted in
-            self.layers.set_split(self.hybrid.before_step(sum(len(c.token_ids) for c in chunks)))
-        try:
-            if self.graphs is not None and self.graphs.can_run(chunks):
-                logits = self.graphs.run(chunks)
-            else:
-                inputs = build_inputs(chunks, self.block_size, self.device)
-                logits = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv)
-        except BaseException:
-            if isinstance(self.layers, TransferQueue):
-                self.layers.reset()
-            raise
-        if all(c.num_logits == 1 for c in chunks):
+            share = self.hybrid.before_step(sum(len(c.token_ids) for c in chunks))
+        plain = all(c.num_logits == 1 for c in chunks)
+        logits = self._step(chunks, share, plain and all(p.is_greedy for p in params))
+        if logits.dtype == torch.int64:  # the ranks' argmax of an all-greedy step
+            out = StepOutput([[t] for t in logits.tolist()], [0] * len(chunks))
+        elif plain:
             out = StepOutput([[t] for t in sample_tokens(logits, params, seeds, steps)], [0] * len(chunks))
         else:
             proposals = [list(c.token_ids[len(c.token_ids) - c.num_logits + 1 :]) for c in chunks]
@@ -230,3 +248,31 @@ class Worker:
         if self.draft is not None and any(out.num_proposed):
             self.draft.complete(chunks, out.token_ids)
         return out
+
+    def follow(self, step: RunStep) -> None:
+        """A rank other than 0: rank 0's step on this rank's shard (its logits go to rank 0)."""
+        self._step(step.chunks, step.host_share, step.argmax)
+        if self.hybrid is not None:
+            self.hybrid.after_step()
+
+    def _step(self, chunks: Sequence[SeqChunk], host_share: int | None, argmax: bool) -> torch.Tensor:
+        """The forward on every rank -> logits [R, V] float32, or under tensor parallelism with
+        `argmax` the ids [R] int64 (on rank 0; the other ranks get an empty tensor back)."""
+        if self.tp is not None and self.tp.leader:
+            self.tp.post_step(chunks, argmax, host_share)
+        if host_share is not None and self.hybrid is not None and isinstance(self.layers, TransferQueue):
+            self.layers.set_split(host_share)
+        try:
+            if self.graphs is not None and self.graphs.can_run(chunks):
+                logits = self.graphs.run(chunks)
+            else:
+                inputs = build_inputs(chunks, self.block_size, self.device)
+                logits = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv)
+        except BaseException:
+            if isinstance(self.layers, TransferQueue):
+                self.layers.reset()
+            raise
+        if self.tp is None:
+            return logits
+        whole = self.tp.collect(logits, argmax)
+        return whole if whole is not None else logits[:0]

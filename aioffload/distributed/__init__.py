@@ -1,0 +1,1 @@
+"""Tensor parallelism: rank groups, Megatron sharding arithmetic, the collectives a step needs, rank launch."""
