@@ -24,11 +24,13 @@ from aioffload.worker.cuda_graphs import CudaGraphRunner
 from aioffload.worker.draft import DraftModel, check_same_vocabulary
 from aioffload.worker.hybrid import HybridPlan, plan_hybrid
 from aioffload.worker.inputs import SeqChunk, build_inputs
+from aioffload.worker.masks import MaskFiller, fill_each
 from aioffload.worker.model_loader import build_model
 from aioffload.worker.outputs import StepOutput
 from aioffload.worker.rejection import verify
 from aioffload.worker.sampling import SamplingParams, sample_tokens
 from aioffload.worker.step_cost import StepCost, measure_dense_flops, predict_step_cost, time_decode_step
+from aioffload.worker.step_extras import SeqExtras, run_extras
 
 log = logging.getLogger("aioffload.worker")
 
@@ -114,6 +116,8 @@ class Worker:
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GB)",
             self.num_blocks, self.block_size, self.num_blocks * self.block_size, self.num_blocks * block_bytes / 1e9,
         )  # fmt: skip
+        # Fills logits-mask rows (worker/masks.py); a grammar library's batch filler may replace it.
+        self.fill_masks: MaskFiller = fill_each
         self.graphs: CudaGraphRunner | None = None
         reason = self._graph_decision()
         if reason is None:
@@ -127,6 +131,13 @@ class Worker:
         if self.step_cost is not None:
             self.step_cost = dataclasses.replace(self.step_cost, decode_s=time_decode_step(self))
             log.info("step cost: %s", self.step_cost.describe())
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy-on-write: block src's K/V (the draft's too) to block dst, for each (src, dst) the block
+        manager queued; called before the step whose writes need them."""
+        self.kv.copy_blocks(pairs)
+        if self.draft is not None and self.draft.kv is not None:
+            self.draft.kv.copy_blocks(pairs)
 
     def _load_draft(self, ckpt: Checkpoint) -> DraftModel | None:
         """The --speculative draft model, fully resident; refused unless it shares the target's vocabulary."""
@@ -219,17 +230,21 @@ class Worker:
         seeds: Sequence[int],
         steps: Sequence[int],
         num_draft: Sequence[int] | None = None,
+        extras: Sequence[SeqExtras | None] | None = None,
     ) -> StepOutput:
         """Run one step; per chunk, the tokens it emits (callers ignore those of chunks mid-prefill).
 
         A chunk with num_logits = m > 1 ends in m - 1 proposed tokens, verified here in the same
-        forward (worker/rejection.py). With a draft model, the draft first proposes num_draft[i]
-        tokens after chunk i (whose num_logits is then 1). `steps[i]` is the output index of the
-        token chunk i's first logits row samples.
+        forward (worker/rejection.py), unless it has prompt_targets (prompt logprobs: no proposals).
+        With a draft model, the draft first proposes num_draft[i] tokens after chunk i (whose
+        num_logits is then 1). `steps[i]` is the output index of the token chunk i's first logits
+        row samples. `extras` (None: no request of the step asks; required with prompt_targets):
+        logprobs, penalties and masks, per chunk (worker/step_extras.py).
         """
         draft_probs, full = None, None
         if self.draft is not None:
-            prop = self.draft.propose(chunks, num_draft or [0] * len(chunks), params, seeds, steps)
+            seen = [SeqChunk(c.token_ids, c.start, c.block_table) if c.prompt_targets else c for c in chunks]
+            prop = self.draft.propose(seen, num_draft or [0] * len(chunks), params, seeds, steps)
             if any(prop.token_ids):
                 chunks = [
                     SeqChunk([*c.token_ids, *d], c.start, c.block_table, c.num_logits + len(d)) if d else c
@@ -248,7 +263,10 @@ class Worker:
             if isinstance(self.layers, TransferQueue):
                 self.layers.reset()
             raise
-        if all(c.num_logits == 1 for c in chunks):
+        if extras is not None:
+            out = run_extras(logits, chunks, params, seeds, steps, extras, draft_probs, full, self.fill_masks,
+                             pin=self.device.type == "cuda")  # fmt: skip
+        elif all(c.num_logits == 1 for c in chunks):
             out = StepOutput([[t] for t in sample_tokens(logits, params, seeds, steps)], [0] * len(chunks))
         else:
             proposals = [list(c.token_ids[len(c.token_ids) - c.num_logits + 1 :]) for c in chunks]
