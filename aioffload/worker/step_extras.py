@@ -49,6 +49,7 @@ def _ids(values: list[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
 
 
+@torch.inference_mode()  # the forward's logits are inference tensors: the processors update them in place
 def run_extras(
     logits: torch.Tensor,  # [R, V] raw, R = sum of the chunks' num_logits
     chunks: Sequence[SeqChunk],
