@@ -24,14 +24,13 @@ from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.checkpoint.tokenizer import Tokenizer
 from aioffload.config import EngineConfig
 from aioffload.engine.choices import choice_ids, make_choices, stream_choices
+from aioffload.engine.delivery import deliver_step
 from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
-from aioffload.engine.request import Request
 from aioffload.engine.request_state import OutputSlot, RequestState
 from aioffload.engine.scheduler import Scheduler, StepPlan, should_hold
 from aioffload.engine.speculative import Speculation, resolve_method
 from aioffload.engine.stats import StepStats
 from aioffload.engine.worker_step import StepResult, build_worker_step, collect
-from aioffload.worker.logprobs import TokenLogprob
 from aioffload.worker.sampling import SamplingParams
 from aioffload.worker.worker import Worker
 
@@ -241,7 +240,7 @@ class Engine:
                 if self.speculation is not None:
                     self.speculation.step_s = self.stats_.step_time_ema
                 self._apply_aborts()  # aborts that arrived during the step
-                self._postprocess(plan, sampled)
+                deliver_step(plan, sampled, self.scheduler, self._states, self.stats_)
                 self._maybe_log()
         except asyncio.CancelledError:
             raise
@@ -277,62 +276,3 @@ class Engine:
                 continue
             self.scheduler.abort(rid)
             st.abort()
-
-    def _postprocess(self, plan: StepPlan, step: StepResult) -> None:
-        if step.prompt_logprobs:  # before update: a leader's followers read its prompt logprobs
-            for req in plan.requests:
-                scored = step.prompt_logprobs.get(req.request_id)
-                if scored and req.prompt_logprobs is not None:
-                    req.prompt_logprobs.extend(scored)
-        sampled = step.tokens
-        before = {req.request_id: len(req.output_token_ids) for req in plan.requests}
-        updated = self.scheduler.update(plan, sampled)
-        for req in updated:
-            rid = req.request_id
-            new = req.output_token_ids[before[rid] :]
-            if req.logits_mask is not None and not req.is_finished:
-                new = self._advance_mask(req, new)
-            st = self._states.get(rid)
-            lps = step.logprobs.get(rid) if step.logprobs else None
-            used = self._deliver(req, st, new, lps) if st is not None else len(new)
-            self.stats_.generation_tokens_total += used
-            k = plan.num_spec_tokens.get(rid, 0)
-            if k:
-                self.stats_.record_verification(k, len(sampled[rid]) - 1, used)
-
-    def _advance_mask(self, req: Request, new: list[int]) -> list[int]:
-        """Advance the request's mask provider on its new tokens; a finished provider ends the request
-        ("stop") after the token that finished it. Returns the tokens that count."""
-        mask = req.logits_mask
-        assert mask is not None
-        for i, token in enumerate(new):
-            mask.accept(token)
-            if mask.is_finished:
-                self.scheduler.finish(req.request_id, "stop")
-                return new[: i + 1]
-        return new
-
-    def _deliver(self, req: Request, st: RequestState, new: list[int], lps: list[TokenLogprob] | None = None) -> int:
-        """Hand this step's new tokens (and their logprobs, when computed) to the request's output slot,
-        one at a time as a plain run would (stop strings end it mid-way); returns how many counted."""
-        outs = []
-        used = 0
-        for i, token in enumerate(new):
-            out = st.on_token(token, lps[i] if lps else None)
-            used += 1
-            if out is not None:
-                outs.append(out)
-            if st.stop_hit:
-                break
-        if st.stop_hit and not req.is_finished:
-            self.scheduler.finish(req.request_id, "stop")
-        last = outs.pop() if outs else None
-        for out in outs:
-            st.slot.put(out)
-        if req.is_finished or st.stop_hit:
-            # A stop string before the scheduler's own stop token wins: a plain run would have ended there.
-            last = st.close(last, "stop" if used < len(new) else (req.finish_reason or "stop"))
-            del self._states[req.request_id]
-        if last is not None:
-            st.slot.put(last)
-        return used
