@@ -234,3 +234,19 @@ def test_a_leader_preempted_before_its_fork_keeps_its_followers() -> None:
         plan = s.schedule()
         s.update(plan, {r.request_id: 1 for r in plan.requests})
     assert reqs[1].num_computed_tokens == 7 and reqs[0].output_token_ids == [1]
+
+
+def test_every_choice_carries_the_prompt_logprobs_of_the_one_prefill(tiny: str) -> None:
+    prompt = [1, 5, 9, 33, 7, 100, 3]
+    engine = make(tiny, budget=3)  # the leader's prompt in chunks of 3
+    single = run(engine, [(prompt, SamplingParams(max_tokens=4, temperature=0.0, prompt_logprobs=2))])[0]
+    ref = single[0].prompt_logprobs
+    assert ref is not None and len(ref) == len(prompt) and ref[0] is None
+    for p in (sampled(3, prompt_logprobs=2, max_tokens=4), sampled(2, best_of=3, prompt_logprobs=2, max_tokens=4)):
+        outs = run(engine, [(prompt, p)])[0]
+        firsts = {}
+        for o in outs:
+            firsts.setdefault(o.index, o)
+        assert sorted(firsts) == list(range(p.n))
+        assert all(f.prompt_logprobs == ref for f in firsts.values())
+        assert all(o.prompt_logprobs is None for o in outs if firsts[o.index] is not o)

@@ -181,3 +181,35 @@ def test_a_mask_factory_that_raises_fails_only_its_request(tiny: str) -> None:
 
     assert len(asyncio.run(main())) == 3
     assert not engine._states and engine.block_manager.pool.num_free == engine.block_manager.pool.num_blocks
+
+
+def test_a_draft_model_with_penalties_logprobs_and_masks(tiny: str) -> None:
+    """The tiny model drafting for itself: its proposals ignore the penalties and the mask, so the
+    target's processed rows reject some; the text and the logprobs stay those of a run without it."""
+    cfg = EngineConfig(
+        model=tiny, device="cpu",
+        cache=CacheConfig(num_blocks=256, block_size=4),
+        scheduler=SchedulerConfig(max_model_len=128, max_num_batched_tokens=64, max_num_seqs=16),
+        speculative=SpeculativeConfig(method="draft", draft_model=tiny, num_tokens=4),
+    ).validate()  # fmt: skip
+    drafted = Engine.from_config(cfg)
+    drafted.speculation.draft_step_s = 0.0  # type: ignore[union-attr]
+    jobs = [
+        ([1, 5, 9, 33], SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, frequency_penalty=1.0,
+                                       logprobs=2, prompt_logprobs=1)),
+        ([1, 5, 9, 33], SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True,
+                                       logits_mask=lambda: EvenOnly(256))),
+        ([1, 7, 7], SamplingParams(max_tokens=14, temperature=0.8, seed=4, ignore_eos=True, logprobs=0)),
+    ]  # fmt: skip
+    with_draft = run(drafted, jobs)
+    without = run(make(tiny), jobs)
+    assert drafted.stats()["spec_accepted_tokens_total"] > 0
+    for a, b in zip(with_draft, without):
+        assert tokens(a) == tokens(b)
+        la = [x for o in a for x in o.logprobs or []]
+        lb = [x for o in b for x in o.logprobs or []]
+        assert [x.token_id for x in la] == [x.token_id for x in lb]
+        assert [x.logprob for x in la] == pytest.approx([x.logprob for x in lb], abs=1e-5)
+        pa, pb = a[0].prompt_logprobs or [None], b[0].prompt_logprobs or [None]
+        assert [x.token_id for x in pa[1:]] == [x.token_id for x in pb[1:]]  # type: ignore[union-attr]
+        assert [x.logprob for x in pa[1:]] == pytest.approx([x.logprob for x in pb[1:]], abs=1e-5)  # type: ignore[union-attr]
