@@ -156,9 +156,10 @@ class Scheduler:
             budget -= n
             seats += request.num_seats
 
-        plan = StepPlan(scheduled, requests, preempted, block_copies=self.block_manager.take_copies())
+        plan = StepPlan(scheduled, requests, preempted)
         if self.speculation is not None and not preempted:
             self._add_proposals(plan, budget)
+        plan.block_copies.extend(self.block_manager.take_copies())  # every allocation of this step is done
         return plan
 
     def _add_proposals(self, plan: StepPlan, budget: int) -> None:
