@@ -250,3 +250,20 @@ def test_every_choice_carries_the_prompt_logprobs_of_the_one_prefill(tiny: str) 
         assert sorted(firsts) == list(range(p.n))
         assert all(f.prompt_logprobs == ref for f in firsts.values())
         assert all(o.prompt_logprobs is None for o in outs if firsts[o.index] is not o)
+
+
+def test_choices_with_prompt_lookup_keep_their_tokens(tiny: str) -> None:
+    from aioffload.config import SpeculativeConfig
+
+    cfg = EngineConfig(
+        model=tiny, device="cpu",
+        cache=CacheConfig(num_blocks=256, block_size=4),
+        scheduler=SchedulerConfig(max_model_len=128, max_num_batched_tokens=64, max_num_seqs=16),
+        speculative=SpeculativeConfig(method="ngram", num_tokens=6),
+    ).validate()  # fmt: skip
+    spec = Engine.from_config(cfg)
+    prompt = [1, 5, 9]  # greedy falls into a loop of 12s that prompt lookup proposes
+    jobs = [(prompt, SamplingParams(max_tokens=40, temperature=0.0, n=2, ignore_eos=True, logprobs=1)),
+            (prompt, SamplingParams(max_tokens=40, temperature=0.3, n=3, seed=8, ignore_eos=True))]  # fmt: skip
+    assert [by_choice(o) for o in run(spec, jobs)] == [by_choice(o) for o in run(make(tiny), jobs)]
+    assert spec.stats()["spec_accepted_tokens_total"] > 0
