@@ -221,3 +221,77 @@ def test_kv_bytes_per_block():
     kv = KVCache(2, 3, 4, 2, 8, torch.float32, "cpu")
     one_block = sum(t[0].numel() * t.element_size() for t in kv.k + kv.v)
     assert kv_bytes_per_block(2, 4, 2, 8, 4) == one_block
+
+
+def test_fork_of_a_prefix_shares_only_the_blocks_covering_it():
+    bm = manager(8, 4)
+    assert bm.allocate_slots("p", 9)  # 3 blocks; position 8 starts the third
+    bm.fork("p", "c", num_tokens=8)  # positions 0..7: two full blocks, the third is not shared
+    assert bm.block_table("c") == bm.block_table("p")[:2]
+    assert [bm.pool.ref_count(b) for b in bm.block_table("p")] == [2, 2, 1]
+    bm.fork("p", "d", num_tokens=6)  # positions 0..5: a full block and a partial one
+    assert bm.block_table("d") == bm.block_table("p")[:2]
+    assert [bm.pool.ref_count(b) for b in bm.block_table("p")] == [3, 3, 1]
+
+
+def test_copy_on_write_of_the_shared_partial_block():
+    bm = manager(8, 4)
+    assert bm.allocate_slots("p", 6)  # block 0 full, block 1 holds positions 4, 5
+    p0, p1 = bm.block_table("p")
+    bm.fork("p", "a")
+    bm.fork("p", "b")
+    assert bm.pool.ref_count(p1) == 3
+    # "a" writes position 6 into the shared partial block: it gets a private copy first
+    assert bm.allocate_slots("a", 7, first_write=6)
+    a = bm.block_table("a")
+    assert a[0] == p0 and a[1] not in (p0, p1)
+    assert bm.take_copies() == [(p1, a[1])]
+    assert bm.take_copies() == []  # handed out once
+    assert bm.pool.ref_count(p1) == 2 and bm.pool.ref_count(a[1]) == 1 and bm.pool.ref_count(p0) == 3
+    # "a" writing on into its own block and a fresh one: nothing shared is written, no copy
+    assert bm.allocate_slots("a", 9, first_write=7)
+    assert bm.take_copies() == [] and len(bm.block_table("a")) == 3
+    # "b" copies too; then "p" is the last holder of p1 and writes in place
+    assert bm.allocate_slots("b", 7, first_write=6)
+    assert bm.take_copies() == [(p1, bm.block_table("b")[1])]
+    assert bm.allocate_slots("p", 7, first_write=6)
+    assert bm.take_copies() == [] and bm.block_table("p") == [p0, p1] and bm.pool.ref_count(p1) == 1
+    for s in ("a", "b", "p"):
+        bm.free(s)
+    assert bm.pool.num_free == 8 and all(bm.pool.ref_count(b) == 0 for b in range(8))
+
+
+def test_copy_on_write_is_all_or_nothing():
+    bm = manager(3, 4)
+    assert bm.allocate_slots("p", 6)  # 2 blocks, 1 free
+    bm.fork("p", "c")
+    before = state(bm)
+    assert not bm.allocate_slots("c", 9, first_write=6)  # a copy of block 1 and a new block: 2 needed, 1 free
+    assert state(bm) == before and bm.take_copies() == []
+    assert bm.allocate_slots("c", 7, first_write=6)  # the copy alone fits
+    assert bm.pool.num_free == 0 and len(bm.take_copies()) == 1
+
+
+def test_take_copies_keeps_the_last_copy_of_a_reused_dst():
+    bm = manager(6, 4)
+    assert bm.allocate_slots("p", 2) and bm.allocate_slots("q", 2)
+    bm.fork("p", "a")
+    bm.fork("q", "b")
+    assert bm.allocate_slots("a", 3, first_write=2)
+    dst = bm.block_table("a")[0]
+    bm.free("a")  # preempted in the same schedule: its copy's dst goes back to the pool ...
+    bm.pool._free.rotate(-bm.pool._free.index(dst))  # ... and is the next block handed out
+    assert bm.allocate_slots("b", 3, first_write=2)
+    assert bm.block_table("b")[0] == dst
+    assert bm.take_copies() == [(bm.block_table("q")[0], dst)]
+
+
+def test_kv_copy_blocks_copies_every_layer_and_reads_before_writing():
+    kv = KVCache(2, 4, 2, 1, 3, torch.float32, "cpu")
+    for i, t in enumerate(kv.k + kv.v):
+        t.copy_(torch.arange(t.numel(), dtype=torch.float32).view_as(t) + 1000 * i)
+    before = [t.clone() for t in kv.k + kv.v]
+    kv.copy_blocks([(1, 3), (3, 0)])  # block 0 gets block 3's old contents, not block 1's
+    for t, b in zip(kv.k + kv.v, before):
+        assert torch.equal(t[3], b[1]) and torch.equal(t[0], b[3])
+        assert torch.equal(t[1], b[1]) and torch.equal(t[2], b[2])

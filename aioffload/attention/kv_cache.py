@@ -3,6 +3,12 @@
 The allocator (`BlockPool`, `BlockManager`) is plain Python, testable without torch;
 `KVCache` owns the per-layer tensors. The scheduler asks only "slots for N tokens?"
 (`BlockManager.allocate_slots`) and gets True or False; it never sees a tensor.
+
+Sharing: `fork` gives a child the parent's blocks (reference counts rise). A sequence about to
+write into a block it shares (ref count > 1) first gets a private copy of it (copy-on-write): the
+manager swaps a fresh block into its table and records `(src, dst)`; the scheduler hands the
+pending pairs (`take_copies`) to the worker, which copies the block contents
+(`KVCache.copy_blocks`) before the step's forward. The last sharer writes in place.
 """
 
 from __future__ import annotations
@@ -63,6 +69,8 @@ class BlockManager:
         self.pool = pool
         self.block_size = pool.block_size
         self._tables: dict[Hashable, list[int]] = {}
+        self._sharing: set[Hashable] = set()  # sequences that took part in a fork: they may hold shared blocks
+        self._copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) pairs the worker has yet to copy
 
     def blocks_needed(self, seq_id: Hashable, num_tokens: int) -> int:
         """Extra blocks seq_id needs so its table covers num_tokens tokens in total."""
@@ -72,23 +80,58 @@ class BlockManager:
     def can_allocate(self, seq_id: Hashable, num_tokens: int) -> bool:
         return self.blocks_needed(seq_id, num_tokens) <= self.pool.num_free
 
-    def allocate_slots(self, seq_id: Hashable, num_tokens: int) -> bool:
-        """Grow seq_id's table to cover num_tokens tokens. All or nothing: False = no space."""
+    def allocate_slots(self, seq_id: Hashable, num_tokens: int, first_write: int | None = None) -> bool:
+        """Grow seq_id's table to cover num_tokens tokens. All or nothing: False = no space.
+
+        `first_write`: the first position the step writes. A block of [first_write, num_tokens) that
+        seq_id shares with another sequence is replaced by a private copy (copy-on-write; the pair is
+        queued for `take_copies`). Only sequences that took part in a fork can share a block.
+        """
+        shared: list[int] = []
+        if self._sharing and first_write is not None and seq_id in self._sharing:
+            shared = self._shared_written(seq_id, first_write, num_tokens)
         need = self.blocks_needed(seq_id, num_tokens)
-        if need == 0:
+        if need == 0 and not shared:
             self._tables.setdefault(seq_id, [])
             return True
-        blocks = self.pool.allocate(need)
+        blocks = self.pool.allocate(need + len(shared))
         if blocks is None:
             return False
-        self._tables.setdefault(seq_id, []).extend(blocks)
+        table = self._tables.setdefault(seq_id, [])
+        for i, dst in zip(shared, blocks[need:]):
+            src = table[i]
+            self._copies.append((src, dst))
+            table[i] = dst
+            self.pool.free([src])  # one reference fewer; the other sharers keep it
+        table.extend(blocks[:need])
         return True
 
-    def fork(self, parent: Hashable, child: Hashable) -> None:
-        """child shares every block of parent (ref counts rise)."""
-        table = list(self._tables[parent])
+    def _shared_written(self, seq_id: Hashable, first_write: int, num_tokens: int) -> list[int]:
+        """Indices in seq_id's table of the blocks that [first_write, num_tokens) writes and others share."""
+        table = self._tables.get(seq_id, ())
+        bs = self.block_size
+        end = min(len(table), -(-num_tokens // bs))
+        return [i for i in range(first_write // bs, end) if self.pool.ref_count(table[i]) > 1]
+
+    def fork(self, parent: Hashable, child: Hashable, num_tokens: int | None = None) -> None:
+        """child shares parent's blocks that cover its first num_tokens tokens (all of them when None);
+        ref counts rise. The shared partial last block is copied for whichever writes into it first."""
+        table = self._tables[parent]
+        if num_tokens is not None:
+            table = table[: -(-num_tokens // self.block_size)]
+        table = list(table)
         self.pool.incref(table)
         self._tables[child] = table
+        self._sharing.update((parent, child))
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The copy-on-write (src, dst) block pairs queued since the last call, in order, at most one per
+        dst (a dst freed and handed out again within the same step keeps only its last copy)."""
+        if not self._copies:
+            return []
+        last = {dst: src for src, dst in self._copies}
+        self._copies = []
+        return [(src, dst) for dst, src in last.items()]
 
     def truncate(self, seq_id: Hashable, num_tokens: int) -> int:
         """Shrink seq_id's table to the blocks that cover its first num_tokens tokens (rolling back
@@ -105,6 +148,7 @@ class BlockManager:
     def free(self, seq_id: Hashable) -> None:
         """Return every block of seq_id at once; unknown ids are a no-op."""
         table = self._tables.pop(seq_id, None)
+        self._sharing.discard(seq_id)
         if table:
             self.pool.free(table)
 
@@ -158,3 +202,16 @@ class KVCache:
     @property
     def trash_slot(self) -> int:
         return self.num_blocks * self.block_size
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy block src's K and V to block dst in every layer, for each (src, dst). Every read happens
+        before any write (one gather, one scatter per tensor), and dsts are distinct."""
+        if not pairs:
+            return
+        import torch
+
+        device = self.k[0].device
+        src = torch.tensor([p[0] for p in pairs], dtype=torch.int64).to(device, non_blocking=True)
+        dst = torch.tensor([p[1] for p in pairs], dtype=torch.int64).to(device, non_blocking=True)
+        for t in (*self.k, *self.v):
+            t.index_copy_(0, dst, t.index_select(0, src))  # [N + 1, bs, Hkv, D]

@@ -4,6 +4,11 @@ One loop task owns the scheduler. Each model step runs in a worker thread
 (`asyncio.to_thread`), so HTTP streaming, /health and /metrics stay responsive during
 a long offloaded step. Each request has one `OutputSlot`; the engine's `put` never
 blocks and merges deltas when the consumer lags.
+
+Beyond plain sampling (issue 13), all through `SamplingParams` and `RequestOutput`: logprobs and
+prompt logprobs, penalties, logit_bias, min_tokens, a per-sequence logits mask (advanced here on
+every emitted token) and n / best_of (engine/choices.py). A step of requests that use none of it
+runs exactly as before.
 """
 
 from __future__ import annotations
@@ -19,14 +24,15 @@ from aioffload.attention.kv_cache import BlockManager, BlockPool
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.checkpoint.tokenizer import Tokenizer
 from aioffload.config import EngineConfig
+from aioffload.engine.choices import choice_ids, make_choices, stream_choices
+from aioffload.engine.delivery import deliver_step
 from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
 from aioffload.engine.placement_map import describe_placement
-from aioffload.engine.request import Request
 from aioffload.engine.request_state import OutputSlot, RequestState
 from aioffload.engine.scheduler import Scheduler, StepPlan, should_hold
 from aioffload.engine.speculative import Speculation, resolve_method
 from aioffload.engine.stats import StepStats
-from aioffload.worker.inputs import SeqChunk
+from aioffload.engine.worker_step import StepResult, build_worker_step, collect
 from aioffload.worker.sampling import SamplingParams
 from aioffload.worker.worker import Worker
 
@@ -50,6 +56,7 @@ class Engine:
         self._hybrid = worker.hybrid
         self.stats_ = StepStats(extra_fields=("host_share",) if self._hybrid is not None else ())
         self._states: dict[str, RequestState] = {}
+        self._groups: dict[str, list[str]] = {}  # request id -> its choices' sequence ids (n / best_of > 1)
         self._pending_aborts: list[str] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -131,9 +138,10 @@ class Engine:
         return self._dead is not None
 
     def abort(self, request_id: str) -> None:
-        """Non-blocking: the request stops before the next step and its blocks return."""
-        if request_id in self._states:
-            self._pending_aborts.append(request_id)
+        """Non-blocking: the request (every choice of it) stops before the next step; its blocks return."""
+        live = [rid for rid in self._groups.get(request_id, (request_id,)) if rid in self._states]
+        if live:
+            self._pending_aborts.extend(live)
             self._wake.set()
 
     def stats(self) -> dict[str, float]:
@@ -174,6 +182,15 @@ class Engine:
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
+        """The request's outputs as they come (deltas; `RequestOutput.merge` folds a lagging reader's).
+
+        n > 1: the choices' outputs interleave, told apart by `index` (0..n-1); the iterator ends when
+        every choice has finished. best_of > n: nothing streams; once all candidates finished, the n
+        of highest cumulative logprob come, best first, each as one finished output (index = rank).
+        Raises ValueError("<field>: ...") for a request this engine cannot run (n / best_of above
+        --max-num-seqs, a logit_bias id outside the vocabulary), and whatever `params.logits_mask()`
+        raises. Aborting `request_id` aborts every choice.
+        """
         if self._dead is not None or not self._accepting:
             raise EngineDeadError("the engine is shutting down")
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -185,24 +202,38 @@ class Engine:
             )
         if self.scheduler.num_waiting >= self.config.scheduler.max_queue:
             raise QueueFullError(f"{self.scheduler.num_waiting} requests are waiting (--max-queue)")
-        if request_id in self._states:
+        m = params.num_candidates
+        self._check_fits(params, m)
+        seq_ids = choice_ids(request_id, m)
+        if request_id in self._states or request_id in self._groups or any(s in self._states for s in seq_ids):
             raise ValueError(f"duplicate request id {request_id!r}")
         seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-        req = Request(request_id, ids, params, eos_token_ids=self.eos_token_ids, seed=seed)
-        state = RequestState(req, OutputSlot(), self.tokenizer, ids)
-        self._states[request_id] = state
-        self.scheduler.add_request(req)
+        reqs = make_choices(seq_ids, ids, params, seed, self.eos_token_ids)
+        slot = OutputSlot()
+        states = [RequestState(r, slot, self.tokenizer, ids, request_id, i, reqs[0]) for i, r in enumerate(reqs)]
+        for r, st in zip(reqs, states):
+            self._states[r.request_id] = st
+        if m > 1:
+            self._groups[request_id] = seq_ids
+        self.scheduler.add_request(reqs[0])
         self._wake.set()
         await self.start()
         try:
-            while True:
-                out = await state.slot.get()
+            async for out in stream_choices(slot, params):
                 yield out
-                if out.finished:
-                    return
         finally:
-            if request_id in self._states and not state.finished:
+            if any(not st.finished for st in states):
                 self.abort(request_id)  # consumer went away (disconnect, cancellation)
+            self._groups.pop(request_id, None)
+
+    def _check_fits(self, params: SamplingParams, m: int) -> None:
+        seqs = self.config.scheduler.max_num_seqs
+        if m > seqs:
+            field = "best_of" if params.best_of is not None else "n"
+            raise ValueError(f"{field}: {m} sequences exceed --max-num-seqs {seqs}")
+        vocab = self.worker.model_config.vocab_size
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be below the vocabulary size {vocab}")
 
     # ---- the loop ---------------------------------------------------------------------
 
@@ -228,7 +259,7 @@ class Engine:
                 if self.speculation is not None:
                     self.speculation.step_s = self.stats_.step_time_ema
                 self._apply_aborts()  # aborts that arrived during the step
-                self._postprocess(plan, sampled)
+                deliver_step(plan, sampled, self.scheduler, self._states, self.stats_)
                 self._maybe_log()
         except asyncio.CancelledError:
             raise
@@ -251,27 +282,13 @@ class Engine:
         newest = s.waiting[-1].arrival_time if s.waiting else None
         return should_hold(time.monotonic(), newest, s.num_running, self.config.scheduler.max_num_seqs, self.hold_s)
 
-    def _run_step(self, plan: StepPlan) -> dict[str, list[int]]:
-        """The worker's tokens per request: accepted proposals, then the target's next token."""
-        chunks, params, seeds, steps, num_draft = [], [], [], [], []
-        for req in plan.requests:
-            rid = req.request_id
-            n, k = plan.num_scheduled_tokens[rid], plan.num_spec_tokens.get(rid, 0)
-            start = req.num_computed_tokens
-            table = self.block_manager.block_table(rid)
-            known = req.token_ids(start, start + n - k)
-            proposals = plan.spec_token_ids.get(rid)
-            if proposals is not None:  # prompt lookup: the proposals ride in the chunk
-                chunks.append(SeqChunk([*known, *proposals], start, table, num_logits=k + 1))
-                num_draft.append(0)
-            else:  # k == 0, or the worker's draft model proposes k
-                chunks.append(SeqChunk(known, start, table))
-                num_draft.append(k)
-            params.append(req.sampling)
-            seeds.append(req.seed)
-            steps.append(len(req.output_token_ids))
-        out = self.worker.execute(chunks, params, seeds, steps, num_draft if any(num_draft) else None)
-        return {req.request_id: t for req, t in zip(plan.requests, out.token_ids, strict=True)}
+    def _run_step(self, plan: StepPlan) -> StepResult:
+        """On the step thread: copy-on-write copies, then the worker's step; per request, its tokens
+        (accepted proposals, then the target's next token) and the logprobs asked for."""
+        if plan.block_copies:
+            self.worker.copy_blocks(plan.block_copies)
+        ws = build_worker_step(plan, self.block_manager)
+        return collect(plan, self.worker.execute(ws.chunks, ws.params, ws.seeds, ws.steps, ws.num_draft, ws.extras))
 
     def _apply_aborts(self) -> None:
         while self._pending_aborts:
@@ -281,41 +298,3 @@ class Engine:
                 continue
             self.scheduler.abort(rid)
             st.abort()
-
-    def _postprocess(self, plan: StepPlan, sampled: dict[str, list[int]]) -> None:
-        before = {req.request_id: len(req.output_token_ids) for req in plan.requests}
-        updated = self.scheduler.update(plan, sampled)
-        for req in updated:
-            rid = req.request_id
-            new = req.output_token_ids[before[rid] :]
-            st = self._states.get(rid)
-            used = self._deliver(req, st, new) if st is not None else len(new)
-            self.stats_.generation_tokens_total += used
-            k = plan.num_spec_tokens.get(rid, 0)
-            if k:
-                self.stats_.record_verification(k, len(sampled[rid]) - 1, used)
-
-    def _deliver(self, req: Request, st: RequestState, new: list[int]) -> int:
-        """Hand this step's new tokens to the request's output slot, one at a time as a plain run
-        would (stop strings end it mid-way); returns how many counted."""
-        outs = []
-        used = 0
-        for token in new:
-            out = st.on_token(token)
-            used += 1
-            if out is not None:
-                outs.append(out)
-            if st.stop_hit:
-                break
-        if st.stop_hit and not req.is_finished:
-            self.scheduler.finish(req.request_id, "stop")
-        last = outs.pop() if outs else None
-        for out in outs:
-            st.slot.put(out)
-        if req.is_finished or st.stop_hit:
-            # A stop string before the scheduler's own stop token wins: a plain run would have ended there.
-            last = st.close(last, "stop" if used < len(new) else (req.finish_reason or "stop"))
-            del self._states[req.request_id]
-        if last is not None:
-            st.slot.put(last)
-        return used

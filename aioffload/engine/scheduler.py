@@ -12,6 +12,12 @@ proposals and the target's next token, rolls `num_computed_tokens` back to the a
 frees the blocks past it. Proposals only use room left over: they never preempt, and never take
 budget or KV blocks from a request that would otherwise run.
 
+n / best_of (issue 13): a group's leader carries its followers (`Request.followers`) and is admitted
+only when running has a seat for each of them. When its prefill completes, every follower forks the
+blocks of the prompt's first P - 1 tokens and joins running with P - 1 computed: it computes the last
+prompt token itself, so its first token is its own draw. The block manager copies a shared block
+before a sequence writes into it (copy-on-write); the plan carries the (src, dst) pairs to copy.
+
 Invariants:
 - Only running requests own KV blocks; waiting ones (new or preempted) own none.
 - The pool holds `max_model_len` tokens, so a request alone always fits: the oldest
@@ -23,37 +29,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from aioffload.attention.kv_cache import BlockManager
 from aioffload.config import SchedulerConfig
+from aioffload.engine.prefill_share import PrefillShare
 from aioffload.engine.request import Request, RequestStatus
 from aioffload.engine.speculative import Speculation
+from aioffload.engine.step_plan import StepPlan
 
 if TYPE_CHECKING:
     from aioffload.worker.step_cost import StepCost
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What the model computes in one step: running requests first, then new admissions."""
-
-    num_scheduled_tokens: dict[str, int]  # request_id -> tokens this step (proposals included), in batch order
-    requests: list[Request]  # the same requests, same order
-    preempted_ids: list[str]  # preempted during the schedule() call that built this plan
-    # request_id -> k proposed tokens among its scheduled ones (after its known tokens); only k >= 1
-    num_spec_tokens: dict[str, int] = field(default_factory=dict)
-    # request_id -> prompt-lookup proposals (len = k); absent where the worker's draft model proposes
-    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
-
-    @property
-    def total_tokens(self) -> int:
-        return sum(self.num_scheduled_tokens.values())
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.num_scheduled_tokens
 
 
 class Scheduler:
@@ -102,10 +88,12 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def add_request(self, request: Request) -> None:
-        """Queue a new request (validated at the edge: non-empty prompt, < max_model_len tokens)."""
-        assert request.request_id not in self._requests, f"duplicate request id {request.request_id}"
-        request.status = RequestStatus.WAITING
-        self._requests[request.request_id] = request
+        """Queue a new request (validated at the edge: non-empty prompt, < max_model_len tokens, and
+        num_seats <= max_num_seqs); its followers, if any, are known by id from now on too."""
+        for r in (request, *request.followers):
+            assert r.request_id not in self._requests, f"duplicate request id {r.request_id}"
+            r.status = RequestStatus.WAITING
+            self._requests[r.request_id] = r
         self.waiting.append(request)
 
     def abort(self, request_id: str) -> Request | None:
@@ -136,7 +124,7 @@ class Scheduler:
         scheduled: dict[str, int] = {}
         requests: list[Request] = []
         preempted: list[str] = []
-        prefill = _PrefillShare(self.running, self.step_cost)
+        prefill = PrefillShare(self.running, self.step_cost, self.config.max_num_seqs)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -152,10 +140,13 @@ class Scheduler:
             budget -= n
             i += 1
 
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        seats = len(self.running) + sum(len(r.followers) for r in self.running) if self.waiting else 0
+        max_seqs = self.config.max_num_seqs
+        while not preempted and self.waiting and budget > 0 and seats + self.waiting[0].num_seats <= max_seqs:
             request = self.waiting[0]
             n = prefill.take(request, budget)
-            if n == 0 or not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + n):
+            start = request.num_computed_tokens
+            if n == 0 or not self.block_manager.allocate_slots(request.request_id, start + n, first_write=start):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -163,10 +154,12 @@ class Scheduler:
             scheduled[request.request_id] = n
             requests.append(request)
             budget -= n
+            seats += request.num_seats
 
         plan = StepPlan(scheduled, requests, preempted)
         if self.speculation is not None and not preempted:
             self._add_proposals(plan, budget)
+        plan.block_copies.extend(self.block_manager.take_copies())  # every allocation of this step is done
         return plan
 
     def _add_proposals(self, plan: StepPlan, budget: int) -> None:
@@ -195,7 +188,8 @@ class Scheduler:
             if proposals is not None:
                 k = len(proposals)
             rid = request.request_id
-            if k < 1 or not self.block_manager.allocate_slots(rid, request.num_tokens + k):
+            if k < 1 or not self.block_manager.allocate_slots(rid, request.num_tokens + k,
+                                                              first_write=request.num_computed_tokens):
                 continue
             plan.num_scheduled_tokens[rid] += k
             plan.num_spec_tokens[rid] = k
@@ -224,6 +218,8 @@ class Scheduler:
             request.num_computed_tokens += plan.num_scheduled_tokens[rid] - k
             if request.num_computed_tokens < request.num_tokens:
                 continue  # mid-prefill: the sampled token is meaningless
+            if request.followers:
+                self._fork(request)
             out = sampled[rid]
             tokens = [out] if isinstance(out, int) else list(out)
             if k and self.speculation is not None:
@@ -244,6 +240,18 @@ class Scheduler:
             self.running = [r for r in self.running if not r.is_finished]
         return emitted
 
+    def _fork(self, leader: Request) -> None:
+        """The leader's prompt is in the cache: its followers share it and join running (module docstring)."""
+        assert not leader.output_token_ids, "a leader forks at the end of its first prefill"
+        shared = leader.num_tokens - 1
+        for f in leader.followers:
+            self.block_manager.fork(leader.request_id, f.request_id, shared)
+            f.num_computed_tokens = shared
+            f.leader = None
+            f.status = RequestStatus.RUNNING
+            self.running.append(f)
+        leader.followers = []
+
     def _stop_reason(self, request: Request, token: int) -> str | None:
         sampling = request.sampling
         if token in sampling.stop_token_ids or (not sampling.ignore_eos and token in request.eos_token_ids):
@@ -257,7 +265,8 @@ class Scheduler:
 
         Returns False when `request` itself had to be preempted.
         """
-        while not self.block_manager.allocate_slots(request.request_id, request.num_computed_tokens + n):
+        start = request.num_computed_tokens
+        while not self.block_manager.allocate_slots(request.request_id, start + n, first_write=start):
             victim = self.running.pop()
             self._preempt(victim)
             preempted.append(victim.request_id)
@@ -274,47 +283,23 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _remove(self, request: Request) -> None:
-        if request.status is RequestStatus.RUNNING:
+        if request.leader is not None:  # a follower not forked yet: it sits in its leader only
+            request.leader.followers.remove(request)
+            request.leader = None
+        elif request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         else:
             self.waiting.remove(request)
 
     def _finish(self, request: Request, reason: str) -> None:
+        for f in request.followers:  # a leader gone before its prefill ended takes its followers along
+            f.leader = None
+            self._finish(f, reason)
+        request.followers = []
         self.block_manager.free(request.request_id)
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
         del self._requests[request.request_id]
-
-
-class _PrefillShare:
-    """How many tokens each request gets in one schedule() call.
-
-    A decoding request (one token left to compute) gets its token. With a step cost and
-    anyone decoding, the chunks of long prompts (those that would not fit in one step's
-    prefill share, `StepCost.prefill_budget_s`) share that compute, each the most that
-    fits from its position; the first gets at least one token, so a long prompt progresses
-    every step. Short prompts go whole, as when nobody is decoding: a chunk takes what
-    budget is left.
-    """
-
-    def __init__(self, running: list[Request], cost: StepCost | None) -> None:
-        decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
-        self.cost = cost if decoding else None
-        self.share_s = cost.prefill_budget_s() if cost is not None else 0.0
-        self.seconds = self.share_s  # what the long prompts' chunks have left this step
-        self.first = True
-
-    def take(self, request: Request, budget: int) -> int:
-        """Tokens for `request` (budget >= 1); 0 when its chunk must wait for a later step."""
-        left = request.num_tokens - request.num_computed_tokens
-        n = min(left, budget)
-        start = request.num_computed_tokens
-        if left > 1 and self.cost is not None and self.cost.max_chunk(start, self.share_s) < left:
-            n = min(n, self.cost.max_chunk(start, self.seconds))
-            n = max(n, 1) if self.first else n
-            self.seconds -= self.cost.chunk_s(n, start)
-            self.first = self.first and n == 0
-        return n
 
 
 def should_hold(now: float, newest_arrival: float | None, num_running: int, max_num_seqs: int, hold_s: float) -> bool:

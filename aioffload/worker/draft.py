@@ -166,7 +166,7 @@ class DraftModel:
         feed = [
             SeqChunk([c.token_ids[-1]], c.start + len(c.token_ids) - 1, c.block_table)
             for c, out in zip(chunks, token_ids)
-            if c.num_logits > 1 and len(out) == c.num_logits
+            if c.num_proposed > 0 and len(out) == c.num_proposed + 1
         ]
         if feed:
             self._forward(feed)

@@ -21,12 +21,23 @@ class SeqChunk:
 
     The model returns logits for the chunk's last `num_logits` positions: 1 for a prefill chunk or
     a decode token; k + 1 when the chunk ends in k proposed tokens to verify.
+
+    Prompt logprobs: a prefill chunk of a request that asks for them has num_logits = its length and
+    `prompt_targets` = the prompt tokens its rows predict (row i: the token at start + i + 1), all n of
+    them mid-prompt, n - 1 in the prompt's last chunk. It carries no proposals; its last row is
+    sampled as usual.
     """
 
     token_ids: Sequence[int]
     start: int  # = num_computed_tokens
     block_table: Sequence[int]
     num_logits: int = 1
+    prompt_targets: Sequence[int] = ()
+
+    @property
+    def num_proposed(self) -> int:
+        """Proposed tokens the chunk ends in (its last num_proposed + 1 rows are sampled)."""
+        return 0 if self.prompt_targets else self.num_logits - 1
 
 
 @dataclass

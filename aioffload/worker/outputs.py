@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aioffload.worker.logprobs import TokenLogprob
+
 
 @dataclass
 class StepOutput:
@@ -15,6 +17,10 @@ class StepOutput:
 
     token_ids: list[list[int]]
     num_proposed: list[int]  # proposals verified per chunk (0 for a plain chunk)
+    # Only from steps that ran worker/step_extras.py (else None). Per chunk: one entry per emitted token
+    # where its SeqExtras asked for logprobs, [] elsewhere; and one per prompt target of the chunk.
+    logprobs: list[list[TokenLogprob]] | None = None
+    prompt_logprobs: list[list[TokenLogprob]] | None = None
 
     @property
     def num_accepted(self) -> list[int]:

@@ -1,16 +1,29 @@
-"""Sampling: greedy, temperature, top-k, top-p, per-request seeds, stop conditions."""
+"""Sampling: greedy, temperature, top-k, top-p, per-request seeds, stop conditions.
+
+What a request may add on top (each costs nothing for requests without it): penalties and
+logit_bias (`worker/penalties.py`), logits masks (`worker/masks.py`), logprobs
+(`worker/logprobs.py`), all run by `worker/step_extras.py`; n / best_of are the engine's.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from aioffload.worker.masks import LogitsMaskProvider
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling and stopping choices (validated at the edge, trusted inside)."""
+    """Per-request sampling and stopping choices (validated at the edge, trusted inside).
+
+    Order on the logits of a step: repetition_penalty, frequency/presence penalties, logit_bias,
+    min_tokens, the logits mask, then temperature, top-k, top-p. Logprobs are of the raw model
+    distribution, before any of these (what vLLM returns by default).
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -20,14 +33,41 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    n: int = 1  # choices returned
+    best_of: int | None = None  # candidates sampled (>= n; None = n); the n of highest cumulative logprob return
+    # Per output token: its logprob and the `logprobs` most likely (id, logprob) of log_softmax(raw logits)
+    logprobs: int | None = None  # 0..MAX_LOGPROBS; None = off
+    # Per prompt token given its prefix (the first is None), with as many alternatives; in the first output
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0  # OpenAI: logit -= presence_penalty if the token is among the outputs
+    frequency_penalty: float = 0.0  # OpenAI: logit -= frequency_penalty * its count among the outputs
+    repetition_penalty: float = 1.0  # HF/vLLM, over prompt + outputs: positive logits / p, negative * p
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); +100 forces it
+    min_tokens: int = 0  # eos and stop_token_ids masked (stop strings not matched) until this many are out
+    # Called once per sequence (each of n / best_of gets its own) for a fresh provider of allowed ids
+    logits_mask: Callable[[], LogitsMaskProvider] | None = None
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature < MIN_TEMPERATURE
 
+    @property
+    def num_candidates(self) -> int:
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
+    def changes_logits(self) -> bool:
+        """A penalty, bias, min_tokens or mask applies (the step then runs worker/step_extras.py)."""
+        return (
+            self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+            or bool(self.logit_bias) or self.min_tokens > 0 or self.logits_mask is not None
+        )  # fmt: skip
+
 
 MAX_TOP_K = 1 << 20  # beyond any vocabulary: as good as off, and safely an int64
 MIN_TEMPERATURE = 1e-5  # smaller positive temperatures sample as greedy (1/t would overflow)
+MAX_LOGPROBS = 20  # OpenAI's bound for top_logprobs
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound: |bias| <= 100
 
 
 def validate(params: SamplingParams) -> None:
@@ -47,6 +87,29 @@ def validate(params: SamplingParams) -> None:
         raise ValueError("stop: stop strings must not be empty")
     if any(t < 0 for t in p.stop_token_ids):
         raise ValueError(f"stop_token_ids: token ids must be >= 0, got {list(p.stop_token_ids)}")
+    if p.n < 1:
+        raise ValueError(f"n: must be >= 1, got {p.n}")
+    if p.best_of is not None and p.best_of < p.n:
+        raise ValueError(f"best_of: must be >= n ({p.n}), got {p.best_of}")
+    for name in ("logprobs", "prompt_logprobs"):
+        v = getattr(p, name)
+        if v is not None and not 0 <= v <= MAX_LOGPROBS:
+            raise ValueError(f"{name}: must be in [0, {MAX_LOGPROBS}], got {v}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        v = getattr(p, name)
+        if not -2.0 <= v <= 2.0:  # also rejects NaN
+            raise ValueError(f"{name}: must be in [-2, 2], got {v}")
+    if not (p.repetition_penalty > 0 and math.isfinite(p.repetition_penalty)):
+        raise ValueError(f"repetition_penalty: must be a positive number, got {p.repetition_penalty}")
+    ids = [t for t, _ in p.logit_bias]
+    if any(t < 0 for t in ids) or len(set(ids)) != len(ids):
+        raise ValueError("logit_bias: token ids must be >= 0 and distinct")
+    if any(not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for _, b in p.logit_bias):
+        raise ValueError(f"logit_bias: biases must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+    if not 0 <= p.min_tokens <= p.max_tokens:
+        raise ValueError(f"min_tokens: must be in [0, max_tokens={p.max_tokens}], got {p.min_tokens}")
+    if p.logits_mask is not None and not callable(p.logits_mask):
+        raise ValueError("logits_mask: must be a callable returning a LogitsMaskProvider")
 
 
 def find_stop_string(text: str, stops: Sequence[str], start: int = 0) -> int | None:

@@ -42,6 +42,7 @@ class RunStep:
     chunks: tuple[SeqChunk, ...]  # token ids (proposals included), starts, block tables, num_logits
     argmax: bool  # all-greedy and no proposals: only each row's argmax goes to rank 0
     host_share: int | None  # chunks of each offloaded layer's MLP the host computes (hybrid), else None
+    block_copies: tuple[tuple[int, int], ...] = ()  # copy-on-write (src, dst) blocks to copy first
 
 
 def hf_config(ckpt: Checkpoint) -> dict:
@@ -104,9 +105,10 @@ class TPLink:
     def offload_config(self, offload: OffloadConfig) -> OffloadConfig:
         return rank_offload_config(offload, self.group.size)
 
-    def post_step(self, chunks: Sequence[SeqChunk], argmax: bool, host_share: int | None) -> None:
+    def post_step(self, chunks: Sequence[SeqChunk], argmax: bool, host_share: int | None,
+                  block_copies: Sequence[tuple[int, int]] = ()) -> None:  # fmt: skip
         assert self.channel is not None, "only rank 0 posts steps"
-        self.channel.post(RunStep(tuple(chunks), argmax, host_share))
+        self.channel.post(RunStep(tuple(chunks), argmax, host_share, tuple(block_copies)))
 
     def collect(self, local: torch.Tensor, argmax: bool) -> torch.Tensor | None:
         """The step's logits columns [R, vocab_rows] from every rank -> on rank 0 the argmax ids [R]

@@ -32,12 +32,14 @@ from aioffload.worker.cuda_graphs import CudaGraphRunner
 from aioffload.worker.draft import DraftModel, check_same_vocabulary
 from aioffload.worker.hybrid import HybridPlan, plan_hybrid_ranks
 from aioffload.worker.inputs import SeqChunk, build_inputs
+from aioffload.worker.masks import MaskFiller, fill_each
 from aioffload.worker.model_loader import build_model
 from aioffload.worker.outputs import StepOutput
 from aioffload.worker.rejection import verify
 from aioffload.worker.sampling import SamplingParams, sample_tokens
 from aioffload.worker.shard_loader import build_sharded_model
 from aioffload.worker.step_cost import StepCost, measure_dense_flops, predict_step_cost, time_decode_step
+from aioffload.worker.step_extras import SeqExtras, run_extras
 from aioffload.worker.tensor_parallel import RunStep, TPLink
 
 log = logging.getLogger("aioffload.worker")
@@ -49,6 +51,7 @@ class Worker:
         self.config = config
         self.device = pick_device(config.device) if tp is None else tp.device
         self.tp: TPLink | None = None
+        self._pending_copies: list[tuple[int, int]] = []  # copy-on-write pairs the other ranks still need
         if config.parallel.tensor_parallel_size > 1:
             self.tp = TPLink.open(config, ckpt, self.device, tp)
         cuda = self.device.type == "cuda"
@@ -111,6 +114,8 @@ class Worker:
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GB)",
             self.num_blocks, self.block_size, self.num_blocks * self.block_size, self.num_blocks * block_bytes / 1e9,
         )  # fmt: skip
+        # Fills logits-mask rows (worker/masks.py); a grammar library's batch filler may replace it.
+        self.fill_masks: MaskFiller = fill_each
         self.graphs: CudaGraphRunner | None = None
         reason = self._graph_decision()
         if reason is None:
@@ -124,6 +129,16 @@ class Worker:
         if self.step_cost is not None:
             self.step_cost = dataclasses.replace(self.step_cost, decode_s=time_decode_step(self))
             log.info("step cost: %s", self.step_cost.describe())
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy-on-write: block src's K/V (the draft's too) to block dst, for each (src, dst) the block
+        manager queued; called before the step whose writes need them (under tensor parallelism the
+        other ranks copy theirs when that step reaches them)."""
+        self.kv.copy_blocks(pairs)
+        if self.draft is not None and self.draft.kv is not None:
+            self.draft.kv.copy_blocks(pairs)
+        if self.tp is not None and self.tp.leader:
+            self._pending_copies.extend(pairs)
 
     def _load_draft(self, ckpt: Checkpoint) -> DraftModel | None:
         """The --speculative draft model, fully resident; refused unless it shares the target's vocabulary."""
@@ -213,17 +228,21 @@ class Worker:
         seeds: Sequence[int],
         steps: Sequence[int],
         num_draft: Sequence[int] | None = None,
+        extras: Sequence[SeqExtras | None] | None = None,
     ) -> StepOutput:
         """Run one step; per chunk, the tokens it emits (callers ignore those of chunks mid-prefill).
 
         A chunk with num_logits = m > 1 ends in m - 1 proposed tokens, verified here in the same
-        forward (worker/rejection.py). With a draft model, the draft first proposes num_draft[i]
-        tokens after chunk i (whose num_logits is then 1). `steps[i]` is the output index of the
-        token chunk i's first logits row samples.
+        forward (worker/rejection.py), unless it has prompt_targets (prompt logprobs: no proposals).
+        With a draft model, the draft first proposes num_draft[i] tokens after chunk i (whose
+        num_logits is then 1). `steps[i]` is the output index of the token chunk i's first logits
+        row samples. `extras` (None: no request of the step asks; required with prompt_targets):
+        logprobs, penalties and masks, per chunk (worker/step_extras.py).
         """
         draft_probs, full = None, None
         if self.draft is not None:
-            prop = self.draft.propose(chunks, num_draft or [0] * len(chunks), params, seeds, steps)
+            seen = [SeqChunk(c.token_ids, c.start, c.block_table) if c.prompt_targets else c for c in chunks]
+            prop = self.draft.propose(seen, num_draft or [0] * len(chunks), params, seeds, steps)
             if any(prop.token_ids):
                 chunks = [
                     SeqChunk([*c.token_ids, *d], c.start, c.block_table, c.num_logits + len(d)) if d else c
@@ -234,9 +253,13 @@ class Worker:
         if self.hybrid is not None and isinstance(self.layers, TransferQueue):  # proposals counted in
             share = self.hybrid.before_step(sum(len(c.token_ids) for c in chunks))
         plain = all(c.num_logits == 1 for c in chunks)
-        logits = self._step(chunks, share, plain and all(p.is_greedy for p in params))
+        argmax = extras is None and plain and all(p.is_greedy for p in params)
+        logits = self._step(chunks, share, argmax)
         if logits.dtype == torch.int64:  # the ranks' argmax of an all-greedy step
             out = StepOutput([[t] for t in logits.tolist()], [0] * len(chunks))
+        elif extras is not None:
+            out = run_extras(logits, chunks, params, seeds, steps, extras, draft_probs, full, self.fill_masks,
+                             pin=self.device.type == "cuda")  # fmt: skip
         elif plain:
             out = StepOutput([[t] for t in sample_tokens(logits, params, seeds, steps)], [0] * len(chunks))
         else:
@@ -251,6 +274,8 @@ class Worker:
 
     def follow(self, step: RunStep) -> None:
         """A rank other than 0: rank 0's step on this rank's shard (its logits go to rank 0)."""
+        if step.block_copies:
+            self.kv.copy_blocks(step.block_copies)
         self._step(step.chunks, step.host_share, step.argmax)
         if self.hybrid is not None:
             self.hybrid.after_step()
@@ -259,7 +284,8 @@ class Worker:
         """The forward on every rank -> logits [R, V] float32, or under tensor parallelism with
         `argmax` the ids [R] int64 (on rank 0; the other ranks get an empty tensor back)."""
         if self.tp is not None and self.tp.leader:
-            self.tp.post_step(chunks, argmax, host_share)
+            self.tp.post_step(chunks, argmax, host_share, self._pending_copies)
+            self._pending_copies = []
         if host_share is not None and self.hybrid is not None and isinstance(self.layers, TransferQueue):
             self.layers.set_split(host_share)
         try:

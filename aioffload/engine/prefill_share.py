@@ -1,0 +1,45 @@
+"""How many tokens each request gets in one `Scheduler.schedule()` call (no tensors)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aioffload.engine.request import Request
+
+if TYPE_CHECKING:
+    from aioffload.worker.step_cost import StepCost
+
+
+class PrefillShare:
+    """How many tokens each request gets in one schedule() call.
+
+    A decoding request (one token left to compute) gets its token. With a step cost and
+    anyone decoding, the chunks of long prompts (those that would not fit in one step's
+    prefill share, `StepCost.prefill_budget_s`) share that compute, each the most that
+    fits from its position; the first gets at least one token, so a long prompt progresses
+    every step. Short prompts go whole, as when nobody is decoding: a chunk takes what
+    budget is left. A chunk that scores the prompt (prompt logprobs: a logits row per token) takes
+    at most `max_rows` tokens, the logits rows the placement reserves for a step.
+    """
+
+    def __init__(self, running: list[Request], cost: StepCost | None, max_rows: int) -> None:
+        decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
+        self.cost = cost if decoding else None
+        self.share_s = cost.prefill_budget_s() if cost is not None else 0.0
+        self.seconds = self.share_s  # what the long prompts' chunks have left this step
+        self.first = True
+        self.max_rows = max_rows
+
+    def take(self, request: Request, budget: int) -> int:
+        """Tokens for `request` (budget >= 1); 0 when its chunk must wait for a later step."""
+        left = request.num_tokens - request.num_computed_tokens
+        n = min(left, budget)
+        start = request.num_computed_tokens
+        if left > 1 and self.cost is not None and self.cost.max_chunk(start, self.share_s) < left:
+            n = min(n, self.cost.max_chunk(start, self.seconds))
+            n = max(n, 1) if self.first else n
+            self.seconds -= self.cost.chunk_s(n, start)
+            self.first = self.first and n == 0
+        if request.wants_prompt_logprobs:
+            n = min(n, self.max_rows)
+        return n
