@@ -16,6 +16,8 @@ import torch
 from aioffload.attention.backends import AttentionBackend
 from aioffload.checkpoint.checkpoint import Checkpoint, read_layer_into
 from aioffload.checkpoint.safetensors_io import read_into
+from aioffload.config import ModelConfig
+from aioffload.distributed.parallel_ops import ShardOps
 from aioffload.model.layout import LayerLayout, LayerWeights, layer_layout
 from aioffload.model.llama import LayerSource, LlamaModel
 from aioffload.offload.expert_placement import ExpertPlan
@@ -50,12 +52,29 @@ def build_model(
 
         return build_moe_model(ckpt, dtype, device, attention, max_positions, experts, embed_on_host)
     w = load_weights(ckpt, dtype, device, offloaded, embed_on_host, split if offloaded else None)
+    return assemble(w, ckpt.model_config, device, attention, max_positions, ring_size, split, host_compute)
+
+
+def assemble(
+    w: LoadedWeights,
+    mcfg: ModelConfig,
+    device: torch.device,
+    attention: AttentionBackend,
+    max_positions: int,
+    ring_size: int,
+    split: SplitLayout | None,
+    host_compute: HostCompute | None,
+    parallel: ShardOps | None = None,
+) -> tuple[LlamaModel, LayerSource]:
+    """The decoder over loaded weights: offloaded layers behind a transfer queue (split between host
+    and GPU when `split`), resident ones handed out as they are; `parallel`: a tensor-parallel rank."""
     layers: LayerSource
     if w.host:
         layers = TransferQueue(w.resident, w.host, w.layout, device, ring_size, split)
     else:
         layers = ResidentLayers(w.resident)
-    model = LlamaModel(ckpt.model_config, w.embed, w.final_norm, w.lm_head, layers, attention, max_positions, device)
+    model = LlamaModel(mcfg, w.embed, w.final_norm, w.lm_head, layers, attention, max_positions, device,
+                       parallel=parallel)  # fmt: skip
     if split is not None and w.host:
         assert host_compute is not None, "a split layout needs a HostCompute"
         model.mlp = SplitMlp(model.mlp, host_compute)

@@ -22,9 +22,8 @@ from aioffload.model.layout import LayerWeights, layer_layout
 from aioffload.model.llama import LayerSource, LlamaModel
 from aioffload.offload.pinned import pinned_empty
 from aioffload.offload.split_layout import SplitLayout, fill_mlp
-from aioffload.offload.split_mlp import HostCompute, SplitMlp
-from aioffload.offload.transfer_queue import ResidentLayers, TransferQueue
-from aioffload.worker.model_loader import LoadedWeights
+from aioffload.offload.split_mlp import HostCompute
+from aioffload.worker.model_loader import LoadedWeights, assemble
 
 log = logging.getLogger("aioffload.weights")
 
@@ -46,17 +45,7 @@ def build_sharded_model(
     """build_model for one rank: `local` is its share of the model, `parallel` its group."""
     w = load_shard_weights(ckpt, local, parallel, dtype, device, offloaded, embed_on_host,
                            split if offloaded else None)  # fmt: skip
-    layers: LayerSource
-    if w.host:
-        layers = TransferQueue(w.resident, w.host, w.layout, device, ring_size, split)
-    else:
-        layers = ResidentLayers(w.resident)
-    model = LlamaModel(local, w.embed, w.final_norm, w.lm_head, layers, attention, max_positions, device,
-                       parallel=parallel)  # fmt: skip
-    if split is not None and w.host:
-        assert host_compute is not None, "a split layout needs a HostCompute"
-        model.mlp = SplitMlp(model.mlp, host_compute)
-    return model, layers
+    return assemble(w, local, device, attention, max_positions, ring_size, split, host_compute, parallel)
 
 
 def load_shard_weights(
