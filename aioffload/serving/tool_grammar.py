@@ -48,7 +48,7 @@ def _literal(text: str, trigger: str, trigger_id: int | None) -> str:
 def _calls(syntax: CallSyntax, call: str, parallel: bool, trigger_id: int | None, with_trigger: bool) -> str:
     """`[trigger] head call (separator call)* tail` as Lark terms."""
     lit = lambda s: _literal(s, syntax.trigger, trigger_id)
-    more = f' ({lit(syntax.separator)} {call})*' if parallel else ""
+    more = f" ({lit(syntax.separator)} {call})*" if parallel else ""
     head = lit(syntax.trigger) + " " if with_trigger else ""
     return f"{head}{lit(syntax.head)} {call}{more} {lit(syntax.tail)}".strip()
 
@@ -60,22 +60,22 @@ def call_grammar(syntax: CallSyntax, functions: Sequence[dict[str, Any]], mode: 
     key = syntax.arguments_key
     if mode == "auto":
         functions = [f if f.get("strict") else {**f, "parameters": {"type": "object"}} for f in functions]
-    call = "call"
     lines = ["%llguidance {}", f"call: {GrammarSpec.json_lexeme(GrammarSpec.call_schema(functions, key))}"]
     trigger_id = special_id(syntax.trigger) if syntax.trigger else None
     if mode in ("required", "named"):
-        lines.append(f"start: {_calls(syntax, call, parallel and mode == 'required', trigger_id, True)}")
+        lines.append(f"start: {_calls(syntax, 'call', parallel and mode == 'required', trigger_id, True)}")
     elif not syntax.trigger:  # calls open the reply, or the reply is text that does not start like a call
-        lines.append(f"start: {_calls(syntax, call, parallel, trigger_id, True)} | PLAIN")
+        lines.append(f"start: {_calls(syntax, 'call', parallel, trigger_id, True)} | PLAIN")
         lines.append("PLAIN: /[ \\t\\n]*([^{ \\t\\n](.|\\n)*)?/")
-    else:
-        region = _calls(syntax, call, parallel, trigger_id, True)
+    elif trigger_id is not None:  # a special token never appears in text: it alone opens a region
         lines.append(f"start: TEXT (region TEXT){'*' if parallel else '?'}")
-        lines.append(f"region: {region}")
-        if trigger_id is None:  # free text never writes the trigger: it would open a call
-            lines.append(f"TEXT: ~/(?s:.*{_regex_literal(syntax.trigger)}.*)/")
-        else:
-            lines.append("TEXT: /(?s:.*)/")
+        lines.append(f"region: {_calls(syntax, 'call', parallel, trigger_id, True)}")
+        lines.append("TEXT: /(.|\\n)*/")
+    else:  # text up to the first trigger (a lazy lexeme), a region; text never holds the trigger otherwise
+        lines.append(f"start: {'region* TEXT' if parallel else 'TEXT | region TEXT'}")
+        lines.append(f"opening[lazy]: TEXT {json.dumps(syntax.trigger)}")
+        lines.append(f"region: opening {_calls(syntax, 'call', parallel, trigger_id, False)}")
+        lines.append(f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{_regex_literal(syntax.trigger)}(.|\\n)*/")
     return "\n".join(lines) + "\n"
 
 
