@@ -54,7 +54,7 @@ async def completions(state: ServerState, request: Request) -> Generation:
             prompt = prompts[i]
             echo = prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt, skip_special_tokens=False)
         writer = (lambda: CompletionLogprobs(state.token_strings(engine))) if params.logprobs is not None else None
-        jobs.append((prompt_ids, params, lambda: TextReader(), writer, echo))
+        jobs.append((prompt_ids, params, TextReader, writer, echo))
     return _generation(state, engine, req, False, jobs, arrival)
 
 

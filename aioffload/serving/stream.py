@@ -36,7 +36,7 @@ log = logging.getLogger("aioffload.http")
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _DONE = b"data: [DONE]\n\n"
 # The engine's ValueErrors name the field first ("n: 5 sequences exceed --max-num-seqs 4")
-_ENGINE_FIELDS = ("n", "best_of", "logit_bias", "logprobs", "prompt_logprobs", "min_tokens")
+_ENGINE_FIELDS = ("n", "best_of", "logit_bias")
 
 
 def sse_event(obj: Any) -> bytes:

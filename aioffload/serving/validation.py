@@ -8,7 +8,6 @@ rest onto the engine's `SamplingParams` (docs/engine-sampling.md has the table).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -205,7 +204,3 @@ def checked(params: SamplingParams) -> SamplingParams:
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split(":", 1)[0]) from None
     return params
-
-
-def with_mask(params: SamplingParams, factory: Callable[[], Any] | None) -> SamplingParams:
-    return params if factory is None else dataclasses.replace(params, logits_mask=factory)
