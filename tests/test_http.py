@@ -266,6 +266,27 @@ def test_once_refused_fields_now_work(client: httpx.Client, engine: FakeEngine) 
     assert chat["choices"][2]["logprobs"]["content"][1]["logprob"] == fake_logprob(1, chat_len + 1, 2, 0).logprob
 
 
+def test_choices_stream_interleaved_with_their_logprobs(client: httpx.Client, engine: FakeEngine) -> None:
+    """n = 3 over two prompts: chunks come as the engine's steps make them (choice i * n + j), each with
+    the logprobs of the tokens it brings; echo's prompt and its logprobs ride on a choice's first chunk."""
+    body = {"prompt": ["ab", "c"], "n": 3, "max_tokens": 2, "stream": True, "logprobs": 1, "echo": True}
+    with client.stream("POST", C, json=body) as r:
+        objs = [json.loads(e) for e in sse_events(r.read())[:-1]]
+    order = [(o["choices"][0]["index"], o["choices"][0]["text"]) for o in objs if o["choices"][0]["text"]]
+    assert [i for i, _ in order] == [0, 3, 1, 4, 2, 5] * 2  # step by step, the two prompts side by side
+    for prompt, first in (("ab", 0), ("c", 3)):
+        ids = engine.tokenizer.encode(prompt)
+        for j in range(3):
+            mine = [o["choices"][0] for o in objs if o["choices"][0]["index"] == first + j]
+            assert mine[0]["text"] == prompt + engine.expected_text(ids, 1, j)  # the echo, then token 0
+            lp = mine[0]["logprobs"]
+            assert lp["token_logprobs"][0] is None and len(lp["tokens"]) == len(ids) + 1
+            assert lp["token_logprobs"][1:] == [fake_logprob(t, p, 0, 1).logprob for p, t in enumerate(ids) if p] + \
+                [fake_logprob(0, len(ids), j, 1).logprob]
+            assert mine[1]["logprobs"]["text_offset"] == [sum(len(t) for t in lp["tokens"])]  # runs on
+            assert mine[-1]["finish_reason"] == "length" and mine[-1]["logprobs"] is None
+
+
 def test_oversized_chunked_body_is_413(client: httpx.Client) -> None:
     r = client.post(C, content=iter([b"x" * MAX_BODY, b"y" * 100]))  # no content-length: counted while read
     assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"

@@ -143,8 +143,11 @@ class Generation:
         events = c.reader.read(out.token_ids, out.text)
         if not c.started:
             c.started = True
-            if c.echo:
-                events.insert(0, c.echo)
+            if c.echo:  # in front of the first text (one chunk), or alone
+                if events and isinstance(events[0], str):
+                    events[0] = c.echo + events[0]
+                else:
+                    events.insert(0, c.echo)
             if c.logprobs is not None and out.prompt_logprobs is not None:
                 c.pending += zip(job.prompt_ids, out.prompt_logprobs)
         if c.logprobs is not None and out.logprobs is not None:
