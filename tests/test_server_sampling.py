@@ -15,6 +15,7 @@ import jsonschema
 import openai
 import pytest
 import torch
+from helpers import wait_for
 from server_proc import DEMO, ServerProc, start_server
 from test_engine_controls import hf_greedy_with_penalties
 from tiny_models import add_word_tokenizer, make_checkpoint
@@ -194,6 +195,17 @@ def test_n4_with_a_seed_is_reproducible_distinct_and_frees_every_block(oai: open
     assert len({c.message.content for c in chat.choices}) == 4
     free, total = kv_blocks(demo)
     assert free == total
+
+
+def test_a_client_that_leaves_n4_mid_stream_frees_every_block(demo: ServerProc) -> None:
+    body = {"model": "demo", "prompt": "Once upon a time", "max_tokens": 400, "n": 4, "best_of": 4, "stream": True,
+            "temperature": 1.0, "seed": 3, "ignore_eos": True}  # fmt: skip
+    with httpx.stream("POST", f"{demo.url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        assert sum(next(lines).startswith("data: {") for _ in range(12)) >= 6
+        free, total = kv_blocks(demo)
+        assert free < total  # four sequences hold blocks
+    assert wait_for(lambda: kv_blocks(demo)[0] == kv_blocks(demo)[1], timeout=10)
 
 
 def test_best_of_returns_the_best_by_cumulative_logprob(oai: openai.OpenAI) -> None:
