@@ -1,7 +1,11 @@
 """A FakeEngine with the real Engine's interface, a byte tokenizer, and a uvicorn test server.
 
-Text is deterministic from the prompt: token i is WORDS[(sum(prompt_ids) + i) % len(WORDS)];
-or, with `script` set, the engine "samples" the script's byte tokens (FakeTokenizer ids) in order.
+Text is deterministic from the prompt: token i of choice j is WORDS[(sum(prompt_ids) + i + j) % len(WORDS)]
+(choice 0 of n); or, with `script` set, the engine "samples" the script's byte tokens (FakeTokenizer
+ids) in order. Like the real engine: n choices interleave (told apart by `index`), best_of > n yields
+the n of highest cumulative logprob once all ended, logprobs are `fake_logprob` of each position, and
+a logits mask (SamplingParams.logits_mask, one provider per choice) is obeyed: the script's token if
+the mask allows it, else the smallest allowed id; a finished provider ends the choice.
 A "model step" optionally sleeps `token_delay_s` in a worker thread (the event loop stays
 free, as with the real engine). KV blocks are held from admission until the request
 finishes or `abort()` is called; closing the output generator alone does NOT free them,
@@ -16,6 +20,7 @@ import json
 import socket
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -23,12 +28,20 @@ import uvicorn
 
 from aioffload.config import EngineConfig
 from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
+from aioffload.worker.logprobs import TokenLogprob
+from aioffload.worker.masks import allocate_bitmask, allows
 from aioffload.worker.sampling import SamplingParams
 
 WORDS = [" alpha", " beta", " gamma", " delta", " epsilon", " zeta", " eta", " theta", " iota", " kappa"]
 BOS = 256
 SPECIALS = {BOS: "<s>", 257: "[TOOL_CALLS]", 258: "</s>"}  # special: left out of decoded text by default
 EOS = 258
+
+
+def fake_logprob(token_id: int, position: int, choice: int, num_top: int) -> TokenLogprob:
+    """What the fake engine reports for the token at `position` (of the prompt, or of choice's output)."""
+    value = -0.25 * (1 + (position + 2 * choice) % 4)
+    return TokenLogprob(token_id, value, tuple(((token_id + 1 + t) % 256, -0.1 * (t + 1)) for t in range(num_top)))
 
 
 class FakeTokenizer:
@@ -55,6 +68,21 @@ class FakeTokenizer:
             run = bytearray()
             out.append("" if skip_special_tokens else SPECIALS.get(t, ""))
         return "".join(out) + run.decode("utf-8", errors="replace")
+
+    def to_json(self) -> str:
+        """A byte-level tokenizer.json of the same ids (what the grammar compiler reads)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+        chars, extra = {}, 0
+        for b in range(256):
+            chars[b] = chr(b) if b in printable else chr(256 + extra)
+            extra += b not in printable
+        tok = Tokenizer(models.BPE(vocab={chars[b]: b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([SPECIALS[i] for i in sorted(SPECIALS)])
+        return tok.to_str()
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None) -> str:
@@ -88,6 +116,8 @@ class FakeEngine:
         self.fail_after: int | None = None  # raise RuntimeError after this many tokens
         self.script: list[int] | None = None  # token ids to "sample", then EOS
         self.eos_token_ids = (EOS,)
+        self.worker = types.SimpleNamespace(model_config=types.SimpleNamespace(vocab_size=FakeTokenizer.vocab_size),
+                                            fill_masks=None)  # what the grammar compiler's wiring touches
         self.accepting = True
         self.started = False
         self.prompt_tokens_total = 0
@@ -98,8 +128,8 @@ class FakeEngine:
         return cls(model_name=config.served_model_name or "fake-model")
 
     @staticmethod
-    def expected_text(prompt_ids: list[int], num_tokens: int) -> str:
-        return "".join(WORDS[(sum(prompt_ids) + i) % len(WORDS)] for i in range(num_tokens))
+    def expected_text(prompt_ids: list[int], num_tokens: int, choice: int = 0) -> str:
+        return "".join(WORDS[(sum(prompt_ids) + i + choice) % len(WORDS)] for i in range(num_tokens))
 
     @property
     def kv_usage(self) -> float:
@@ -143,40 +173,104 @@ class FakeEngine:
             raise QueueFullError("queue full")
         if len(ids) > self.max_model_len - 1:
             raise PromptTooLongError(f"prompt of {len(ids)} tokens is too long")
+        m = params.num_candidates
+        if m > self.max_running:
+            raise ValueError(f"{'best_of' if params.best_of else 'n'}: {m} sequences exceed --max-num-seqs")
         self.calls.append((ids, params, request_id))
         slot = self.running[request_id] = _Slot(len(ids))
         self.prompt_tokens_total += len(ids)
-        text = ""
+        choices = [_FakeChoice(j, params.logits_mask() if params.logits_mask else None) for j in range(m)]
         for i in range(params.max_tokens):
             if self.token_delay_s:
                 await asyncio.to_thread(time.sleep, self.token_delay_s)
             else:
                 await asyncio.sleep(0)
             if slot.aborted:
-                yield RequestOutput(request_id, "", [], True, "abort", len(ids), i)
+                for c in choices:
+                    if not c.done:
+                        yield RequestOutput(request_id, "", [], True, "abort", len(ids), i, index=c.index)
                 return
             if self.fail_after is not None and i >= self.fail_after:
                 raise RuntimeError("fake engine failure")
-            word, token = WORDS[(sum(ids) + i) % len(WORDS)], i
-            if self.script is not None:
-                token = self.script[i] if i < len(self.script) else EOS
-                word = self.tokenizer.decode([token])
-            slot.num_blocks = -(-(len(ids) + i + 1) // self.block_size)
-            self.generation_tokens_total += 1
-            stop = next((s for s in params.stop if s in text + word), None)
-            finished, reason = i + 1 == params.max_tokens, "length"
-            if token == EOS and self.script is not None:
-                finished, reason = True, "stop"
-            if stop is not None:
-                word = (text + word)[: (text + word).index(stop)][len(text):]
-                finished, reason = True, "stop"
-            text += word
-            if finished:
-                self.running.pop(request_id, None)
-            finish_reason = reason if finished else None
-            yield RequestOutput(request_id, word, [token], finished, finish_reason, len(ids), i + 1)
-            if finished:
-                return
+            slot.num_blocks = m * -(-(len(ids) + i + 1) // self.block_size)
+            outs = []
+            for c in choices:
+                if c.done:
+                    continue
+                out = self._step(c, ids, i, params)
+                out.request_id = request_id
+                if i == 0 and params.prompt_logprobs is not None:
+                    out.prompt_logprobs = [None] + [fake_logprob(t, p, 0, params.prompt_logprobs)
+                                                    for p, t in enumerate(ids) if p > 0]
+                outs.append(out)
+            if all(c.done for c in choices):
+                self.running.pop(request_id, None)  # the blocks return when the last choice ends
+            if m == params.n:
+                for out in outs:
+                    yield out
+            else:  # best_of > n: whole candidates, ranked once all ended
+                for out in outs:
+                    c = choices[out.index]
+                    if c.whole is None:
+                        c.whole = out
+                    else:
+                        c.whole.merge(out)
+            if all(c.done for c in choices):
+                break
+        if m > params.n:
+            best = sorted((c.whole for c in choices if c.whole), key=lambda o: (-(o.cumulative_logprob or 0), o.index))
+            for rank, out in enumerate(best[: params.n]):
+                out.index = rank
+                yield out
+
+    def _step(self, c: _FakeChoice, ids: list[int], i: int, params: SamplingParams) -> RequestOutput:
+        """Choice c's token i, as one output."""
+        word, token = WORDS[(sum(ids) + i + c.index) % len(WORDS)], i
+        if self.script is not None:
+            token = self.script[i] if i < len(self.script) else EOS
+            word = self.tokenizer.decode([token])
+        finished, reason = i + 1 == params.max_tokens, "length"
+        if c.mask is not None:
+            token, word, finished, reason = self._constrained(c, token, finished, reason)
+        self.generation_tokens_total += 1
+        stop = next((s for s in params.stop if s in c.text + word), None)
+        if token == EOS and (self.script is not None or c.mask is not None):
+            finished, reason = True, "stop"
+        if stop is not None:
+            word = (c.text + word)[: (c.text + word).index(stop)][len(c.text):]
+            finished, reason = True, "stop"
+        c.text += word
+        c.done = finished
+        out = RequestOutput("", word, [token], finished, reason if finished else None, len(ids), i + 1, c.index)
+        if params.logprobs is not None:
+            out.logprobs = [fake_logprob(token, len(ids) + i, c.index, params.logprobs)]
+            c.cumulative += out.logprobs[0].logprob
+            out.cumulative_logprob = c.cumulative
+        return out
+
+    def _constrained(self, c: _FakeChoice, token: int, finished: bool, reason: str) -> tuple[int, str, bool, str]:
+        assert c.mask is not None
+        if c.mask.is_finished:
+            return EOS, "", True, "stop"
+        bitmask = allocate_bitmask(1, self.tokenizer.vocab_size)
+        c.mask.fill(bitmask, 0)
+        if not allows(bitmask, 0, token):
+            token = next(t for t in range(self.tokenizer.vocab_size) if allows(bitmask, 0, t))
+        if token == EOS:
+            return EOS, "", True, "stop"
+        c.mask.accept(token)
+        return token, self.tokenizer.decode([token]), finished or c.mask.is_finished, "stop" if c.mask.is_finished \
+            else reason
+
+
+@dataclass
+class _FakeChoice:
+    index: int
+    mask: object | None = None  # a LogitsMaskProvider
+    text: str = ""
+    done: bool = False
+    cumulative: float = 0.0
+    whole: RequestOutput | None = None  # best_of: its output so far, merged
 
 
 @contextlib.contextmanager

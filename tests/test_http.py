@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from fake_engine import FakeEngine, serve
+from fake_engine import FakeEngine, fake_logprob, serve
 from helpers import wait_for
 
 from aioffload.config import EngineConfig, ServerConfig
@@ -189,10 +189,10 @@ BAD: list[tuple[str, Any, int, str | None]] = [
     (C, {**P, "temperature": "hot"}, 400, "temperature"), (C, {**P, "top_p": 0}, 400, "top_p"),
     (C, {**P, "top_p": 1.5}, 400, "top_p"), (C, {**P, "top_p": -1}, 400, "top_p"),
     (C, {**P, "top_k": -1}, 400, "top_k"), (C, {**P, "top_k": 1.5}, 400, "top_k"),
-    (C, {**P, "n": 2}, 400, "n"), (C, {**P, "n": 0}, 400, "n"), (C, {**P, "stop": 5}, 400, "stop"),
+    (C, {**P, "n": 65}, 400, "n"), (C, {**P, "n": 0}, 400, "n"), (C, {**P, "stop": 5}, 400, "stop"),
     (C, {**P, "stop": [1]}, 400, "stop[0]"), (C, {**P, "stop": [""]}, 400, "stop"),
-    (C, {**P, "stop": ["a"] * 17}, 400, "stop"), (C, {**P, "echo": True}, 400, "echo"),
-    (C, {**P, "logprobs": 1}, 400, "logprobs"), (C, {**P, "stream": "yes"}, 400, "stream"),
+    (C, {**P, "stop": ["a"] * 17}, 400, "stop"), (C, {**P, "echo": 1}, 400, "echo"),
+    (C, {**P, "logprobs": 21}, 400, "logprobs"), (C, {**P, "stream": "yes"}, 400, "stream"),
     (C, {**P, "stream_options": 3}, 400, "stream_options"),
     (C, {**P, "stream_options": {"include_usage": "y"}}, 400, "stream_options.include_usage"),
     (C, {**P, "seed": "x"}, 400, "seed"), (C, {**P, "seed": 2**64}, 400, "seed"),
@@ -211,10 +211,29 @@ BAD: list[tuple[str, Any, int, str | None]] = [
     (H, {**M, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
     (H, {**M, "max_completion_tokens": 1000}, 400, "max_completion_tokens"),
     (H, {**M, "max_tokens": 0}, 400, "max_tokens"), (H, msg(role="user", content="x" * 300), 400, "messages"),
-    (H, {**M, "logprobs": True}, 400, "logprobs"), (H, {**M, "top_logprobs": 2}, 400, "top_logprobs"),
-    (H, {**M, "temperature": 3}, 400, "temperature"), (H, {**M, "n": 3}, 400, "n"),
+    (H, {**M, "logprobs": 2}, 400, "logprobs"), (H, {**M, "top_logprobs": 2}, 400, "top_logprobs"),
+    (H, {**M, "temperature": 3}, 400, "temperature"), (H, {**M, "n": -1}, 400, "n"),
     (H, {**M, "model": "gpt-4"}, 404, "model"), (H, {**M, "top_p": 0.0}, 400, "top_p"),
     (H, b"{\"messages\": [", 400, None),
+    # logprobs, echo, n / best_of, penalties, biases, min_tokens, structured output (issue 13): bad values
+    (C, {**P, "logprobs": True}, 400, "logprobs"), (C, {**P, "logprobs": -1}, 400, "logprobs"),
+    (C, {**P, "n": 2, "best_of": 1}, 400, "best_of"), (C, {**P, "best_of": 3, "stream": True}, 400, "best_of"),
+    (C, {**P, "best_of": 70}, 400, "best_of"), (C, {**P, "n": 1.5}, 400, "n"),
+    (H, {**M, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
+    (C, {**P, "logit_bias": {"x": 1}}, 400, "logit_bias"), (C, {**P, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    (C, {**P, "logit_bias": {"5": "up"}}, 400, "logit_bias[...]"),
+    (C, {**P, "logit_bias": {"-5": 1}}, 400, "logit_bias"),
+    (C, {**P, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    (H, {**M, "frequency_penalty": -3}, 400, "frequency_penalty"),
+    (C, {**P, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    (C, {**P, "min_tokens": -1}, 400, "min_tokens"), (C, {**P, "min_tokens": 17}, 400, "min_tokens"),
+    (C, {**P, "min_p": 0.1}, 400, "min_p"), (C, {**P, "suffix": "!"}, 400, "suffix"),
+    (H, {**M, "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema"),
+    (H, {**M, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+     "response_format.json_schema.schema"),
+    (H, {**M, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400, "response_format.json_schema.schema"),
+    (H, {**M, "response_format": {"type": "yaml"}}, 400, "response_format.type"),
 ]
 
 
@@ -227,6 +246,45 @@ def test_malformed_request(client: httpx.Client, path: str, body: Any, status: i
     error = r.json()["error"]
     assert error["type"] == "invalid_request_error" and error["code"] is None
     assert error["param"] == param and isinstance(error["message"], str) and "Traceback" not in r.text
+
+
+def test_once_refused_fields_now_work(client: httpx.Client, engine: FakeEngine) -> None:
+    """BAD used to hold n: 2 / echo / logprobs: 1 (completions), logprobs: true / n: 3 (chat) as 400s."""
+    ids = engine.tokenizer.encode("hi")
+    two = client.post(C, json={**P, "n": 2, "max_tokens": 3}).json()
+    assert [(c["index"], c["text"]) for c in two["choices"]] == [(j, engine.expected_text(ids, 3, j)) for j in (0, 1)]
+    assert two["usage"]["completion_tokens"] == 6 and two["usage"]["prompt_tokens"] == len(ids)
+    echo = client.post(C, json={**P, "echo": True, "max_tokens": 2}).json()
+    assert echo["choices"][0]["text"] == "hi" + engine.expected_text(ids, 2)
+    lp = client.post(C, json={**P, "logprobs": 1, "max_tokens": 2}).json()["choices"][0]["logprobs"]
+    assert lp["token_logprobs"] == [fake_logprob(0, len(ids) + i, 0, 1).logprob for i in range(2)]
+    assert [len(t) for t in lp["top_logprobs"]] == [2, 2]  # the top 1 and the chosen token
+    chat = client.post(H, json={**M, "logprobs": True, "n": 3, "max_tokens": 2}).json()
+    assert [c["index"] for c in chat["choices"]] == [0, 1, 2]
+    assert all(len(c["logprobs"]["content"]) == 2 for c in chat["choices"])
+    chat_len = len(engine.calls[-1][0])
+    assert chat["choices"][2]["logprobs"]["content"][1]["logprob"] == fake_logprob(1, chat_len + 1, 2, 0).logprob
+
+
+def test_choices_stream_interleaved_with_their_logprobs(client: httpx.Client, engine: FakeEngine) -> None:
+    """n = 3 over two prompts: chunks come as the engine's steps make them (choice i * n + j), each with
+    the logprobs of the tokens it brings; echo's prompt and its logprobs ride on a choice's first chunk."""
+    body = {"prompt": ["ab", "c"], "n": 3, "max_tokens": 2, "stream": True, "logprobs": 1, "echo": True}
+    with client.stream("POST", C, json=body) as r:
+        objs = [json.loads(e) for e in sse_events(r.read())[:-1]]
+    order = [(o["choices"][0]["index"], o["choices"][0]["text"]) for o in objs if o["choices"][0]["text"]]
+    assert [i for i, _ in order] == [0, 3, 1, 4, 2, 5] * 2  # step by step, the two prompts side by side
+    for prompt, first in (("ab", 0), ("c", 3)):
+        ids = engine.tokenizer.encode(prompt)
+        for j in range(3):
+            mine = [o["choices"][0] for o in objs if o["choices"][0]["index"] == first + j]
+            assert mine[0]["text"] == prompt + engine.expected_text(ids, 1, j)  # the echo, then token 0
+            lp = mine[0]["logprobs"]
+            assert lp["token_logprobs"][0] is None and len(lp["tokens"]) == len(ids) + 1
+            assert lp["token_logprobs"][1:] == [fake_logprob(t, p, 0, 1).logprob for p, t in enumerate(ids) if p] + \
+                [fake_logprob(0, len(ids), j, 1).logprob]
+            assert mine[1]["logprobs"]["text_offset"] == [sum(len(t) for t in lp["tokens"])]  # runs on
+            assert mine[-1]["finish_reason"] == "length" and mine[-1]["logprobs"] is None
 
 
 def test_oversized_chunked_body_is_413(client: httpx.Client) -> None:

@@ -202,25 +202,70 @@ def test_earlier_tool_calls_and_results_reach_the_template() -> None:
         assert f"<assistant><call>{json.dumps(rendered)}</call>\n<tool>21 C\n" in prompt
 
 
-def test_tool_choice_required_is_refused_until_constrained(oai: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError, match="not implemented yet") as e:
-        oai.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[TOOL],  # type: ignore[list-item]
-                                    tool_choice="required")
-    assert e.value.body["param"] == "tool_choice"  # type: ignore[index]
+BARE_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
-# ---- unknown and unimplemented fields through the client ----
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_choice_required_and_named_are_constrained(tool_choice: Any) -> None:
+    """Once refused until constrained decoding was wired (issue 13): now a grammar in Hermes' format."""
+    engine, server = scripted(HERMES_CALL)  # the model would write content first: the grammar forbids it
+    with server as url:
+        body = {"messages": MESSAGES, "tools": [TOOL], "tool_choice": tool_choice, "max_tokens": 13}
+        out = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10).json()
+        assert out["choices"][0]["message"]["content"] == "<tool_call>\n{"  # forced, then cut at 13 tokens
+        mask = engine.calls[-1][1].logits_mask
+        assert mask is not None and mask() is not mask()  # one provider per sequence
+        engine.script = engine.tokenizer.encode(BARE_CALL, add_special_tokens=False)
+        out = httpx.post(f"{url}/v1/chat/completions", json={**body, "max_tokens": 200}, timeout=10).json()
+        [call] = out["choices"][0]["message"]["tool_calls"]
+        assert out["choices"][0]["finish_reason"] == "tool_calls" and call["function"]["name"] == "get_weather"
+        provider = engine.calls[-1][1].logits_mask()
+        for t in engine.tokenizer.encode('<tool_call>\n{"name": "get_', add_special_tokens=False):
+            provider.accept(t)
+        with pytest.raises(RuntimeError, match="rejected"):  # get_time is no tool of this request
+            provider.accept(engine.tokenizer.encode("t", add_special_tokens=False)[0])
 
 
-@pytest.mark.parametrize(("extra", "param"), [
-    ({"temprature": 0.1}, "temprature"), ({"logit_bias": {"5": 10}}, "logit_bias"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
-])  # fmt: skip
-def test_fields_that_would_be_ignored_are_400s(oai: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
+def test_unknown_named_function_is_a_400(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
-        oai.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body=extra)  # type: ignore[arg-type]
-    assert e.value.body["param"] == param  # type: ignore[index]
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[TOOL],  # type: ignore[list-item]
+                                    tool_choice={"type": "function", "function": {"name": "get_time"}})
+    assert e.value.body["param"] == "tool_choice.function.name"  # type: ignore[index]
+
+
+# ---- unknown fields, and the fields that once were refused ----
+
+
+def test_unknown_fields_are_400s(oai: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body={"temprature": 0.1})  # type: ignore
+    assert e.value.body["param"] == "temprature"  # type: ignore[index]
+
+
+def test_fields_once_refused_reach_the_engine(base_url: str, engine: FakeEngine) -> None:
+    """logit_bias, frequency_penalty and response_format were 400s until issue 13's second half."""
+    oai = openai.OpenAI(base_url=f"{base_url}/v1", api_key="x", max_retries=0)
+    oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=2, logit_bias={"5": 10, "42": -100},  # type: ignore
+                                frequency_penalty=0.5, presence_penalty=-1, extra_body={"repetition_penalty": 1.3,
+                                                                                        "min_tokens": 1})
+    p = engine.calls[-1][1]
+    assert p.logit_bias == ((5, 10.0), (42, -100.0)) and (p.frequency_penalty, p.presence_penalty) == (0.5, -1.0)
+    assert (p.repetition_penalty, p.min_tokens, p.logits_mask) == (1.3, 1, None)
+
+
+def test_response_format_json_object() -> None:
+    engine, server = scripted('{"a": [1, 2]}')
+    with server as url:
+        oai = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        out = oai.chat.completions.create(model=MODEL, messages=MESSAGES, response_format={"type": "json_object"})  # type: ignore
+        assert json.loads(out.choices[0].message.content or "") == {"a": [1, 2]}
+        assert out.choices[0].finish_reason == "stop"
+        compiler_fill = engine.worker.fill_masks
+        assert compiler_fill is not None and compiler_fill.__name__ == "fill_bitmasks"  # the worker uses llguidance's
+        engine.script = engine.tokenizer.encode("Sure! {}", add_special_tokens=False)
+        forced = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=1,  # type: ignore
+                                             response_format={"type": "json_object"})
+        assert forced.choices[0].message.content == "{"  # "S" is not JSON: the mask allowed only "{"
 
 
 def test_neutral_and_informational_fields_are_accepted(oai: openai.OpenAI) -> None:

@@ -5,12 +5,14 @@
 
 What local-completions needs of the server (lm-eval 0.4.13, `LocalCompletionsAPI`): a POST
 /v1/completions with `prompt` = the token ids of context + continuation (its own Hugging Face
-tokenizer of the model folder, no BOS added), `echo: true`, `logprobs: 1`, `max_tokens: 1`,
-`temperature: 0`, `seed`; it reads `choices[i].logprobs.token_logprobs[ctxlen:-1]` (so the
-prompt tokens' log-probabilities, echoed, the first one null) and `top_logprobs[ctxlen:-1]`
-(one {token: logprob} dict per position, for is_greedy). echo with prompt logprobs is the
-sampler's second part of issue 13: until it lands the server refuses `logprobs` with a 400, and
-the comparison is an expected failure.
+tokenizer of the model folder), `echo: true`, `logprobs: 1`, `max_tokens: 1`, `temperature: 0`,
+`seed`; it reads `choices[i].logprobs.token_logprobs[ctxlen:-1]` (so the prompt tokens'
+log-probabilities, echoed, the first one null) and `top_logprobs[ctxlen:-1]` (one {token: logprob}
+dict per position, for is_greedy).
+
+The two backends must score the same tokens: the `hf` backend encodes with the tokenizer's own
+defaults (the demo's `add_bos_token: true` puts BOS first), while local-completions adds no BOS
+unless told, so it runs with `add_bos_token=True` (test_both_backends_score_the_text_after_bos).
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from server_proc import DEMO, REPO, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -39,12 +40,8 @@ def offline_env(tmp: Path) -> dict[str, str]:
 def lm_eval(model: str, model_args: str, tmp: Path) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, RUNNER, model, model_args], cwd=REPO, env=offline_env(tmp),
                           capture_output=True, text=True, timeout=800)  # fmt: skip
-    if proc.returncode == 3:  # the server refused a request: what the xfail below expects, for now
-        refused = json.loads(proc.stdout.strip().splitlines()[-1])
-        param = json.loads(refused["body"])["error"]["param"]
-        if refused["http_error"] == 400 and param in ("logprobs", "echo"):
-            raise requests.HTTPError(f"HTTP 400 on {param}: {refused['body']}")
-        raise RuntimeError(f"the server refused lm-eval for another reason: {refused}")
+    if proc.returncode == 3:  # the server refused a request: say what it answered
+        raise RuntimeError(f"the server refused lm-eval: {proc.stdout.strip().splitlines()[-1]}")
     if proc.returncode != 0:
         raise RuntimeError(f"lm-eval {model} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -80,12 +77,21 @@ def test_local_completions_request_shape() -> None:
     assert LocalCompletionsAPI.parse_logprobs(fake, ctxlens=[2]) == [(-2.0, False)]
 
 
-@pytest.mark.xfail(strict=True, raises=requests.HTTPError,
-                   reason="needs echo + prompt logprobs (issue 13, the sampler's part): the server answers 400")
+def test_both_backends_score_the_text_after_bos() -> None:
+    import transformers
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    bos = transformers.AutoTokenizer.from_pretrained(DEMO).bos_token_id
+    hf_ids = transformers.AutoTokenizer.from_pretrained(DEMO).encode("A list is")  # the hf backend's encode
+    api = LocalCompletionsAPI(base_url="http://127.0.0.1:9/v1/completions", model="demo", tokenizer=DEMO,
+                              tokenizer_backend="huggingface", add_bos_token=True)  # fmt: skip
+    assert hf_ids[0] == bos and api.tok_encode("A list is") == hf_ids
+
+
 def test_local_completions_matches_hf(hf_result: dict[str, Any], tmp_path: Path) -> None:
     with start_server("--max-model-len", "512") as server:
         args = (f"base_url={server.url}/v1/completions,model=demo,tokenizer_backend=huggingface,tokenizer={DEMO},"
-                "max_retries=1,num_concurrent=1")
+                "max_retries=1,num_concurrent=1,add_bos_token=True")
         served = lm_eval("local-completions", args, tmp_path)
     assert served["acc"] == hf_result["acc"] and served["acc_norm"] == hf_result["acc_norm"]
     for ours, theirs in zip(served["loglikelihoods"], hf_result["loglikelihoods"], strict=True):

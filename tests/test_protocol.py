@@ -12,8 +12,12 @@ import pytest
 from aioffload.serving.chat import template_messages, tool_plan
 from aioffload.serving.openapi import openapi_document
 from aioffload.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest, decode_request
+from aioffload.serving.structured_output import response_format_spec
+from aioffload.serving.tool_grammar import tool_call_spec, tool_mode
 from aioffload.serving.tool_parsers import HermesParser, MistralParser
-from aioffload.serving.validation import UNSUPPORTED, completion_prompts, refuse_unsupported
+from aioffload.serving.validation import UNSUPPORTED, completion_prompts, refuse_unsupported, sampling_params
+from aioffload.worker.sampling import SamplingParams
+from aioffload.worker.structured import GrammarSpec
 
 MSG = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
@@ -59,10 +63,7 @@ def test_informational_fields_are_accepted() -> None:
 
 # field -> (a neutral value clients send by default, a value that would change the output)
 VALUES: dict[str, tuple[Any, Any]] = {
-    "n": (1, 2), "best_of": (1, 3), "logprobs": (None, 2), "top_logprobs": (0, 3), "echo": (False, True),
-    "suffix": ("", "end"), "presence_penalty": (0, 0.5), "frequency_penalty": (0.0, -1.0),
-    "repetition_penalty": (1.0, 1.2), "logit_bias": ({}, {"50": 100}), "min_tokens": (0, 4), "min_p": (0.0, 0.1),
-    "response_format": ({"type": "text"}, {"type": "json_object"}), "modalities": (["text"], ["text", "audio"]),
+    "suffix": ("", "end"), "min_p": (0.0, 0.1), "modalities": (["text"], ["text", "audio"]),
     "audio": (None, {"voice": "alloy", "format": "wav"}), "prediction": (None, {"type": "content", "content": "x"}),
     "reasoning_effort": (None, "low"), "web_search_options": (None, {}),
     "functions": (None, [{"name": "f"}]), "function_call": (None, "auto"),
@@ -76,19 +77,53 @@ def test_every_unsupported_field_has_test_values() -> None:
 @pytest.mark.parametrize("field", sorted(UNSUPPORTED))
 def test_unimplemented_fields_refused_unless_neutral(field: str) -> None:
     neutral, active = VALUES[field]
-    kind = CompletionRequest if field in ("best_of", "echo", "suffix") else ChatCompletionRequest
+    kind = CompletionRequest if field == "suffix" else ChatCompletionRequest
     make = completion if kind is CompletionRequest else chat
     refuse_unsupported(make(**{field: neutral}))
     e = refusal(refuse_unsupported, make(**{field: active}))
     assert e.param == field and e.message.startswith(f"{field}: ")
-    if field != "logprobs":  # logprobs: true for chat, an int for completions
+    if field != "min_p":  # min_p is in both structs
         assert field not in ChatCompletionRequest.__struct_fields__ or kind is ChatCompletionRequest
 
 
-def test_chat_logprobs_true_and_completion_logprobs_zero_are_refused() -> None:
-    assert refusal(refuse_unsupported, chat(logprobs=True)).param == "logprobs"
-    assert refusal(refuse_unsupported, completion(logprobs=0)).param == "logprobs"
-    refuse_unsupported(chat(logprobs=False))
+def params_of(req: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+    refuse_unsupported(req)
+    return sampling_params(req, 5, 256, 16, "prompt")
+
+
+# Fields that were in VALUES (refused unless neutral) until issue 13's second half: (kind, request fields,
+# the SamplingParams they give, compared field by field)
+IMPLEMENTED: list[tuple[str, dict[str, Any], dict[str, Any]]] = [
+    ("chat", {"n": 2}, {"n": 2, "best_of": None}), ("completion", {"best_of": 3}, {"n": 1, "best_of": 3}),
+    ("completion", {"n": 2, "best_of": 2, "stream": True}, {"n": 2, "best_of": 2}),
+    ("completion", {"logprobs": 2}, {"logprobs": 2, "prompt_logprobs": None}),
+    ("completion", {"logprobs": 0}, {"logprobs": 0}), ("completion", {"logprobs": False}, {"logprobs": None}),
+    ("completion", {"echo": True, "logprobs": 1}, {"logprobs": 1, "prompt_logprobs": 1}),
+    ("completion", {"echo": True}, {"logprobs": None, "prompt_logprobs": None}),  # the text only
+    ("chat", {"logprobs": True}, {"logprobs": 0}), ("chat", {"logprobs": True, "top_logprobs": 3}, {"logprobs": 3}),
+    ("chat", {"logprobs": False, "top_logprobs": 0}, {"logprobs": None}),
+    ("chat", {"presence_penalty": 0.5, "frequency_penalty": -1.0}, {"presence_penalty": 0.5, "frequency_penalty": -1}),
+    ("completion", {"repetition_penalty": 1.2}, {"repetition_penalty": 1.2}),
+    ("chat", {"logit_bias": {"50": 100, "7": -2.5}}, {"logit_bias": ((7, -2.5), (50, 100.0))}),
+    ("completion", {"min_tokens": 4}, {"min_tokens": 4}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("kind", "fields", "expected"), IMPLEMENTED)
+def test_implemented_fields_map_to_sampling_params(kind: str, fields: dict[str, Any], expected: dict[str, Any]) -> None:
+    params = params_of((chat if kind == "chat" else completion)(**fields))
+    assert {k: getattr(params, k) for k in expected} == expected
+
+
+def test_response_format_maps_to_a_grammar() -> None:
+    assert response_format_spec(chat(response_format={"type": "json_object"}).response_format) == \
+        GrammarSpec("json_object")
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"enum": [1, 2]}}}
+    fmt = chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
+    spec = response_format_spec(fmt.response_format)
+    assert spec is not None and spec.kind == "json_schema" and json.loads(spec.schema or "") == schema
+    assert list(json.loads(spec.schema or "")["properties"]) == ["b", "a"]  # the order the model writes them
+    assert response_format_spec(chat(response_format={"type": "text"}).response_format) is None
 
 
 @pytest.mark.parametrize(("prompt", "expected"), [
@@ -157,9 +192,6 @@ def test_tool_plan() -> None:
 
 
 @pytest.mark.parametrize(("fields", "template", "uses_tools", "param", "words"), [
-    ({"tools": [TOOL], "tool_choice": "required"}, "<tool_call>", True, "tool_choice", "not implemented yet"),
-    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "<tool_call>",
-     True, "tool_choice", "not implemented yet"),
     ({"tool_choice": "auto"}, "<tool_call>", True, "tool_choice", "needs tools"),
     ({"tools": [TOOL]}, "{{ messages }}", False, "tools", "does not render tools"),
     ({"tools": [TOOL]}, "{{ tools }}", True, "tools", "--tool-call-parser"),
@@ -168,12 +200,31 @@ def test_tool_plan() -> None:
      "tools[0].function.name", "letters"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]}, "<tool_call>",
      True, "tools[0].function.parameters", "object"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True}}]}, "<tool_call>", True,
-     "tools[0].function.strict", "not implemented yet"),
 ])  # fmt: skip
 def test_tool_plan_refusals(fields: dict[str, Any], template: str, uses_tools: bool, param: str, words: str) -> None:
     e = refusal(tool_plan, chat(**fields), template, uses_tools, None)
     assert e.param == param and words in e.message
+
+
+STRICT_TOOL = {"type": "function", "function": {**TOOL["function"], "strict": True}}
+
+
+@pytest.mark.parametrize(("fields", "mode"), [
+    ({"tools": [TOOL], "tool_choice": "required"}, "required"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "named"),
+    ({"tools": [STRICT_TOOL]}, "auto"), ({"tools": [STRICT_TOOL], "tool_choice": "auto"}, "auto"),
+    ({"tools": [TOOL]}, None), ({"tools": [STRICT_TOOL], "tool_choice": "none"}, None),
+])  # fmt: skip
+def test_constrained_tool_choices_are_planned(fields: dict[str, Any], mode: str | None) -> None:
+    """tool_choice required / named and strict functions were refused until constrained decoding (issue 13)."""
+    req = chat(**fields)
+    plan = tool_plan(req, "{{ tools }} <tool_call>", True, None)
+    spec = tool_call_spec(req, plan.parser.syntax, plan.tools, plan.parallel, lambda _: None) if plan.parser else None
+    if mode is None:
+        assert spec is None
+        return
+    assert spec is not None and spec.kind == "lark" and '"const": "get_weather"' in (spec.lark or "")
+    assert tool_mode(req, [t["function"] for t in plan.tools or []])[0] == mode  # type: ignore[index]
 
 
 def test_openapi_document_is_valid_and_complete() -> None:

@@ -403,15 +403,31 @@ BAD_FIELDS: dict[str, list[Any]] = {
     "temperature": [-0.5, "hot", 2.5, [0]],
     "top_p": [0, 1.5, "x", -0.1],
     "top_k": [-1, "k", 2**63, 1.5],
-    "n": [0, 2, "1", -1],
+    "n": [0, "1", -1, 10**6],  # 10**6 choices exceed --max-num-seqs
     "seed": ["s", 2**70, 1.5],
     "stop": [5, [""], [1, 2]],
     "stream": ["yes", 3],
-    "echo": [True],
+    "echo": ["yes", 1],
+    "logprobs": [21, -1, True, "1"],
+    "best_of": [0, "2"],
+    "logit_bias": [{"x": 1}, {"5": 101}, {"99999999": 1}, [1]],
+    "presence_penalty": [2.5, "high"],
+    "repetition_penalty": [0, -1],
+    "min_tokens": [-1, 100],
     "prompt": [5, [], [1, -3], {"a": 1}, ""],
     "model": [5, "another-model"],
 }
 FIELD_CASES = [(f, v) for f, values in BAD_FIELDS.items() for v in values]
+
+
+def test_n_echo_and_logprobs_once_refused_now_work(client: httpx.Client) -> None:
+    """n: 2 and echo: true were in BAD_FIELDS until issue 13's sampler half."""
+    body = {"prompt": "hi", "max_tokens": 3, "temperature": 1.0, "seed": 4, "ignore_eos": True}
+    two = client.post("/v1/completions", json={**body, "n": 2}).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1] and two["usage"]["completion_tokens"] == 6
+    echo = client.post("/v1/completions", json={**body, "echo": True, "logprobs": 0}).json()["choices"][0]
+    assert echo["text"].startswith("hi") and echo["logprobs"]["token_logprobs"][0] is None
+    assert len(echo["logprobs"]["tokens"]) == len(client.post("/tokenize", json={"prompt": "hi"}).json()["tokens"]) + 3
 
 
 def test_bad_field_values_are_4xx_naming_the_field(client: httpx.Client) -> None:

@@ -1,6 +1,8 @@
 """The OpenAI surface of issue 13 against the real `aioffload serve`, with the official client:
 batched prompts, model retrieval, tokenize/detokenize, version, openapi.json, unknown and
-unimplemented fields, CORS, and tools on a tiny checkpoint that has learnt one tool call."""
+unimplemented fields, CORS, and tools on a tiny checkpoint that has learnt one tool call (with
+tool_choice required, a named function and strict functions under their grammar). The sampler
+fields' values: test_server_sampling.py."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 from server_proc import DEMO, ServerProc, start_server
@@ -109,28 +112,57 @@ def test_version_and_openapi(client: httpx.Client) -> None:
 
 
 @pytest.mark.parametrize(("extra", "param"), [
-    ({"temprature": 0.2}, "temprature"), ({"presence_penalty": 1.0}, "presence_penalty"),
-    ({"logit_bias": {"42": 100}}, "logit_bias"), ({"n": 2}, "n"), ({"best_of": 2}, "best_of"),
-    ({"echo": True}, "echo"), ({"logprobs": 1}, "logprobs"), ({"suffix": "!"}, "suffix"),
-    ({"min_tokens": 3}, "min_tokens"),
+    ({"temprature": 0.2}, "temprature"), ({"suffix": "!"}, "suffix"), ({"min_p": 0.1}, "min_p"),
 ])  # fmt: skip
-def test_completion_fields_that_would_be_ignored(oai: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
+def test_completion_fields_unknown_or_unimplemented(oai: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model=NAME, prompt="hi", max_tokens=2, extra_body=extra)
     assert e.value.body["param"] == param  # type: ignore[index]
 
 
+def test_completion_fields_once_refused_now_work(oai: openai.OpenAI, client: httpx.Client) -> None:
+    """presence_penalty, logit_bias, n, best_of, echo, logprobs and min_tokens were 400s until issue 13's
+    sampler half; each now does what it says (test_server_sampling.py checks the values)."""
+    kw: dict[str, Any] = {"model": NAME, "prompt": "The new module", "max_tokens": 12, "temperature": 0,
+                          "extra_body": {"ignore_eos": True}}
+    plain = oai.completions.create(**kw).choices[0]
+    assert oai.completions.create(**kw, presence_penalty=2).choices[0].text != plain.text
+    assert oai.completions.create(**kw, logit_bias={"42": 100}).choices[0].text == \
+        client.post("/detokenize", json={"tokens": [42] * 12}).json()["prompt"]
+    assert [c.text for c in oai.completions.create(**kw, n=2).choices] == [plain.text] * 2  # greedy: alike
+    assert oai.completions.create(**kw, best_of=2).choices[0].text == plain.text
+    echoed = oai.completions.create(**kw, echo=True, logprobs=1).choices[0]
+    assert echoed.text == "The new module" + plain.text and echoed.logprobs.token_logprobs[0] is None
+    assert len(echoed.logprobs.tokens) == len(client.post("/tokenize", json={"prompt": "The new module"}).json()[
+        "tokens"]) + 12
+    held = oai.completions.create(model=NAME, prompt="The new module", max_tokens=12, temperature=0,
+                                  logit_bias={"1": 40}, extra_body={"min_tokens": 3})  # eos (id 1) pushed first
+    assert held.usage.completion_tokens == 4 and held.choices[0].finish_reason == "stop"
+
+
 @pytest.mark.parametrize(("extra", "param"), [
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
-     "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),  # the demo template shows no tools
-    ({"top_logprobs": 2, "logprobs": True}, "logprobs"), ({"frequency_penalty": -0.5}, "frequency_penalty"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+    ({"modalities": ["audio"]}, "modalities"),
 ])  # fmt: skip
-def test_chat_fields_that_would_be_ignored(oai: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
+def test_chat_fields_refused(oai: openai.OpenAI, extra: dict[str, Any], param: str) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
                                     extra_body=extra)  # fmt: skip
     assert e.value.body["param"] == param  # type: ignore[index]
+
+
+def test_chat_fields_once_refused_now_work(oai: openai.OpenAI) -> None:
+    """response_format json_schema, logprobs with top_logprobs and frequency_penalty were 400s (issue 13)."""
+    messages = [{"role": "user", "content": "hi"}]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    out = oai.chat.completions.create(model=NAME, messages=messages, max_tokens=20, response_format=fmt,  # type: ignore
+                                      logprobs=True, top_logprobs=2, frequency_penalty=-0.5, temperature=0)
+    assert isinstance(json.loads(out.choices[0].message.content or "")["ok"], bool)
+    content = out.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content and all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in content)
 
 
 def test_informational_and_neutral_fields_accepted(oai: openai.OpenAI) -> None:
@@ -181,6 +213,67 @@ def test_tool_choice_none_gives_text(tool_oai: openai.OpenAI, tool_server: Serve
     assert out.choices[0].message.tool_calls is None and out.choices[0].finish_reason in ("stop", "length")
     plain = httpx.post(f"{tool_server.url}/tokenize", json={"messages": TOOL_MESSAGES}).json()["count"]
     assert out.usage.prompt_tokens == plain  # tools left out of the prompt
+
+
+BOUNDED_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 12},
+                                         "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Time in a zone", "parameters": {
+        "type": "object", "properties": {"tz": {"enum": ["UTC", "CET", "PST"]}}, "required": ["tz"],
+        "additionalProperties": False}}},
+]  # fmt: skip
+QUESTIONS = ["What is the weather in Paris?", "Tell me a joke.", "hello", "What time is it in Berlin?"]
+
+
+def valid_calls(message: Any, tools: list[dict[str, Any]]) -> list[str]:
+    """The names of the message's calls, each checked against its tool's parameters schema."""
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    for call in message.tool_calls or []:
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    return [call.function.name for call in message.tool_calls or []]
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_required_and_named_tool_choices_always_yield_a_parseable_call(tool_oai: openai.OpenAI,
+                                                                       tool_choice: Any) -> None:
+    """Sampled at temperature 1 on questions the model never saw (it learnt one weather call): the
+    grammar still makes every reply one call that parses and follows its tool's schema."""
+    names = []
+    for seed, question in enumerate(QUESTIONS * 2):
+        out = tool_oai.chat.completions.create(model="tool-model", messages=[{"role": "user", "content": question}],  # type: ignore
+                                               tools=BOUNDED_TOOLS, tool_choice=tool_choice, parallel_tool_calls=False,
+                                               temperature=1.0, seed=seed, max_tokens=200)  # fmt: skip
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and not choice.message.content, choice
+        names += valid_calls(choice.message, BOUNDED_TOOLS)
+    assert len(names) == 8
+    if tool_choice != "required":
+        assert set(names) == {"get_time"}
+    chunks = list(tool_oai.chat.completions.create(model="tool-model", messages=TOOL_MESSAGES, tools=TOOLS,  # type: ignore
+                                                   tool_choice=tool_choice if tool_choice == "required" else
+                                                   {"type": "function", "function": {"name": "get_weather"}},
+                                                   temperature=0, max_tokens=64, stream=True))  # fmt: skip
+    [call] = [tc for c in chunks for tc in c.choices[0].delta.tool_calls or []]
+    assert json.loads(call.function.arguments) == {"city": "Paris"}  # what the model learnt, within the grammar
+
+
+def test_strict_functions_constrain_the_calls_the_model_makes(tool_oai: openai.OpenAI) -> None:
+    """tool_choice auto: the model may answer in text, but a `<tool_call>` it opens holds a valid call of a
+    strict function; greedy on the trained prompt gives the learnt call."""
+    strict = [{"type": "function", "function": {**t["function"], "strict": True}} for t in BOUNDED_TOOLS]
+    for seed, question in enumerate(QUESTIONS * 2):
+        out = tool_oai.chat.completions.create(model="tool-model", messages=[{"role": "user", "content": question}],  # type: ignore
+                                               tools=strict, temperature=1.0, seed=seed, max_tokens=200)
+        choice = out.choices[0]
+        valid_calls(choice.message, strict)
+        assert "<tool_call>" not in (choice.message.content or ""), choice  # never a call that failed to parse
+    learnt = [{"type": "function", "function": {**TOOLS[0]["function"], "strict": True}}]
+    out = tool_oai.chat.completions.create(model="tool-model", messages=TOOL_MESSAGES, temperature=0, max_tokens=64,  # type: ignore
+                                           tools=learnt)
+    [call] = out.choices[0].message.tool_calls  # type: ignore[misc]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
 
 
 def test_tool_results_go_back_through_the_template(tool_oai: openai.OpenAI, tool_server: ServerProc) -> None:

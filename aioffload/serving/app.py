@@ -2,8 +2,8 @@
 
 Every handler is wrapped so that a refused request is an OpenAI-style error object and an
 unexpected exception a logged, generic 500. The generation itself (one engine request per
-choice, SSE or JSON, abort on disconnect) is `stream.Generation`; the small routes are in
-`routes`. CORS is off unless `--allowed-origins` names origins.
+prompt, SSE or JSON, abort on disconnect) is `handlers` and `stream.Generation`; the small routes
+are in `routes`. CORS is off unless `--allowed-origins` names origins.
 """
 
 from __future__ import annotations
@@ -16,13 +16,9 @@ import os
 import signal
 import sys
 import threading
-import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -33,53 +29,20 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from aioffload.config import EngineConfig, ServerConfig
-from aioffload.serving.chat import template_messages, tool_plan
 from aioffload.serving.dashboard import dashboard_data, static_endpoints
+from aioffload.serving.handlers import CHAT_DEFAULT_MAX_TOKENS, COMPLETION_DEFAULT_MAX_TOKENS, chat, completions
 from aioffload.serving.metrics import Metrics
-from aioffload.serving.protocol import (
-    ApiError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    decode_request,
-    error_body,
-    error_response,
-    json_response,
-)
-from aioffload.serving.responses import ResponseShape
-from aioffload.serving.routes import (
-    check_model,
-    detokenize,
-    list_models,
-    openapi_json,
-    read_body,
-    ready_engine,
-    retrieve_model,
-    tokenize,
-    version,
-)
-from aioffload.serving.stream import Choice, Generation, Reader, TextReader, internal_error
-from aioffload.serving.tool_calls import ToolCallReader, ToolCallStream, ToolOutputText
-from aioffload.serving.validation import check_token_ids, completion_prompts, refuse_unsupported, sampling_params
-from aioffload.worker.sampling import SamplingParams
+from aioffload.serving.protocol import ApiError, error_body, error_response, json_response
+from aioffload.serving.routes import detokenize, list_models, openapi_json, retrieve_model, tokenize, version
+from aioffload.serving.state import ServerState
+from aioffload.serving.stream import internal_error
 
 if TYPE_CHECKING:
     from aioffload.engine.async_engine import Engine
 
 log = logging.getLogger("aioffload.http")
 
-COMPLETION_DEFAULT_MAX_TOKENS = 16
-CHAT_DEFAULT_MAX_TOKENS = 512
-
-
-@dataclass
-class ServerState:
-    """What the routes share; `engine` is None until the model is loaded."""
-
-    config: ServerConfig
-    metrics: Metrics
-    engine: Engine | None = None
-    draining: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))
+__all__ = ["CHAT_DEFAULT_MAX_TOKENS", "COMPLETION_DEFAULT_MAX_TOKENS", "ServerState", "build_app", "run_server"]
 
 
 Handler = Callable[[ServerState, Request], Awaitable[Any]]
@@ -108,67 +71,6 @@ def _check_api_key(request: Request, api_key: str) -> None:
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
         raise ApiError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", None,
                        {"WWW-Authenticate": "Bearer"})
-
-
-async def _completions(state: ServerState, request: Request) -> Any:
-    arrival = time.monotonic()
-    engine = ready_engine(state)
-    req = decode_request(await read_body(request, state.config.max_body_bytes), CompletionRequest)
-    check_model(req.model, engine)
-    refuse_unsupported(req)
-    prompts = completion_prompts(req.prompt)
-
-    def encode() -> list[list[int]]:
-        return [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in prompts]
-
-    choices = []
-    for i, prompt_ids in enumerate(await anyio.to_thread.run_sync(encode)):
-        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        check_token_ids(prompt_ids, getattr(engine.tokenizer, "vocab_size", None), param)
-        params = sampling_params(req, len(prompt_ids), engine.max_model_len, COMPLETION_DEFAULT_MAX_TOKENS, param)
-        choices.append((prompt_ids, params, TextReader()))
-    return _generation(state, engine, req, False, choices, arrival)
-
-
-async def _chat(state: ServerState, request: Request) -> Any:
-    arrival = time.monotonic()
-    engine = ready_engine(state)
-    req = decode_request(await read_body(request, state.config.max_body_bytes), ChatCompletionRequest)
-    check_model(req.model, engine)
-    refuse_unsupported(req)
-    messages = template_messages(req.messages)
-    tokenizer = engine.tokenizer
-    plan = tool_plan(req, tokenizer.chat_template, tokenizer.template_uses_tools, state.config.tool_call_parser)
-
-    def render() -> list[int]:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=plan.tools)
-        return tokenizer.encode(text, add_special_tokens=False)  # the template adds BOS itself
-
-    try:
-        prompt_ids = await anyio.to_thread.run_sync(render)
-    except Exception as e:  # a template's raise_exception (e.g. roles must alternate) is the user's error
-        raise ApiError(400, f"cannot apply the chat template: {e}", "messages") from None
-    check_token_ids(prompt_ids, None, "messages")
-    params = sampling_params(req, len(prompt_ids), engine.max_model_len, CHAT_DEFAULT_MAX_TOKENS, "messages")
-    reader: Reader = TextReader()
-    if plan.parser is not None:
-        text = ToolOutputText(tokenizer, prompt_ids, params, engine.eos_token_ids)
-        reader = ToolCallReader(text, ToolCallStream(plan.parser, plan.parallel))
-    return _generation(state, engine, req, True, [(prompt_ids, params, reader)], arrival)
-
-
-def _generation(state: ServerState, engine: Engine, req: CompletionRequest | ChatCompletionRequest, chat: bool,
-                prompts: list[tuple[list[int], SamplingParams, Reader]], arrival: float) -> Generation:
-    """One choice per prompt; each is one engine request (`<response id>-<index>` when there are several)."""
-    request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    shape = ResponseShape(chat, request_id, int(time.time()), engine.model_name, include_usage)
-    choices = [
-        Choice(i, request_id if len(prompts) == 1 else f"{request_id}-{i}", ids, params,
-               state.metrics.track(len(ids), arrival), reader)
-        for i, (ids, params, reader) in enumerate(prompts)
-    ]  # fmt: skip
-    return Generation(engine, shape, choices, req.stream, "messages" if chat else "prompt")
 
 
 async def _health(state: ServerState, request: Request) -> Response:
@@ -202,8 +104,8 @@ def build_app(
         Route("/", index, methods=["GET"]),
         Route("/static/{name}", static_file, methods=["GET"]),
         Route("/v1/dashboard", _endpoint(state, dashboard_data, True), methods=["GET"]),
-        Route("/v1/completions", _endpoint(state, _completions, True), methods=["POST"]),
-        Route("/v1/chat/completions", _endpoint(state, _chat, True), methods=["POST"]),
+        Route("/v1/completions", _endpoint(state, completions, True), methods=["POST"]),
+        Route("/v1/chat/completions", _endpoint(state, chat, True), methods=["POST"]),
         Route("/v1/models", _endpoint(state, list_models, True), methods=["GET"]),
         Route("/v1/models/{model_id:path}", _endpoint(state, retrieve_model, True), methods=["GET"]),
         Route("/tokenize", _endpoint(state, tokenize, True), methods=["POST"]),

@@ -1,5 +1,6 @@
 """A chat request as the chat template sees it: messages (with earlier tool calls), tools, and the
-tool-call plan for the reply (which parser reads it, whether calls may be parallel)."""
+tool-call plan for the reply (which parser reads it, whether calls may be parallel; the grammar of
+`tool_choice: required`, a named function or `strict` functions is serving/tool_grammar.py's)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from aioffload.serving.protocol import ApiError, ChatCompletionRequest, ChatMess
 from aioffload.serving.tool_parsers import PARSERS, ToolParser, parser_for_template
 
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
-_LATER = "not implemented yet (it needs constrained decoding in the sampler, issue 13)"
 
 
 def template_messages(messages: list[ChatMessage], param: str = "messages") -> list[dict[str, Any]]:
@@ -73,8 +73,6 @@ def check_tools(tools: list[Tool]) -> list[dict[str, Any]]:
         params = tool.function.parameters
         if params is not None and params.get("type", "object") != "object":
             raise ApiError(400, "parameters must be a JSON schema of type 'object'", f"{param}.parameters")
-        if tool.function.strict:
-            raise ApiError(400, f"strict function calling is {_LATER}", f"{param}.strict")
     return [_without_nones(msgspec.to_builtins(t)) for t in tools]
 
 
@@ -102,8 +100,6 @@ def tool_plan(req: ChatCompletionRequest, template: str, template_uses_tools: bo
             raise ApiError(400, "tool_choice needs tools", "tool_choice")
         return ToolPlan()
     tools = check_tools(req.tools)
-    if choice == "required" or not isinstance(choice, str | None):
-        raise ApiError(400, f"tool_choice 'required' or a named function is {_LATER}; use 'auto'", "tool_choice")
     if choice == "none":
         return ToolPlan()  # the model may not call tools: they are not shown to it, nor looked for
     if not template_uses_tools:

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from aioffload.serving.protocol import ApiError, error_response, json_response
 
 if TYPE_CHECKING:
-    from aioffload.serving.app import ServerState
+    from aioffload.serving.state import ServerState
 
 STATIC_DIR = Path(__file__).parent / "static"
 _CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",

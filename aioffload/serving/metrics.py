@@ -92,34 +92,39 @@ class Metrics:
 
 
 class RequestTracker:
-    """Timing of one request's outputs; `finish` records it exactly once."""
+    """Timing of one engine request's outputs (all its choices: n, best_of); `finish` records it once."""
 
     def __init__(self, metrics: Metrics, prompt_tokens: int, arrival: float) -> None:
         self.metrics = metrics
         self.arrival = arrival
         self.prompt_tokens = prompt_tokens
-        self.output_tokens = 0
+        self.output_tokens = 0  # over every choice
         self.first_token_at: float | None = None
-        self.last_token_at: float | None = None
+        self._choices: dict[int, tuple[int, float]] = {}  # choice -> (its tokens so far, its last token's time)
         self.finished = False
+
+    @property
+    def last_token_at(self) -> float | None:
+        return max((at for _, at in self._choices.values()), default=None)
 
     def on_output(self, out: RequestOutput, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         if out.num_prompt_tokens:
             self.prompt_tokens = out.num_prompt_tokens
-        new_tokens = max(len(out.token_ids), out.num_output_tokens - self.output_tokens)
+        counted, last = self._choices.get(out.index, (0, None))
+        new_tokens = max(len(out.token_ids), out.num_output_tokens - counted)
         if new_tokens <= 0:
             return
         self.output_tokens += new_tokens
-        if self.last_token_at is None:
+        if self.first_token_at is None:
             self.first_token_at = now
             self.metrics.ttft.observe(now - self.arrival)
-        else:
+        if last is not None:
             # A delta may merge several tokens when the reader lags: spread the gap over them.
-            gap = (now - self.last_token_at) / new_tokens
+            gap = (now - last) / new_tokens
             for _ in range(new_tokens):
                 self.metrics.itl.observe(gap)
-        self.last_token_at = now
+        self._choices[out.index] = (counted + new_tokens, now)
 
     def finish(self, finish_reason: str, now: float | None = None) -> None:
         if self.finished:

@@ -2,9 +2,9 @@
 
 Every request struct forbids unknown fields, so a misspelled field is a 400 naming it. Fields
 that OpenAI or vLLM define and that only inform (`user`, `metadata`, `store`, ...) are declared
-and never read. Fields that would change the output but are not implemented yet are declared
-too, so that `validation.refuse_unsupported` can answer a 400 that says so whenever one is set
-to anything but its neutral value: never accepted and ignored.
+and never read. Fields that would change the output but are not implemented (`suffix`, `min_p`,
+audio, ...) are declared too, so that `validation.refuse_unsupported` can answer a 400 that says
+so whenever one is set to anything but its neutral value: never accepted and ignored.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class FunctionDef(_Strict, kw_only=True):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None  # a JSON schema
-    strict: bool | None = None  # true: arguments must follow the schema (needs constrained decoding)
+    strict: bool | None = None  # true: calls of it follow `parameters` (constrained decoding)
 
 
 class Tool(_Strict, kw_only=True):
@@ -91,7 +91,7 @@ class JsonSchemaFormat(_Strict, kw_only=True):
     name: str
     description: str | None = None
     schema_: dict[str, Any] | None = msgspec.field(default=None, name="schema")
-    strict: bool | None = None
+    strict: bool | None = None  # accepted; the schema is always enforced
 
 
 class ResponseFormat(_Strict, kw_only=True):
@@ -114,16 +114,16 @@ class _SamplingFields(_Strict, kw_only=True):
     ignore_eos: bool = False  # vLLM extension (benchmarks)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # informational: accepted, never read
-    user: str | None = None
-    # change the output, not implemented yet: refused unless neutral (validation.UNSUPPORTED)
     n: int = 1
-    logprobs: int | bool | None = None
+    logprobs: int | bool | None = None  # completions: 0..20 alternatives; chat: true / false (top_logprobs)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None  # vLLM extension
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     min_tokens: int | None = None  # vLLM extension
+    # informational: accepted, never read
+    user: str | None = None
+    # change the output, not implemented: refused unless neutral (validation.UNSUPPORTED)
     min_p: float | None = None  # vLLM extension
 
 
@@ -135,9 +135,9 @@ Prompt = str | Annotated[list[Any], msgspec.Meta(extra_json_schema={"items": _PR
 
 class CompletionRequest(_SamplingFields, kw_only=True):
     prompt: Prompt
-    # not implemented yet: refused unless neutral
     echo: bool = False
     best_of: int | None = None
+    # not implemented: refused unless neutral
     suffix: str | None = None
 
 
@@ -165,15 +165,15 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
     # informational: accepted, never read
     store: bool | None = None
     metadata: dict[str, str] | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    # not implemented yet: refused unless neutral
-    top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
+    # not implemented: refused unless neutral
     modalities: list[str] | None = None
     audio: Any = None
     prediction: Any = None

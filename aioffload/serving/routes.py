@@ -17,7 +17,7 @@ from aioffload.serving.validation import check_token_ids
 
 if TYPE_CHECKING:
     from aioffload.engine.async_engine import Engine
-    from aioffload.serving.app import ServerState
+    from aioffload.serving.state import ServerState
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -1,8 +1,9 @@
 """Checks on a decoded request and the engine's SamplingParams built from it (pure, no I/O).
 
 `refuse_unsupported` is the one place that says which OpenAI fields are declared but not
-implemented yet: each is a 400 naming it unless it holds its neutral value (`n: 1`,
-`presence_penalty: 0`, `logprobs: false`...), which is what many clients send by default.
+implemented: each is a 400 naming it unless it holds its neutral value (`suffix: ""`, `min_p: 0`,
+`modalities: ["text"]`...), which is what some clients send by default. `sampling_params` maps the
+rest onto the engine's `SamplingParams` (docs/engine-sampling.md has the table).
 """
 
 from __future__ import annotations
@@ -11,12 +12,9 @@ from collections.abc import Callable
 from typing import Any
 
 from aioffload.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest
-from aioffload.worker.sampling import SamplingParams, validate
+from aioffload.worker.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams, validate
 
 MAX_STOP_STRINGS = 16
-
-_SAMPLER = "not implemented yet (it needs the sampler's second part, issue 13)"
-_GRAMMAR = "not implemented yet (constrained decoding is not wired into the sampler, issue 13)"
 
 
 def _none_or(*neutral: Any) -> Callable[[Any], bool]:
@@ -25,19 +23,8 @@ def _none_or(*neutral: Any) -> Callable[[Any], bool]:
 
 # field -> (is its value neutral?, why a non-neutral value is refused)
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (lambda v: v == 1 and type(v) is int, f"only n=1 is supported; n > 1 is {_SAMPLER}"),
-    "best_of": (_none_or(1), f"best_of is {_SAMPLER}"),
-    "logprobs": (_none_or(False), f"logprobs are {_SAMPLER}"),
-    "top_logprobs": (_none_or(0), f"top_logprobs are {_SAMPLER}"),
-    "echo": (lambda v: v is False, f"echo is {_SAMPLER}"),
     "suffix": (_none_or(""), "suffix (insertion) is not supported by this server"),
-    "presence_penalty": (_none_or(0, 0.0), f"presence_penalty is {_SAMPLER}"),
-    "frequency_penalty": (_none_or(0, 0.0), f"frequency_penalty is {_SAMPLER}"),
-    "repetition_penalty": (_none_or(1, 1.0), f"repetition_penalty is {_SAMPLER}"),
-    "logit_bias": (lambda v: not v, f"logit_bias is {_SAMPLER}"),
-    "min_tokens": (_none_or(0), f"min_tokens is {_SAMPLER}"),
-    "min_p": (_none_or(0, 0.0), f"min_p is {_SAMPLER}"),
-    "response_format": (lambda v: v is None or v.type == "text", f"json_object and json_schema are {_GRAMMAR}"),
+    "min_p": (_none_or(0, 0.0), "min_p is not supported by this server; use top_p or top_k"),
     "modalities": (lambda v: v is None or v == ["text"], "only the 'text' modality is supported"),
     "audio": (lambda v: v is None, "audio output is not supported"),
     "prediction": (lambda v: v is None, "predicted outputs are not supported"),
@@ -102,9 +89,60 @@ def completion_prompts(prompt: str | list[Any]) -> list[str | list[int]]:
     return out
 
 
+def _logprobs(req: CompletionRequest | ChatCompletionRequest) -> tuple[int | None, int | None]:
+    """(SamplingParams.logprobs, .prompt_logprobs): completions `logprobs: k` (and `echo`), chat
+    `logprobs: true` with `top_logprobs: k`."""
+    lp = req.logprobs
+    if isinstance(req, ChatCompletionRequest):
+        top = req.top_logprobs
+        if lp is not None and not isinstance(lp, bool):
+            raise ApiError(400, "logprobs is a boolean for chat completions; top_logprobs says how many "
+                           "alternatives", "logprobs")  # fmt: skip
+        if top is not None and not 0 <= top <= MAX_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top}", "top_logprobs")
+        if top and lp is not True:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return ((top or 0) if lp else None), None
+    if lp is None or lp is False:
+        return None, None
+    if lp is True or not 0 <= lp <= MAX_LOGPROBS:
+        raise ApiError(400, f"logprobs must be an integer in [0, {MAX_LOGPROBS}] for completions, got "
+                       f"{lp!r}", "logprobs")  # fmt: skip
+    return lp, lp if req.echo else None
+
+
+def _logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} -> sorted ((id, bias), ...); ids are checked against the vocabulary by
+    the engine."""
+    out = []
+    for key, value in (bias or {}).items():
+        if not key.isdigit() or not key.isascii():
+            raise ApiError(400, f"logit_bias keys are token ids (decimal strings), got {key!r}", "logit_bias")
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise ApiError(400, f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got "
+                           f"{value} for {key}", "logit_bias")  # fmt: skip
+        out.append((int(key), float(value)))
+    return tuple(sorted(out))
+
+
+def _choices(req: CompletionRequest | ChatCompletionRequest) -> tuple[int, int | None]:
+    """(n, best_of); a stream cannot rank candidates before they end, so best_of > n is not streamed."""
+    if req.n < 1:
+        raise ApiError(400, f"n must be >= 1, got {req.n}", "n")
+    best_of = getattr(req, "best_of", None)
+    if best_of is None:
+        return req.n, None
+    if best_of < req.n:
+        raise ApiError(400, f"best_of must be >= n ({req.n}), got {best_of}", "best_of")
+    if req.stream and best_of > req.n:
+        raise ApiError(400, "best_of > n cannot be streamed: candidates are ranked once all have ended",
+                       "best_of")  # fmt: skip
+    return req.n, best_of
+
+
 def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: int, max_model_len: int,
                     default_max_tokens: int, prompt_param: str) -> SamplingParams:
-    """Check ranges and lengths; build the engine's SamplingParams."""
+    """Check ranges and lengths; build the engine's SamplingParams (no logits mask: the caller adds it)."""
     if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
         raise ApiError(400, f"temperature must be in [0, 2], got {req.temperature}", "temperature")
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
@@ -132,6 +170,11 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: 
     elif prompt_len + max_tokens > max_model_len:
         raise ApiError(400, f"{max_param}={max_tokens} plus the prompt's {prompt_len} tokens exceeds "
                        f"--max-model-len {max_model_len}", max_param)
+    n, best_of = _choices(req)
+    logprobs, prompt_logprobs = _logprobs(req)
+    if req.min_tokens is not None and not 0 <= req.min_tokens <= max_tokens:
+        raise ApiError(400, f"min_tokens must be in [0, {max_param}={max_tokens}], got {req.min_tokens}",
+                       "min_tokens")  # fmt: skip
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
@@ -141,9 +184,23 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: 
         stop=stop,
         stop_token_ids=stop_ids,
         ignore_eos=req.ignore_eos,
+        n=n,
+        best_of=best_of,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        presence_penalty=0.0 if req.presence_penalty is None else req.presence_penalty,
+        frequency_penalty=0.0 if req.frequency_penalty is None else req.frequency_penalty,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=_logit_bias(req.logit_bias),
+        min_tokens=req.min_tokens or 0,
     )
+    return checked(params)
+
+
+def checked(params: SamplingParams) -> SamplingParams:
+    """The engine's own rules (penalty ranges, ...), as a 400 naming the field."""
     try:
-        validate(params)  # the engine's own rules, should they ever be stricter than the ones above
+        validate(params)
     except ValueError as e:
         raise ApiError(400, str(e), str(e).split(":", 1)[0]) from None
     return params

@@ -36,28 +36,47 @@ class StructuredOutputError(ValueError):
 
 @dataclass(frozen=True)
 class GrammarSpec:
-    """What a request constrains its output to: any JSON object, or JSON valid against `schema`."""
+    """What a request constrains its output to: any JSON object, JSON valid against `schema`, or a
+    Lark grammar (llguidance's dialect, whose `%json {...}` lexemes are JSON schemas)."""
 
-    kind: Literal["json_object", "json_schema"]
+    kind: Literal["json_object", "json_schema", "lark"]
     schema: str | None = None  # JSON text of the schema (kind json_schema): hashable, as SamplingParams is
+    lark: str | None = None  # the grammar text (kind lark)
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any]) -> GrammarSpec:
         return cls("json_schema", json.dumps(schema))  # key order kept: properties are written in it
 
     @classmethod
-    def tool_call(cls, tools: Sequence[dict[str, Any]]) -> GrammarSpec:
-        """One call `{"name": ..., "arguments": {...}}` of one of `tools` (OpenAI's function objects:
-        {"name", "parameters"}), its arguments valid against that tool's parameters schema."""
-        calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+    def lark_grammar(cls, grammar: str) -> GrammarSpec:
+        return cls("lark", lark=grammar)
+
+    @staticmethod
+    def json_lexeme(schema: dict[str, Any]) -> str:
+        """`%json {...}` for a Lark grammar: a JSON value valid against `schema`, written with the same
+        separators and whitespace as every other constrained output."""
+        return "%json " + json.dumps({"x-guidance": _JSON_OPTIONS, **schema})
+
+    @staticmethod
+    def call_schema(tools: Sequence[dict[str, Any]], arguments_key: str = "arguments") -> dict[str, Any]:
+        """The schema of one call `{"name": ..., <arguments_key>: {...}}` of one of `tools` (OpenAI's
+        function objects: {"name", "parameters"}), its arguments valid against that tool's parameters."""
+        calls = [{"type": "object", "additionalProperties": False, "required": ["name", arguments_key],
                   "properties": {"name": {"const": t["name"]},
-                                 "arguments": t.get("parameters") or {"type": "object"}}} for t in tools]
-        return cls.json_schema(calls[0] if len(calls) == 1 else {"anyOf": calls})
+                                 arguments_key: t.get("parameters") or {"type": "object"}}} for t in tools]
+        return calls[0] if len(calls) == 1 else {"anyOf": calls}
+
+    @classmethod
+    def tool_call(cls, tools: Sequence[dict[str, Any]]) -> GrammarSpec:
+        """One bare call `{"name": ..., "arguments": {...}}` of one of `tools` (see `call_schema`)."""
+        return cls.json_schema(cls.call_schema(tools))
 
     def grammar(self) -> str:
         """The llguidance grammar text of this spec."""
         import llguidance
 
+        if self.kind == "lark":
+            return llguidance.LLMatcher.grammar_from_lark(self.lark or "")
         schema = {"type": "object"} if self.kind == "json_object" else json.loads(self.schema or "{}")
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=_JSON_OPTIONS)
 
@@ -69,6 +88,12 @@ class Matcher:
         self._m = matcher
         self.vocab_size = vocab_size
         self.num_accepted = 0
+
+    def copy(self) -> Matcher:
+        """A new matcher in this one's state (cheaper than compiling the grammar again)."""
+        twin = Matcher(self._m.deep_copy(), self.vocab_size)
+        twin.num_accepted = self.num_accepted
+        return twin
 
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the next-token mask into bitmask[row] (host int32 [B, words], contiguous)."""
@@ -124,7 +149,8 @@ class GrammarCompiler:
             raise StructuredOutputError(f"not a usable JSON schema: {e}") from None
         matcher = self._ll.LLMatcher(self._tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise StructuredOutputError(f"the JSON schema cannot be compiled: {matcher.get_error()}")
+            what = "grammar" if spec.kind == "lark" else "JSON schema"
+            raise StructuredOutputError(f"the {what} cannot be compiled: {matcher.get_error()}")
         return Matcher(matcher, self.vocab_size)
 
     def fill_bitmasks(self, rows: Sequence[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ The parser follows the chat template (the template is what taught the model its 
 
 from __future__ import annotations
 
-from aioffload.serving.tool_parsers.base import ParsedCall, Scan, ToolParser
+from aioffload.serving.tool_parsers.base import CallSyntax, ParsedCall, Scan, ToolParser
 from aioffload.serving.tool_parsers.hermes import HermesParser
 from aioffload.serving.tool_parsers.llama3_json import Llama3JsonParser
 from aioffload.serving.tool_parsers.mistral import MistralParser
@@ -17,7 +17,7 @@ PARSERS: dict[str, type[ToolParser]] = {
     "mistral": MistralParser,
 }
 
-__all__ = ["PARSERS", "ParsedCall", "Scan", "ToolParser", "parser_for_template"]
+__all__ = ["PARSERS", "CallSyntax", "ParsedCall", "Scan", "ToolParser", "parser_for_template"]
 
 
 def parser_for_template(template: str) -> str | None:

@@ -34,8 +34,22 @@ class Scan:
         return self.rest is not None
 
 
+@dataclass(frozen=True)
+class CallSyntax:
+    """How a format writes its calls, for writing them under a grammar (serving/tool_grammar.py):
+    `trigger head CALL (separator CALL)* tail`, each CALL `{"name": ..., arguments_key: {...}}`.
+    An empty trigger: calls can only open the reply."""
+
+    trigger: str
+    head: str
+    separator: str
+    tail: str
+    arguments_key: str = "arguments"
+
+
 class ToolParser(Protocol):
     name: str
+    syntax: CallSyntax
 
     def scan(self, text: str, final: bool) -> Scan: ...
 

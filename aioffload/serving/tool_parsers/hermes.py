@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
-from aioffload.serving.tool_parsers.base import Scan, as_call, content_only, openai_call_id, skip_space
+from aioffload.serving.tool_parsers.base import CallSyntax, Scan, as_call, content_only, openai_call_id, skip_space
 
 START, END = "<tool_call>", "</tool_call>"
 
 
 class HermesParser:
     name = "hermes"
+    syntax = CallSyntax(START, "\n", f"\n{END}\n{START}\n", f"\n{END}")
 
     def scan(self, text: str, final: bool) -> Scan:
         start = text.find(START)

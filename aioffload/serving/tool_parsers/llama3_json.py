@@ -3,13 +3,21 @@ optionally after `<|python_tag|>`. A reply that does not start so is plain conte
 
 from __future__ import annotations
 
-from aioffload.serving.tool_parsers.base import Scan, as_call, decode_object, openai_call_id, skip_space
+from aioffload.serving.tool_parsers.base import (
+    CallSyntax,
+    Scan,
+    as_call,
+    decode_object,
+    openai_call_id,
+    skip_space,
+)
 
 PYTHON_TAG = "<|python_tag|>"
 
 
 class Llama3JsonParser:
     name = "llama3_json"
+    syntax = CallSyntax("", "", "; ", "", arguments_key="parameters")
 
     def scan(self, text: str, final: bool) -> Scan:
         pos = skip_space(text, 0)

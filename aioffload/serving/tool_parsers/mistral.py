@@ -5,6 +5,7 @@ as Mistral's chat templates require when the calls are sent back."""
 from __future__ import annotations
 
 from aioffload.serving.tool_parsers.base import (
+    CallSyntax,
     ParsedCall,
     Scan,
     as_call,
@@ -33,6 +34,7 @@ def _array_calls(text: str, pos: int, calls: list[ParsedCall]) -> int | None:
 
 class MistralParser:
     name = "mistral"
+    syntax = CallSyntax(MARKER, "[", ", ", "]")  # the v3 array form
 
     def scan(self, text: str, final: bool) -> Scan:
         start = text.find(MARKER)
