@@ -26,7 +26,9 @@ RENDER = [sys.executable, str(REPO / "scripts" / "render_dashboard.py")]
 def recording(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, ServerProc]]:
     """Eight seconds of snapshots, twice a second, while 3 clients each send 2 requests of 30 tokens."""
     out = tmp_path_factory.mktemp("record") / "dashboard.jsonl"
-    with start_server("--cpu-offload-gb", "0.007", "--api-key", KEY) as server:
+    # Prompt lookup (on by default while offload is active) would add the speculative chart whenever
+    # this repetitive prompt happens to get proposals: keep the recording's charts fixed.
+    with start_server("--cpu-offload-gb", "0.007", "--api-key", KEY, "--speculative", "off") as server:
         recorder = subprocess.Popen([*RECORD, server.url, "8", str(out), "--api-key", KEY, "--interval", "0.5"],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -29,6 +29,7 @@ log = logging.getLogger("aioffload.distributed")
 # Set before any process group starts: the lent GPU machines fail with NVLink multicast (NVLS) on.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
 STORE_WAIT_S = 3600.0  # a follower's wait for the next command: an idle server sends none
+START_WAIT_S = 600.0  # every rank's start-up (a model load is not in it: that comes after)
 
 
 def multicast_off(environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
@@ -106,6 +107,10 @@ class TPGroup:
         if store is None:
             is_master = env.rank == 0 and not env.agent_store
             store = open_store(env.host, env.port, env.world_size, is_master, STORE_WAIT_S)
+        # Every rank checks in first, so the group's own (short) collective timeout never has to
+        # cover a rank still starting up (importing torch takes seconds on a loaded machine).
+        store.set(store_prefix(f"up/{env.rank}"), "1")
+        store.wait([store_prefix(f"up/{r}") for r in range(env.world_size)], datetime.timedelta(seconds=START_WAIT_S))
         dist.init_process_group(
             backend_for(device_type), store=dist.PrefixStore(store_prefix("pg"), store), rank=env.rank,
             world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s),
