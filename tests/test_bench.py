@@ -185,9 +185,34 @@ def test_speculative_bench(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.
     assert all(v["step_ms"] > 0 for v in data["verification"])
     for a in data["agreeing"]:  # the target's own continuation as proposals: all k accepted, plus one
         assert a["identical"] is True and a["tokens_per_step"] == 4 and a["upper_bound"] is True
+        assert a["all_accepted"] is True and a["probe_steps"] == [1, 1, 1]  # float32: 1-row greedy already agrees
         assert a["ms_per_token"] == pytest.approx(a["step_ms"] / 4, rel=1e-3)
     n = data["ngram_synthetic"]
     assert n["identical"] is True and n["off"]["proposed"] == 0 and n["off"]["steps"] >= 8
     d = data["demo"]
     assert d["ngram"]["identical"] is True and d["draft"]["identical"] is True
     assert d["draft"]["accepted"] == d["draft"]["proposed"]  # an identical draft: every proposal accepted
+
+
+def test_agreeing_proposals_are_found_by_probing_and_probes_commit_nothing(synth_dir: Path) -> None:
+    """The agreeing draft's proposals: from a wrong guess, probe steps (rolled back) reach the
+    verification forward's own greedy continuation in at most k + 1 probes, which a timed step
+    then accepts in full; it equals plain greedy here (float32, no ties)."""
+    from aioffload.bench import common
+    from aioffload.bench.speculative import _Driver
+    from aioffload.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    cfg = EngineConfig(model=str(synth_dir / "tiny"), device="cpu", cache=CacheConfig(num_blocks=64),
+                       scheduler=SchedulerConfig(max_model_len=64)).validate()
+    worker = common.build_worker(cfg)
+    prompts = common.random_prompts(2, 12, worker.model_config.vocab_size, seed=3)
+    want = common.greedy_tokens(worker, prompts, 6)
+    d = _Driver(worker, prompts, 8)
+    d.prefill()
+    seqs, done = [list(x) for x in d.seqs], list(d.done)
+    guess = [[(t + 1) % worker.model_config.vocab_size for t in w[1:5]] for w in want]  # every proposal wrong
+    props, probes = d.fixed_point(guess)
+    assert (d.seqs, d.done) == (seqs, done)  # probing committed nothing
+    assert props == [w[1:5] for w in want] and 2 <= probes <= 5
+    _, out = d.spec_step(props)
+    assert out == [w[1:6] for w in want]  # k accepted plus the bonus token
