@@ -280,6 +280,39 @@ class Worker:
         if self.hybrid is not None:
             self.hybrid.after_step()
 
+    def _forward(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
+        """Logits [R, V] of one step (R = the chunks' num_logits, in chunk order). A decode-only step
+        replays a CUDA graph; a step that mixes decode tokens with prefill chunks replays the graph
+        for its decode tokens and runs the chunks eager behind it, so the decoding requests pay the
+        graph step plus the chunks' compute, not an eager step's launch overhead (issue 14)."""
+        g = self.graphs
+        if g is not None and g.can_run(chunks):
+            return g.run(chunks)
+        if g is not None and self.tp is None:
+            dec = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.num_logits == 1]
+            if dec and len(dec) < len(chunks) and g.can_run([chunks[i] for i in dec]):
+                return self._graph_and_eager(chunks, dec)
+        inputs = build_inputs(chunks, self.block_size, self.device)
+        return self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv)
+
+    def _graph_and_eager(self, chunks: Sequence[SeqChunk], dec: list[int]) -> torch.Tensor:
+        """The decode chunks `dec` through the graph, the others eager; rows put back in chunk order."""
+        assert self.graphs is not None
+        taken = set(dec)
+        rest = [i for i in range(len(chunks)) if i not in taken]
+        from_graph = self.graphs.run([chunks[i] for i in dec])  # [D, V], the graph's own buffer
+        inputs = build_inputs([chunks[i] for i in rest], self.block_size, self.device)
+        eager = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv)  # [R - D, V]
+        if dec == list(range(len(dec))):  # the scheduler's usual order: decodes first
+            return torch.cat([from_graph, eager])
+        first = [0]
+        for c in chunks:
+            first.append(first[-1] + c.num_logits)
+        out = eager.new_empty(first[-1], eager.shape[1])
+        out[[first[i] for i in dec]] = from_graph
+        out[[r for i in rest for r in range(first[i], first[i + 1])]] = eager
+        return out
+
     def _step(self, chunks: Sequence[SeqChunk], host_share: int | None, argmax: bool) -> torch.Tensor:
         """The forward on every rank -> logits [R, V] float32, or under tensor parallelism with
         `argmax` the ids [R] int64 (on rank 0; the other ranks get an empty tensor back)."""
@@ -289,11 +322,7 @@ class Worker:
         if host_share is not None and self.hybrid is not None and isinstance(self.layers, TransferQueue):
             self.layers.set_split(host_share)
         try:
-            if self.graphs is not None and self.graphs.can_run(chunks):
-                logits = self.graphs.run(chunks)
-            else:
-                inputs = build_inputs(chunks, self.block_size, self.device)
-                logits = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv)
+            logits = self._forward(chunks)
         except BaseException:
             if isinstance(self.layers, TransferQueue):
                 self.layers.reset()
