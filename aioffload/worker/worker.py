@@ -117,6 +117,10 @@ class Worker:
         # Fills logits-mask rows (worker/masks.py); a grammar library's batch filler may replace it.
         self.fill_masks: MaskFiller = fill_each
         self.graphs: CudaGraphRunner | None = None
+        # Steps mixing decode tokens with prefill chunks: the decode tokens through the graph, the
+        # chunks eager (True), or the whole step eager (False). scripts/gpu/profile_decode.py
+        # measures both on the GPU (BENCHMARKS.md, second session).
+        self.mixed_via_graph = True
         reason = self._graph_decision()
         if reason is None:
             t = time.perf_counter()
@@ -288,7 +292,7 @@ class Worker:
         g = self.graphs
         if g is not None and g.can_run(chunks):
             return g.run(chunks)
-        if g is not None and self.tp is None:
+        if g is not None and self.tp is None and self.mixed_via_graph:
             dec = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.num_logits == 1]
             if dec and len(dec) < len(chunks) and g.can_run([chunks[i] for i in dec]):
                 return self._graph_and_eager(chunks, dec)

@@ -64,11 +64,12 @@ def main() -> int:
     p.add_argument("--context", type=int, default=1000)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--shape", default="llama3-8b", help="synthetic shape (tiny: a dry run on the CPU)")
+    p.add_argument("--itl", action="store_true", help="also the ITL-under-prefill run, mixed steps each way")
     args = p.parse_args()
     path = make_synthetic_checkpoint(Path(args.synthetic_dir) / args.shape, args.shape)
     cfg = EngineConfig(model=str(path), device="cuda" if torch.cuda.is_available() else "cpu",
                        cache=CacheConfig(num_blocks=4096),
-                       scheduler=SchedulerConfig(max_num_seqs=16, max_model_len=2048)).validate()  # fmt: skip
+                       scheduler=SchedulerConfig(max_num_seqs=32, max_model_len=2048 if args.shape == "tiny" else 16384)).validate()  # fmt: skip
     worker = common.build_worker(cfg)
     assert worker.graphs is not None or not torch.cuda.is_available(), "graphs are off: the profile is of the graphed step"
     dev = worker.device
@@ -119,18 +120,46 @@ def main() -> int:
         inp = build_inputs(chunks, worker.block_size, dev)
         return worker.model.forward(inp.input_ids, inp.positions, inp.meta, worker.kv)
 
+    start = min(4096, worker.max_model_len - 300)
+    for n in (64, 256):  # smaller chunks, deep in a prompt: both ways of running the mixed step
+        d16.bm.allocate_slots(16, start + n)
+        late = SeqChunk([(5 * j) % (vocab - 3) + 3 for j in range(n)], start, d16.bm.block_table(16))
+        for via in (True, False):
+            worker.mixed_via_graph = via
+            step = [*dec, late]
+            R[f"mixed_{n}_at_4096_{'graph_eager' if via else 'all_eager'}_ms"] = timed(lambda s=step: worker._forward(s), 10) * 1e3
+    worker.mixed_via_graph = False
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof2:
+        for _ in range(5):
+            eager([*dec, late])
+        common.sync(DEV)
+    R["mixed_eager_cpu_ops"] = prof2.key_averages().table(sort_by="self_cpu_time_total", row_limit=18)
+    prof2.export_chrome_trace(f"{OUT}/trace_mixed_eager.json")
     R["b16_graph_ms"] = timed(lambda: worker._forward(dec), 10) * 1e3
     R["b16_eager_ms"] = timed(lambda: eager(dec), 10) * 1e3
     R["mixed_graph_eager_ms"] = timed(lambda: worker._forward([*dec, chunk]), 10) * 1e3
     R["mixed_all_eager_ms"] = timed(lambda: eager([*dec, chunk]), 10) * 1e3
     R["chunk512_eager_ms"] = timed(lambda: eager([chunk]), 10) * 1e3
+    if args.itl:  # 16 streams' ITL while an 8k prompt prefills, the mixed steps run each way
+        import asyncio
+
+        from aioffload.bench.itl_under_prefill import itl_under_prefill
+
+        for via in (True, False):
+            worker.mixed_via_graph = via
+            i = asyncio.run(itl_under_prefill(worker, 16, min(8000, worker.max_model_len - 600), 24))
+            R[f"itl_{'graph_eager' if via else 'all_eager'}"] = i
+            print(f"ITL mixed via graph={via}: alone p99 {i['alone_ms']['p99']} ms, during p50 {i['during_ms']['p50']} "
+                  f"p90 {i['during_ms']['p90']} p99 {i['during_ms']['p99']} ms ({i['p99_ratio']}x), TTFT {i['ttft_ms']} ms")
     Path(OUT, "profile_decode.json").write_text(json.dumps(R, indent=1))
+    print(R["mixed_eager_cpu_ops"])
     print(f"{'kernel (per step)':90s} {'us':>8s} {'calls':>6s}")
     for k in R["top_kernels"][:15]:
         print(f"{k['name'][:90]:90s} {k['us_per_step']:8.1f} {k['calls_per_step']:6.1f}")
     print("by kind (us/step):", R["by_kind_us"], "kernels/step", R["kernels_per_step"])
     for key in ("step_ms_b1", "profiled_wall_ms", "kernel_us_per_step", "b16_graph_ms", "b16_eager_ms",
-                "mixed_graph_eager_ms", "mixed_all_eager_ms", "chunk512_eager_ms", "copy_GBps", "hbm_floor_ms"):
+                "mixed_graph_eager_ms", "mixed_all_eager_ms", "chunk512_eager_ms", "copy_GBps", "hbm_floor_ms",
+                *[k for k in R if k.startswith("mixed_") and k.endswith("_at_4096_graph_eager_ms") or k.endswith("_at_4096_all_eager_ms")]):
         print(f"{key:24s} {R[key]}")
     return 0
 
