@@ -137,3 +137,20 @@ def test_overhead_verdict_is_the_median_paired_ratio_with_a_bootstrap_interval()
     assert mod.paired([1.0] * 8, random.Random(0)) == (1.0, 1.0, 1.0)
     ratio, lo, hi = mod.paired([0.97, 1.0, 1.01, 1.02, 1.03, 0.99, 1.05], random.Random(0))
     assert ratio == 1.01 and 0.97 <= lo <= ratio <= hi <= 1.05
+
+
+def test_interleaved_windows_take_the_full_batch_steps_after_their_margin() -> None:
+    import importlib.util
+    import math
+
+    spec = importlib.util.spec_from_file_location("dashboard_overhead", REPO / "scripts" / "dashboard_overhead.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    steps = [[10.1, 99.0, 4, 4],  # in the first window's margin: left out
+             [10.5, 12.0, 4, 4], [11.0, 14.0, 4, 4], [11.5, 50.0, 4, 3],  # 3 running: not full batch
+             [12.4, 13.0, 4, 4], [13.9, 15.0, 4, 4], [14.1, 11.0, 4, 4]]  # fmt: skip
+    windows = [("none", 10.0, 12.0), ("poller", 12.0, 14.0), ("none", 14.0, 16.0)]
+    out = mod.window_medians(steps, windows, 4, 0.25)
+    assert out["poller"] == [14.0]  # 12.4 and 13.9
+    assert out["none"][0] == 13.0 and math.isnan(out["none"][1])  # 14.1 is inside the second "none"'s margin

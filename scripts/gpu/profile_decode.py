@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from aioffload.bench import common
+from aioffload.bench.prefill import long_context_view
 from aioffload.bench.synthetic import make_synthetic_checkpoint
 from aioffload.config import CacheConfig, EngineConfig, SchedulerConfig
 from aioffload.worker.inputs import SeqChunk, build_inputs
@@ -67,6 +68,8 @@ def main() -> int:
     p.add_argument("--itl", action="store_true", help="also the ITL-under-prefill run, mixed steps each way")
     args = p.parse_args()
     path = make_synthetic_checkpoint(Path(args.synthetic_dir) / args.shape, args.shape)
+    if args.shape != "tiny":
+        path = long_context_view(str(path), 16384)  # the ITL run's 8k prompt plus the streams
     cfg = EngineConfig(model=str(path), device="cuda" if torch.cuda.is_available() else "cpu",
                        cache=CacheConfig(num_blocks=4096),
                        scheduler=SchedulerConfig(max_num_seqs=32, max_model_len=2048 if args.shape == "tiny" else 16384)).validate()  # fmt: skip
