@@ -126,11 +126,12 @@ def interleaved(url: str, streams: int, tokens: int, pairs: int, window: float, 
 
 def window_medians(steps: list[list[float]], windows: list[tuple[str, float, float]], streams: int,
                    margin: float) -> dict[str, list[float]]:  # fmt: skip
-    """Per condition, in window order: the median ms of the full-batch steps (`streams` running)
-    that ended in [t0 + margin, t1]; nan for a window with none. Steps: (time, ms, tokens, running)."""
+    """Per condition, in window order: the median ms of the full-batch decode steps (`streams`
+    running, one token each: no prompt of a new request in it) that ended in [t0 + margin, t1];
+    nan for a window with none. Steps: (time, ms, tokens, running)."""
     out: dict[str, list[float]] = {}
     for cond, t0, t1 in windows:
-        inside = [r[1] for r in steps if t0 + margin <= r[0] <= t1 and r[3] == streams]
+        inside = [r[1] for r in steps if t0 + margin <= r[0] <= t1 and r[2] == r[3] == streams]
         out.setdefault(cond, []).append(statistics.median(inside) if inside else float("nan"))
     return out
 

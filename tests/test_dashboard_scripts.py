@@ -149,6 +149,7 @@ def test_interleaved_windows_take_the_full_batch_steps_after_their_margin() -> N
     spec.loader.exec_module(mod)
     steps = [[10.1, 99.0, 4, 4],  # in the first window's margin: left out
              [10.5, 12.0, 4, 4], [11.0, 14.0, 4, 4], [11.5, 50.0, 4, 3],  # 3 running: not full batch
+             [11.6, 80.0, 40, 4],  # a new request's prompt in the step: not a decode step
              [12.4, 13.0, 4, 4], [13.9, 15.0, 4, 4], [14.1, 11.0, 4, 4]]  # fmt: skip
     windows = [("none", 10.0, 12.0), ("poller", 12.0, 14.0), ("none", 14.0, 16.0)]
     out = mod.window_medians(steps, windows, 4, 0.25)
