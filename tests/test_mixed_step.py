@@ -97,19 +97,48 @@ def test_decode_only_and_prefill_only_steps_take_one_path(tiny: Path) -> None:
     assert worker.graphs.calls == [[9]]  # type: ignore[union-attr]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def gpu_only(test):  # type: ignore[no-untyped-def]
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+    return pytest.mark.gpu(skip(test))
+
+
+def spy(runner: object, calls: list[int]) -> None:
+    run = runner.run  # type: ignore[attr-defined]
+    runner.run = lambda c: calls.append(len(c) if isinstance(c, list) else -len(c.token_ids)) or run(c)  # type: ignore[attr-defined]
+
+
+@gpu_only
 @pytest.mark.parametrize("decode_first", [True, False], ids=["decodes-first", "interleaved"])
-def test_mixed_step_with_real_graphs_matches_eager(tiny: Path, decode_first: bool) -> None:
+@pytest.mark.parametrize("num_logits", [1, 3], ids=["chunk-graph", "chunk-eager"])
+def test_mixed_step_with_real_graphs_matches_eager(tiny: Path, decode_first: bool, num_logits: int) -> None:
     worker = make_worker(tiny, "cuda")
-    assert worker.graphs is not None
+    assert worker.graphs is not None and worker.chunk_graphs is not None
     prompts = prefill_three(worker)
     chunks = mixed_chunks(prompts, decode_first)
+    chunks = [SeqChunk(c.token_ids, c.start, c.block_table, num_logits if len(c.token_ids) > 1 else 1) for c in chunks]
     want = eager(worker, chunks)
-    replays = []
-    run = worker.graphs.run
-    worker.graphs.run = lambda c: replays.append(len(c)) or run(c)  # type: ignore[method-assign]
+    calls: list[int] = []
+    spy(worker.graphs, calls)
+    spy(worker.chunk_graphs, calls)
     got = worker._forward(chunks)
-    assert replays == [2]
+    assert calls == ([2, -24] if num_logits == 1 else [2])  # the decode graph for 2 rows, the 24-token chunk's graph
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # TF32 matmuls, other kernels for the decodes
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+@gpu_only
+def test_a_lone_chunk_replays_its_graph_deep_in_a_prompt(tiny: Path) -> None:
+    worker = make_worker(tiny, "cuda")
+    assert worker.chunk_graphs is not None
+    t = tables(3)
+    prompt = [(3 * j) % 250 + 3 for j in range(60)]
+    eager(worker, [SeqChunk(prompt[:40], 0, t[2])])
+    for n in (2, 16, 17):  # sizes 16, 16 and 32: padding of 14, 0 and 15 rows
+        chunk = SeqChunk(prompt[40 : 40 + n], 40, t[2])
+        want = eager(worker, [chunk])
+        calls: list[int] = []
+        spy(worker.chunk_graphs, calls)
+        got = worker._forward([chunk])
+        assert calls == [-n]
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+

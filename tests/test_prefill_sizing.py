@@ -4,6 +4,7 @@ budget, and outputs stay those of an unconstrained run. CPU only, no tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -114,3 +115,16 @@ def test_random_workloads_with_a_step_cost_match_reference(seed: int) -> None:
         reqs.append(r)
     run_to_completion(s, [], arrivals=arrivals)
     assert_reference_outputs(reqs, 40)
+
+
+def test_a_cut_chunk_takes_a_size_the_worker_has_a_graph_for() -> None:
+    """With chunk graphs (StepCost.chunk_sizes), every chunk the share cuts short is a captured
+    size, never more than the share allows; the prompt's last chunk is whatever is left."""
+    sizes = (16, 32, 64, 96, 128, 160, 192, 224, 256)
+    cost = dataclasses.replace(RESIDENT, pair_s=2e-9, chunk_sizes=sizes)
+    steps = long_prompt_beside_decoders(cost, 3000)
+    plain = long_prompt_beside_decoders(dataclasses.replace(cost, chunk_sizes=()), 3000)
+    assert all(n in sizes for n, _, _ in steps[:-1])
+    assert all(n <= cost.max_chunk(p, cost.prefill_budget_s()) for n, p, _ in steps[:-1])
+    assert any(n not in sizes for n, _, _ in plain[:-1])  # without graphs the cut is the share's own
+    assert cost.graph_chunk(300) == 256 and cost.graph_chunk(95) == 64 and cost.graph_chunk(9) == 9

@@ -53,6 +53,9 @@ class StepCost:
     pair_s: float  # attention compute per (query, visible key) pair
     exposed: float = 1.0  # share of prefill compute not hidden under copies (resident layers / all)
     itl_factor: float = ITL_FACTOR
+    # Chunk sizes the worker has CUDA graphs for (worker/chunk_graphs.py; () without graphs): a
+    # chunk cut short by the prefill share is cut to one of them, so its graph needs no padding.
+    chunk_sizes: tuple[int, ...] = ()
 
     @property
     def alone_s(self) -> float:
@@ -82,6 +85,10 @@ class StepCost:
         while n > 0 and self.chunk_s(n, start) > seconds:  # float rounding at the boundary
             n -= 1
         return n
+
+    def graph_chunk(self, n: int) -> int:
+        """n, or the largest captured chunk size below it (n itself when none is)."""
+        return max((c for c in self.chunk_sizes if c <= n), default=n)
 
     def prefill_token_budget(self, base: int, cap: int = MAX_PREFILL_TOKENS) -> int:
         """Tokens per step while offload is active: a fresh prompt's tokens that fit the prefill

@@ -28,6 +28,7 @@ from aioffload.offload.device import device_facts, fixed_kv_blocks, pick_device,
 from aioffload.offload.expert_layers import MoeLayers
 from aioffload.offload.placement import Placement
 from aioffload.offload.transfer_queue import TransferQueue
+from aioffload.worker.chunk_graphs import ChunkGraphRunner
 from aioffload.worker.cuda_graphs import CudaGraphRunner
 from aioffload.worker.draft import DraftModel, check_same_vocabulary
 from aioffload.worker.hybrid import HybridPlan, plan_hybrid_ranks
@@ -117,6 +118,7 @@ class Worker:
         # Fills logits-mask rows (worker/masks.py); a grammar library's batch filler may replace it.
         self.fill_masks: MaskFiller = fill_each
         self.graphs: CudaGraphRunner | None = None
+        self.chunk_graphs: ChunkGraphRunner | None = None
         # Steps mixing decode tokens with prefill chunks: the decode tokens through the graph, the
         # chunks eager (True), or the whole step eager (False). scripts/gpu/profile_decode.py
         # measures both on the GPU (BENCHMARKS.md, second session).
@@ -124,14 +126,16 @@ class Worker:
         reason = self._graph_decision()
         if reason is None:
             t = time.perf_counter()
-            self.graphs = CudaGraphRunner(
-                self.model, self.kv, sched.max_num_seqs, -(-self.max_model_len // self.block_size)
-            )
+            max_blocks = -(-self.max_model_len // self.block_size)
+            self.graphs = CudaGraphRunner(self.model, self.kv, sched.max_num_seqs, max_blocks)
+            if self.tp is None and not isinstance(self.layers, MoeLayers):  # padding rows would be routed
+                self.chunk_graphs = ChunkGraphRunner(self.model, self.kv, max_blocks)
             log.info("CUDA graphs: on (every weight resident; captured in %.1f s)", time.perf_counter() - t)
         else:
             log.info("CUDA graphs: off (%s)", reason)
         if self.step_cost is not None:
-            self.step_cost = dataclasses.replace(self.step_cost, decode_s=time_decode_step(self))
+            sizes = self.chunk_graphs.inputs.sizes if self.chunk_graphs is not None else ()
+            self.step_cost = dataclasses.replace(self.step_cost, decode_s=time_decode_step(self), chunk_sizes=sizes)
             log.info("step cost: %s", self.step_cost.describe())
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
@@ -286,35 +290,45 @@ class Worker:
 
     def _forward(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
         """Logits [R, V] of one step (R = the chunks' num_logits, in chunk order). A decode-only step
-        replays a CUDA graph; a step that mixes decode tokens with prefill chunks replays the graph
-        for its decode tokens and runs the chunks eager behind it, so the decoding requests pay the
-        graph step plus the chunks' compute, not an eager step's launch overhead (issue 14)."""
+        replays a CUDA graph. A step with prefill chunks replays the decode graph for its decode
+        tokens and, when it has one chunk that a chunk graph takes (worker/chunk_graphs.py), that
+        graph for the chunk; other chunks run eager behind the decode graph (issue 14)."""
         g = self.graphs
         if g is not None and g.can_run(chunks):
             return g.run(chunks)
         if g is not None and self.tp is None and self.mixed_via_graph:
             dec = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.num_logits == 1]
-            if dec and len(dec) < len(chunks) and g.can_run([chunks[i] for i in dec]):
-                return self._graph_and_eager(chunks, dec)
+            rest = [i for i in range(len(chunks)) if i not in set(dec)]
+            cg = self.chunk_graphs
+            one = len(rest) == 1 and cg is not None and cg.can_run(chunks[rest[0]])
+            if (dec or one) and (not dec or g.can_run([chunks[i] for i in dec])):
+                return self._graphs_and_rest(chunks, dec, rest, one)
         inputs = build_inputs(chunks, self.block_size, self.device)
         return self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv)
 
-    def _graph_and_eager(self, chunks: Sequence[SeqChunk], dec: list[int]) -> torch.Tensor:
-        """The decode chunks `dec` through the graph, the others eager; rows put back in chunk order."""
+    def _graphs_and_rest(self, chunks: Sequence[SeqChunk], dec: list[int], rest: list[int], chunk_graph: bool
+                         ) -> torch.Tensor:  # fmt: skip
+        """The decode chunks `dec` through the decode graph, the others through a chunk graph
+        (`chunk_graph`: exactly one) or eager; rows put back in chunk order."""
         assert self.graphs is not None
-        taken = set(dec)
-        rest = [i for i in range(len(chunks)) if i not in taken]
-        from_graph = self.graphs.run([chunks[i] for i in dec])  # [D, V], the graph's own buffer
-        inputs = build_inputs([chunks[i] for i in rest], self.block_size, self.device)
-        eager = self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv)  # [R - D, V]
+        pieces = []
+        if dec:
+            pieces.append(self.graphs.run([chunks[i] for i in dec]))  # [D, V], the graph's own buffer
+        if chunk_graph:
+            assert self.chunk_graphs is not None
+            pieces.append(self.chunk_graphs.run(chunks[rest[0]]))  # [1, V]
+        else:
+            inputs = build_inputs([chunks[i] for i in rest], self.block_size, self.device)
+            pieces.append(self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv))
         if dec == list(range(len(dec))):  # the scheduler's usual order: decodes first
-            return torch.cat([from_graph, eager])
+            return torch.cat(pieces)
         first = [0]
         for c in chunks:
             first.append(first[-1] + c.num_logits)
-        out = eager.new_empty(first[-1], eager.shape[1])
-        out[[first[i] for i in dec]] = from_graph
-        out[[r for i in rest for r in range(first[i], first[i + 1])]] = eager
+        out = pieces[-1].new_empty(first[-1], pieces[-1].shape[1])
+        if dec:
+            out[[first[i] for i in dec]] = pieces[0]
+        out[[r for i in rest for r in range(first[i], first[i + 1])]] = pieces[-1]
         return out
 
     def _step(self, chunks: Sequence[SeqChunk], host_share: int | None, argmax: bool) -> torch.Tensor:
