@@ -88,3 +88,32 @@ def test_decode_step_timing_runs_a_real_step(tmp_path: Path) -> None:
 def test_dense_flops_probe_on_the_gpu() -> None:
     flops = measure_dense_flops(torch.device("cuda"), torch.bfloat16, 4096, 14336)
     assert 50e12 < flops < 2.5e15  # an H100/H200 runs this bf16 matmul at ~600-750 TFLOP/s
+
+
+def test_a_chunk_graphs_cost_is_the_line_through_two_timed_sizes() -> None:
+    from aioffload.worker.step_cost import fit_chunk_cost
+
+    fixed, per = fit_chunk_cost([(256, 0.0038 + 256 * 2e-5), (64, 0.0038 + 64 * 2e-5)])
+    assert fixed == pytest.approx(0.0038) and per == pytest.approx(2e-5)
+    assert fit_chunk_cost([(64, 0.004), (256, 0.003)]) == (0.004, 0.0)  # noise: never a negative slope
+    assert fit_chunk_cost([(64, 0.001), (256, 0.009)])[0] == 0.0  # nor a negative fixed part
+
+
+def test_the_fixed_part_of_a_chunk_graph_comes_out_of_the_prefill_share() -> None:
+    import dataclasses
+
+    from aioffload.engine.prefill_share import PrefillShare
+    from aioffload.engine.request import Request
+    from aioffload.worker.sampling import SamplingParams
+
+    cost = StepCost(floor_s=0.0, decode_s=0.005, token_s=2e-5, pair_s=0.0)
+    decoding = Request("d", [1, 2, 3], SamplingParams(max_tokens=9))
+    decoding.num_computed_tokens = 2  # one token left: decoding
+    long = Request("p", list(range(3, 3003)), SamplingParams(max_tokens=2))
+
+    def chunk(c: StepCost) -> int:
+        return PrefillShare([decoding, long], c, 64).take(long, 2048)
+
+    assert abs(chunk(cost) - 250) <= 1  # 5 ms of share at 20 us a token (float rounding: 249)
+    assert abs(chunk(dataclasses.replace(cost, chunk_fixed_s=0.0038)) - 60) <= 1  # 1.2 ms left after the weight pass
+    assert "3.8 ms a chunk graph" in dataclasses.replace(cost, chunk_fixed_s=0.0038).describe()

@@ -27,7 +27,8 @@ class PrefillShare:
         decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
         self.cost = cost if decoding else None
         self.share_s = cost.prefill_budget_s() if cost is not None else 0.0
-        self.seconds = self.share_s  # what the long prompts' chunks have left this step
+        # What the long prompts' chunks have left this step (a chunk graph's own weight pass first).
+        self.seconds = self.share_s - (self.cost.chunk_fixed_s if self.cost is not None else 0.0)
         self.first = True
         self.max_rows = max_rows
 

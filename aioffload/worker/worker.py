@@ -12,7 +12,6 @@ on the KV pool (the smallest), the copy floor (the largest) and rank 0's hybrid 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -39,7 +38,7 @@ from aioffload.worker.outputs import StepOutput
 from aioffload.worker.rejection import verify
 from aioffload.worker.sampling import SamplingParams, sample_tokens
 from aioffload.worker.shard_loader import build_sharded_model
-from aioffload.worker.step_cost import StepCost, measure_dense_flops, predict_step_cost, time_decode_step
+from aioffload.worker.step_cost import StepCost, measure_dense_flops, measured_step_cost, predict_step_cost
 from aioffload.worker.step_extras import SeqExtras, run_extras
 from aioffload.worker.tensor_parallel import RunStep, TPLink
 
@@ -134,8 +133,7 @@ class Worker:
         else:
             log.info("CUDA graphs: off (%s)", reason)
         if self.step_cost is not None:
-            sizes = self.chunk_graphs.inputs.sizes if self.chunk_graphs is not None else ()
-            self.step_cost = dataclasses.replace(self.step_cost, decode_s=time_decode_step(self), chunk_sizes=sizes)
+            self.step_cost = measured_step_cost(self, self.step_cost)
             log.info("step cost: %s", self.step_cost.describe())
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
