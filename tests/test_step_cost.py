@@ -117,3 +117,22 @@ def test_the_fixed_part_of_a_chunk_graph_comes_out_of_the_prefill_share() -> Non
     assert abs(chunk(cost) - 250) <= 1  # 5 ms of share at 20 us a token (float rounding: 249)
     assert abs(chunk(dataclasses.replace(cost, chunk_fixed_s=0.0038)) - 60) <= 1  # 1.2 ms left after the weight pass
     assert "3.8 ms a chunk graph" in dataclasses.replace(cost, chunk_fixed_s=0.0038).describe()
+
+
+def test_with_chunk_graphs_a_long_prompt_gets_at_least_the_minimum_chunk() -> None:
+    import dataclasses
+
+    from aioffload.engine.prefill_share import PrefillShare
+    from aioffload.engine.request import Request
+    from aioffload.worker.sampling import SamplingParams
+    from aioffload.worker.step_cost import MIN_GRAPH_CHUNK
+
+    cost = StepCost(floor_s=0.0, decode_s=0.005, token_s=2e-5, pair_s=0.0, chunk_sizes=(16, 32, 64, 128, 256),
+                    chunk_fixed_s=0.0046)  # fmt: skip
+    decoding = Request("d", [1, 2, 3], SamplingParams(max_tokens=9))
+    decoding.num_computed_tokens = 2
+    long = Request("p", list(range(3, 3003)), SamplingParams(max_tokens=2))
+    assert PrefillShare([decoding, long], cost, 64).take(long, 2048) == MIN_GRAPH_CHUNK == 128  # 0.4 ms: 20 tokens
+    assert PrefillShare([decoding, long], cost, 64).take(long, 100) == 100  # never past the token budget
+    no_graphs = dataclasses.replace(cost, chunk_sizes=())
+    assert abs(PrefillShare([decoding, long], no_graphs, 64).take(long, 2048) - 20) <= 1

@@ -26,6 +26,7 @@ from aioffload.attention.backends import AttentionMetadata
 from aioffload.attention.kv_cache import KVCache
 from aioffload.attention.tiles import PREFILL_TILE, plan_rows
 from aioffload.model.llama import LlamaModel
+from aioffload.worker.capture import no_gc
 from aioffload.worker.inputs import SeqChunk
 
 log = logging.getLogger("aioffload.cuda_graphs")
@@ -125,6 +126,10 @@ class ChunkGraphRunner:
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
+        with no_gc():
+            self._capture_in(pool, stream)
+
+    def _capture_in(self, pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
         for size in reversed(self.inputs.sizes):  # largest first, so smaller graphs reuse its pool memory
             ids, pos, meta = self.inputs.args(size)
             stream.wait_stream(torch.cuda.current_stream())

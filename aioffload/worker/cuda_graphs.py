@@ -19,6 +19,7 @@ import torch
 from aioffload.attention.backends import AttentionMetadata
 from aioffload.attention.kv_cache import KVCache
 from aioffload.model.llama import LlamaModel
+from aioffload.worker.capture import no_gc
 from aioffload.worker.inputs import SeqChunk
 
 log = logging.getLogger("aioffload.cuda_graphs")
@@ -103,6 +104,10 @@ class CudaGraphRunner:
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream()
+        with no_gc():
+            self._capture_in(pool, stream)
+
+    def _capture_in(self, pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
         for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
             meta = self._meta(bs)
             args = (self.input_ids[:bs], self.positions[:bs], meta, self.kv)

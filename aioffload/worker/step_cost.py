@@ -43,6 +43,7 @@ ITL_FACTOR = 2.0  # a step with a prefill share may last this many decode-only s
 # Attention kernels run below the dense matmul rate (FlashAttention-2 class on H100/H200:
 # about half); `aioffload bench prefill` measures ours against it.
 ATTENTION_EFFICIENCY = 0.5
+MIN_GRAPH_CHUNK = 128  # StepCost.min_first_chunk
 MAX_PREFILL_TOKENS = 16384  # a streamed step's activations must stay small beside the KV cache
 
 
@@ -90,6 +91,13 @@ class StepCost:
         while n > 0 and self.chunk_s(n, start) > seconds:  # float rounding at the boundary
             n -= 1
         return n
+
+    def min_first_chunk(self) -> int:
+        """The fewest tokens a long prompt gets in a step beside decodes: 1, or with chunk graphs
+        MIN_GRAPH_CHUNK. A chunk graph's own weight pass (chunk_fixed_s, ~4.4 ms at 8B on an H200)
+        leaves the share a few dozen tokens, and a prompt crawling at that rate would hold the
+        decodes at nearly the same inter-token latency for 5x longer; measured in BENCHMARKS.md."""
+        return MIN_GRAPH_CHUNK if self.chunk_sizes else 1
 
     def graph_chunk(self, n: int) -> int:
         """n, or the largest captured chunk size below it (n itself when none is)."""
