@@ -16,9 +16,9 @@ class PrefillShare:
     A decoding request (one token left to compute) gets its token. With a step cost and
     anyone decoding, the chunks of long prompts (those that would not fit in one step's
     prefill share, `StepCost.prefill_budget_s`) share that compute, each the most that
-    fits from its position, cut to a size the worker has a chunk graph for where one fits
-    (StepCost.graph_chunk); the first gets at least StepCost.min_first_chunk tokens, so a
-    long prompt progresses every step. Short prompts go whole, as when nobody is decoding: a chunk takes what
+    fits from its position; the first gets at least one token, so a long prompt progresses
+    every step; a chunk so cut is cut to a size the worker has a chunk graph for, where one
+    fits (StepCost.graph_chunk). Short prompts go whole, as when nobody is decoding: a chunk takes what
     budget is left. A chunk that scores the prompt (prompt logprobs: a logits row per token) takes
     at most `max_rows` tokens, the logits rows the placement reserves for a step.
     """
@@ -27,8 +27,7 @@ class PrefillShare:
         decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
         self.cost = cost if decoding else None
         self.share_s = cost.prefill_budget_s() if cost is not None else 0.0
-        # What the long prompts' chunks have left this step (a chunk graph's own weight pass first).
-        self.seconds = self.share_s - (self.cost.chunk_fixed_s if self.cost is not None else 0.0)
+        self.seconds = self.share_s  # what the long prompts' chunks have left this step
         self.first = True
         self.max_rows = max_rows
 
@@ -39,7 +38,7 @@ class PrefillShare:
         start = request.num_computed_tokens
         if left > 1 and self.cost is not None and self.cost.max_chunk(start, self.share_s) < left:
             n = self.cost.graph_chunk(min(n, self.cost.max_chunk(start, self.seconds)))
-            n = max(n, min(left, budget, self.cost.min_first_chunk())) if self.first else n
+            n = max(n, 1) if self.first else n
             self.seconds -= self.cost.chunk_s(n, start)
             self.first = self.first and n == 0
         if request.wants_prompt_logprobs:

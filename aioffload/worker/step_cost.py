@@ -22,7 +22,6 @@ so a prompt takes as few of them as that much compute allows.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import statistics
 import time
@@ -43,7 +42,6 @@ ITL_FACTOR = 2.0  # a step with a prefill share may last this many decode-only s
 # Attention kernels run below the dense matmul rate (FlashAttention-2 class on H100/H200:
 # about half); `aioffload bench prefill` measures ours against it.
 ATTENTION_EFFICIENCY = 0.5
-MIN_GRAPH_CHUNK = 128  # StepCost.min_first_chunk
 MAX_PREFILL_TOKENS = 16384  # a streamed step's activations must stay small beside the KV cache
 
 
@@ -58,10 +56,6 @@ class StepCost:
     # Chunk sizes the worker has CUDA graphs for (worker/chunk_graphs.py; () without graphs): a
     # chunk cut short by the prefill share is cut to one of them, so its graph needs no padding.
     chunk_sizes: tuple[int, ...] = ()
-    # What a chunk costs beyond its tokens' compute when it runs as a graph of its own beside the
-    # decode graph: its own pass over the weights (measured at start-up, fit_chunk_cost). The
-    # first long-prompt chunk of a step pays it out of the prefill share.
-    chunk_fixed_s: float = 0.0
 
     @property
     def alone_s(self) -> float:
@@ -92,13 +86,6 @@ class StepCost:
             n -= 1
         return n
 
-    def min_first_chunk(self) -> int:
-        """The fewest tokens a long prompt gets in a step beside decodes: 1, or with chunk graphs
-        MIN_GRAPH_CHUNK. A chunk graph's own weight pass (chunk_fixed_s, ~4.4 ms at 8B on an H200)
-        leaves the share a few dozen tokens, and a prompt crawling at that rate would hold the
-        decodes at nearly the same inter-token latency for 5x longer; measured in BENCHMARKS.md."""
-        return MIN_GRAPH_CHUNK if self.chunk_sizes else 1
-
     def graph_chunk(self, n: int) -> int:
         """n, or the largest captured chunk size below it (n itself when none is)."""
         return max((c for c in self.chunk_sizes if c <= n), default=n)
@@ -109,12 +96,10 @@ class StepCost:
         return max(base, min(cap, self.max_chunk(0, self.prefill_budget_s())))
 
     def describe(self) -> str:
-        fixed = f" + {self.chunk_fixed_s * 1e3:.1f} ms a chunk graph" if self.chunk_fixed_s else ""
-        share = self.prefill_budget_s() - self.chunk_fixed_s
         return (
             f"decode step {self.decode_s * 1e3:.1f} ms, copy floor {self.floor_s * 1e3:.1f} ms, "
-            f"{self.token_s * 1e6:.1f} us/token{fixed}, {self.exposed:.2f} exposed; prefill share up to "
-            f"{self.prefill_budget_s() * 1e3:.1f} ms ({self.max_chunk(0, share)} fresh tokens beside decodes) "
+            f"{self.token_s * 1e6:.1f} us/token, {self.exposed:.2f} exposed; prefill share up to "
+            f"{self.prefill_budget_s() * 1e3:.1f} ms ({self.max_chunk(0, self.prefill_budget_s())} fresh tokens) "
             f"so a step stays within {self.itl_factor:g}x a decode-only step"
         )
 
@@ -150,42 +135,6 @@ def measure_dense_flops(
     del x, w
     torch.cuda.empty_cache()
     return 2 * tokens * hidden * 2 * intermediate * reps / seconds
-
-
-def measured_step_cost(worker: Worker, cost: StepCost) -> StepCost:
-    """`cost` with the decode step timed and, where chunk graphs were captured, a chunk graph's own
-    cost measured (it reads every weight again) and its sizes, for the scheduler to cut chunks to."""
-    cost = dataclasses.replace(cost, decode_s=time_decode_step(worker))
-    if worker.chunk_graphs is None:
-        return cost
-    fixed, per = fit_chunk_cost([(n, time_chunk_graph(worker, n)) for n in (64, 256)])
-    return dataclasses.replace(cost, chunk_sizes=worker.chunk_graphs.inputs.sizes, chunk_fixed_s=fixed,
-                               token_s=max(cost.token_s, per))  # fmt: skip
-
-
-def fit_chunk_cost(points: list[tuple[int, float]]) -> tuple[float, float]:
-    """(fixed seconds, seconds per token) of the line through (tokens, seconds) points: the two
-    chunk sizes timed at start-up; the fixed part is never negative."""
-    (n0, t0), (n1, t1) = min(points), max(points)
-    per = max(0.0, (t1 - t0) / (n1 - n0))
-    return max(0.0, t0 - per * n0), per
-
-
-def time_chunk_graph(worker: Worker, n: int, reps: int = 5) -> float:
-    """Median seconds of one chunk-graph replay of n fresh tokens (position 0). It writes the K/V
-    of n positions into the first blocks, which no sequence owns yet."""
-    assert worker.chunk_graphs is not None
-    bs = worker.block_size
-    chunk = SeqChunk([0] * n, 0, list(range(-(-n // bs))))
-    worker.chunk_graphs.run(chunk)
-    torch.cuda.synchronize(worker.device)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        worker.chunk_graphs.run(chunk)
-        torch.cuda.synchronize(worker.device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def time_decode_step(worker: Worker, reps: int = 3) -> float:

@@ -12,6 +12,7 @@ on the KV pool (the smallest), the copy floor (the largest) and rank 0's hybrid 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from aioffload.offload.transfer_queue import TransferQueue
 from aioffload.worker.chunk_graphs import ChunkGraphRunner
 from aioffload.worker.cuda_graphs import CudaGraphRunner
 from aioffload.worker.draft import DraftModel, check_same_vocabulary
+from aioffload.worker.graph_forward import step_logits
 from aioffload.worker.hybrid import HybridPlan, plan_hybrid_ranks
 from aioffload.worker.inputs import SeqChunk, build_inputs
 from aioffload.worker.masks import MaskFiller, fill_each
@@ -38,7 +40,7 @@ from aioffload.worker.outputs import StepOutput
 from aioffload.worker.rejection import verify
 from aioffload.worker.sampling import SamplingParams, sample_tokens
 from aioffload.worker.shard_loader import build_sharded_model
-from aioffload.worker.step_cost import StepCost, measure_dense_flops, measured_step_cost, predict_step_cost
+from aioffload.worker.step_cost import StepCost, measure_dense_flops, predict_step_cost, time_decode_step
 from aioffload.worker.step_extras import SeqExtras, run_extras
 from aioffload.worker.tensor_parallel import RunStep, TPLink
 
@@ -133,7 +135,8 @@ class Worker:
         else:
             log.info("CUDA graphs: off (%s)", reason)
         if self.step_cost is not None:
-            self.step_cost = measured_step_cost(self, self.step_cost)
+            sizes = self.chunk_graphs.inputs.sizes if self.chunk_graphs is not None else ()
+            self.step_cost = dataclasses.replace(self.step_cost, decode_s=time_decode_step(self), chunk_sizes=sizes)
             log.info("step cost: %s", self.step_cost.describe())
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
@@ -287,47 +290,9 @@ class Worker:
             self.hybrid.after_step()
 
     def _forward(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
-        """Logits [R, V] of one step (R = the chunks' num_logits, in chunk order). A decode-only step
-        replays a CUDA graph. A step with prefill chunks replays the decode graph for its decode
-        tokens and, when it has one chunk that a chunk graph takes (worker/chunk_graphs.py), that
-        graph for the chunk; other chunks run eager behind the decode graph (issue 14)."""
-        g = self.graphs
-        if g is not None and g.can_run(chunks):
-            return g.run(chunks)
-        if g is not None and self.tp is None and self.mixed_via_graph:
-            dec = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.num_logits == 1]
-            rest = [i for i in range(len(chunks)) if i not in set(dec)]
-            cg = self.chunk_graphs
-            one = len(rest) == 1 and cg is not None and cg.can_run(chunks[rest[0]])
-            if (dec or one) and (not dec or g.can_run([chunks[i] for i in dec])):
-                return self._graphs_and_rest(chunks, dec, rest, one)
-        inputs = build_inputs(chunks, self.block_size, self.device)
-        return self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv)
-
-    def _graphs_and_rest(self, chunks: Sequence[SeqChunk], dec: list[int], rest: list[int], chunk_graph: bool
-                         ) -> torch.Tensor:  # fmt: skip
-        """The decode chunks `dec` through the decode graph, the others through a chunk graph
-        (`chunk_graph`: exactly one) or eager; rows put back in chunk order."""
-        assert self.graphs is not None
-        pieces = []
-        if dec:
-            pieces.append(self.graphs.run([chunks[i] for i in dec]))  # [D, V], the graph's own buffer
-        if chunk_graph:
-            assert self.chunk_graphs is not None
-            pieces.append(self.chunk_graphs.run(chunks[rest[0]]))  # [1, V]
-        else:
-            inputs = build_inputs([chunks[i] for i in rest], self.block_size, self.device)
-            pieces.append(self.model.forward(inputs.input_ids, inputs.positions, inputs.meta, self.kv))
-        if dec == list(range(len(dec))):  # the scheduler's usual order: decodes first
-            return torch.cat(pieces)
-        first = [0]
-        for c in chunks:
-            first.append(first[-1] + c.num_logits)
-        out = pieces[-1].new_empty(first[-1], pieces[-1].shape[1])
-        if dec:
-            out[[first[i] for i in dec]] = pieces[0]
-        out[[r for i in rest for r in range(first[i], first[i + 1])]] = pieces[-1]
-        return out
+        """Logits [R, V] of one step, through the CUDA graphs where they take it (worker/graph_forward.py)."""
+        return step_logits(chunks, self.model, self.kv, self.block_size, self.graphs, self.chunk_graphs,
+                           mixed=self.tp is None and self.mixed_via_graph)  # fmt: skip
 
     def _step(self, chunks: Sequence[SeqChunk], host_share: int | None, argmax: bool) -> torch.Tensor:
         """The forward on every rank -> logits [R, V] float32, or under tensor parallelism with
