@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU call (2026-12-01, second session): every GPU test, the batch-1 decode profile, bench prefill
 # (the mixed graph+eager step, the do_not_specialize fix), bench speculative (fixed-point agreeing draft).
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD OUT=${OUT:-/tmp/out}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi -L; lscpu | grep -m1 "Model name"
 timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_paged_kernel.py \
