@@ -59,6 +59,7 @@ class Generation:
         self.stream, self.prompt_param = stream, prompt_param
         self._outputs: dict[int, AsyncIterator[RequestOutput]] = {}
         self._tasks: set[asyncio.Task[RequestOutput]] = set()
+        self._closed = False
 
     @property
     def choices(self) -> list[Choice]:
@@ -77,6 +78,10 @@ class Generation:
                 await self._close()
 
     async def _close(self) -> None:
+        """Cancel the output tasks, abort what the engine still holds, close the generators (once)."""
+        if self._closed:
+            return
+        self._closed = True
         tasks = list(self._tasks)  # each leaves the set when done
         for task in tasks:
             task.cancel()
@@ -194,7 +199,9 @@ class Generation:
                 response = await self._collect(firsts)
                 await response(scope, receive, send)
                 return
-        except ApiError as e:
+        except ApiError as e:  # a refused prompt refuses the batch: free the admitted ones before saying so
+            with anyio.CancelScope(shield=True):
+                await self._close()
             await error_response(e)(scope, receive, send)
             return
         except Exception:
