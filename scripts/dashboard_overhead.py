@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interleave", type=int, default=0, metavar="PAIRS",
                    help="interleaved design: this many pairs of windows over one workload (no --browser)")
     p.add_argument("--window", type=float, default=3.0, help="seconds per interleaved window (default: %(default)s)")
-    p.add_argument("--out", default="dashboard_overhead.json")
+    p.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "dashboard_overhead.json"),
+                   help="where the JSON goes (default: %(default)s)")
     p.add_argument("serve_args", nargs="*", help="after --: arguments for aioffload serve "
                    "(default: --model DEMO --cpu-offload-gb 0.007 --max-num-seqs STREAMS)")
     args = p.parse_args(argv)
@@ -239,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         result["vs_none"][c] = {"ratio": ratio, "ci95": [lo, hi]}
         print(f"{c:10s} {statistics.median(medians[c]):10.3f} {ratio:16.4f} {f'{lo:.4f}-{hi:.4f}':>16s}")
     Path(args.out).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
     return 0
 
 
