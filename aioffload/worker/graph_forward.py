@@ -32,8 +32,9 @@ def step_logits(
     if graphs is not None and graphs.can_run(chunks):
         return graphs.run(chunks)
     if graphs is not None and mixed:
-        dec = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.num_logits == 1]
-        rest = [i for i in range(len(chunks)) if i not in set(dec)]
+        is_dec = [len(c.token_ids) == 1 and c.num_logits == 1 for c in chunks]
+        dec = [i for i, d in enumerate(is_dec) if d]
+        rest = [i for i, d in enumerate(is_dec) if not d]
         one = len(rest) == 1 and chunk_graphs is not None and chunk_graphs.can_run(chunks[rest[0]])
         if (dec or one) and (not dec or graphs.can_run([chunks[i] for i in dec])):
             return _graphs_and_rest(chunks, dec, rest, model, kv, block_size, graphs, chunk_graphs if one else None)
