@@ -71,3 +71,37 @@ def test_generate_runs_with_numpy_blocked() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout.strip()
     assert out.startswith("The Python tutorial") and len(out) > len("The Python tutorial"), out
+
+
+def test_tensor_parallel_reads_and_streamed_experts_run_with_numpy_blocked(tmp_path: Path) -> None:
+    """The two other run-time paths that read host memory as bytes: a shard's row slice read from
+    safetensors (tensor parallelism) and routed expert streaming (its per-layer routed ids)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from aioffload.checkpoint.checkpoint import Checkpoint
+    from aioffload.model.layout import expert_layout
+    from tests.tiny_models import add_word_tokenizer, make_moe_checkpoint
+
+    save_file({"x": torch.arange(60, dtype=torch.float32).view(6, 10)}, tmp_path / "t.safetensors")
+    moe = add_word_tokenizer(make_moe_checkpoint(tmp_path / "moe", "qwen2_moe-e5-top2-shared", seed=5))
+    cfg = Checkpoint.open(str(moe)).model_config
+    gb = 8 * expert_layout(cfg).numel * 4 / 1e9  # 8 experts on the host, as test_moe_engine does
+    code = (
+        "import sys; sys.modules['numpy'] = None  # as in a venv without numpy\n"
+        "import torch\n"
+        "from aioffload.checkpoint.safetensors_io import read_header\n"
+        "from aioffload.checkpoint.shard_read import read_slice_into\n"
+        "from aioffload.distributed.sharding import Slice\n"
+        f"rows = torch.empty(2, 10); read_slice_into(read_header({str(tmp_path / 't.safetensors')!r})['x'], rows, "
+        "Slice(0, 3, 5))\n"
+        "print('rows', rows[:, 0].tolist())\n"
+        "from aioffload.cli import main\n"
+        f"sys.exit(main(['generate', '--model', {str(moe)!r}, '--prompt', 'w5 w6 w7', '--max-tokens', '4',\n"
+        f"               '--device', 'cpu', '--cpu-offload-gb', '{gb}', '--expert-stream', 'routed']))\n"
+    )
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rows [30.0, 40.0]" in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("w5 w6 w7"), proc.stdout

@@ -13,7 +13,7 @@ import os
 import torch
 
 from aioffload.checkpoint.checkpoint import Checkpoint
-from aioffload.checkpoint.safetensors_io import SafetensorsError, TensorEntry, read_into
+from aioffload.checkpoint.safetensors_io import SafetensorsError, TensorEntry, byte_view, read_into
 from aioffload.distributed.sharding import Slice, TPShard
 from aioffload.model.layout import LayerLayout
 
@@ -36,7 +36,7 @@ def read_slice_into(entry: TensorEntry, out: torch.Tensor, sl: Slice) -> None:
     assert out.numel() == math.prod(shape), f"{out.numel()} elements for a slice of shape {shape}"
     item = entry.dtype.itemsize
     row = math.prod(entry.shape[1:]) * item  # bytes per stored row
-    dst = memoryview(out.view(-1).view(torch.uint8).numpy())
+    dst = byte_view(out)
     fd = os.open(entry.path, os.O_RDONLY)
     try:
         if sl.dim == 0:

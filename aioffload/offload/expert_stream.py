@@ -96,7 +96,6 @@ class ExpertStream:
             self.counts_host = pinned_empty(n * e, torch.int32).view(n, e)
         else:
             self.counts_host = torch.zeros(n, e, dtype=torch.int32)
-        self.counts_np = self.counts_host.numpy()
         self.full = [mode == "full"] * n  # this step's plan, per streamed layer
         self.tokens = 0
         self.step = StepCounters()
@@ -178,7 +177,7 @@ class ExpertStream:
         """Account the finished step (read the unions of whole-set layers) and start new counters.
         Call only when the step's device work is done (its logits were read); begin_step does."""
         for j in self._pending:
-            self._observe(j, self.counts_np[j].nonzero()[0].tolist())
+            self._observe(j, self.counts_host[j].nonzero().flatten().tolist())
         self._pending.clear()
         self.last, self.step = self.step, StepCounters()
         for f in ("copied_bytes", "routed_bytes", "full_layers", "routed_layers"):
@@ -203,7 +202,7 @@ class ExpertStream:
         if self.cuda:
             self.counts_ready.record(torch.cuda.current_stream())
             self.counts_ready.synchronize()
-        union = self.counts_np[j].nonzero()[0].tolist()
+        union = self.counts_host[j].nonzero().flatten().tolist()
         self._observe(j, union)
         return union
 
