@@ -134,7 +134,9 @@ class Worker:
             log.info("CUDA graphs: on (every weight resident; captured in %.1f s)", time.perf_counter() - t)
         else:
             log.info("CUDA graphs: off (%s)", reason)
-        if self.step_cost is not None:
+        # Rank 0 alone times a step: each of its steps is posted to the other ranks, which run it
+        # from their command loop; steps timed on their own here would pair with rank 0's next ones.
+        if self.step_cost is not None and (self.tp is None or self.tp.leader):
             sizes = self.chunk_graphs.inputs.sizes if self.chunk_graphs is not None else ()
             self.step_cost = dataclasses.replace(self.step_cost, decode_s=time_decode_step(self), chunk_sizes=sizes)
             log.info("step cost: %s", self.step_cost.describe())
