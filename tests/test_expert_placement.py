@@ -157,3 +157,15 @@ def test_expert_flags_are_validated(capsys) -> None:
         from aioffload.config import EngineConfig
 
         EngineConfig(model="m", offload=OffloadConfig(expert_cache_gb=-1.0)).validate()
+
+
+def test_a_fixed_kv_pool_applies_to_moe_plans_too() -> None:
+    """--num-kv-blocks / the CPU's --cpu-kv-cache-gb fix the pool for MoE models as for dense ones:
+    the plan has that many blocks, and one too small for a sequence is refused before loading."""
+    def fixed(blocks: int) -> Placement:
+        return plan_placement(QWEN3_30B, 2, OffloadConfig(trigger=0.5), CacheConfig(), SCHED, 4096, int(24e9), H2D,
+                              ACT, fixed_kv_blocks=blocks)  # type: ignore[arg-type]  # fmt: skip
+
+    assert fixed(300).kv_blocks == 300 and plan(trigger=0.5).kv_blocks != 300
+    with pytest.raises(ConfigError, match="4096"):
+        fixed(8)  # 128 tokens

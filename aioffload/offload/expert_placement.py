@@ -123,9 +123,7 @@ def plan_expert_placement(
         block_size=cache.block_size,
         h2d=h2d_bytes_per_s,
     )  # fmt: skip
-    trigger, host_gb = offload.trigger, offload.cpu_offload_gb
-    if host_gb is not None and trigger != 1.0:
-        raise ConfigError("--cpu-offload-gb and --trigger both say how much to offload: give only one")
+    trigger, host_gb = offload.trigger, offload.cpu_offload_gb  # both given: refused by plan_placement
     n = b.all_experts
     if host_gb is not None:
         target = round(host_gb * 1e9)

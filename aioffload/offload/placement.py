@@ -186,13 +186,33 @@ def plan_placement(
             model, dtype_bytes, sched.max_num_batched_tokens, sched.max_num_seqs
         )
         per_token = estimate_activation_bytes(model, dtype_bytes, 1, 0) - _WORKSPACE_BYTES
+    trigger, host_gb = offload.trigger, offload.cpu_offload_gb
+    if host_gb is not None and trigger != 1.0:
+        raise ConfigError("--cpu-offload-gb and --trigger both say how much to offload: give only one")
     if model.is_moe:
         from aioffload.offload.expert_placement import plan_expert_placement
 
-        return plan_expert_placement(
+        p = plan_expert_placement(
             model, dtype_bytes, offload, cache, sched, max_model_len, device_total_bytes, h2d_bytes_per_s,
             activation_bytes,
         )  # fmt: skip
+    else:
+        p = _plan_dense(model, dtype_bytes, offload, cache, sched, max_model_len, device_total_bytes, h2d_bytes_per_s,
+                        hbm_bytes_per_s, activation_bytes, per_token, predict_throughput, fixed_kv_blocks)  # fmt: skip
+    if fixed_kv_blocks is not None:  # dense and MoE alike: the pool the flag fixes, checked against one sequence
+        p = dataclasses.replace(p, kv_blocks=fixed_kv_blocks)
+        if p.kv_tokens < max_model_len:
+            block_bytes = kv_bytes_per_block(model.num_layers, cache.block_size, model.num_kv_heads, model.head_dim,
+                                             dtype_bytes)  # fmt: skip
+            raise fixed_pool_too_small(cache, fixed_kv_blocks, max_model_len, block_bytes)
+    return p
+
+
+def _plan_dense(
+    model: ModelConfig, dtype_bytes: int, offload: OffloadConfig, cache: CacheConfig, sched: SchedulerConfig,
+    max_model_len: int, device_total_bytes: float, h2d_bytes_per_s: float, hbm_bytes_per_s: float,
+    activation_bytes: float, per_token: int, predict_throughput: bool, fixed_kv_blocks: int | None,
+) -> Placement:  # fmt: skip
     vocab_bytes = model.vocab_size * model.hidden_size * dtype_bytes
     b = _Budget(
         num_layers=model.num_layers,
@@ -211,14 +231,12 @@ def plan_placement(
         block_size=cache.block_size,
         h2d=h2d_bytes_per_s,
         hbm=hbm_bytes_per_s,
-        fixed_kv_blocks=fixed_kv_blocks,
+        fixed_kv_blocks=fixed_kv_blocks,  # trigger auto scores splits by this pool; the caller applies it
         predict_throughput=predict_throughput,
         reserve_per_token=per_token,
         reserve_tokens=sched.max_num_batched_tokens,
     )
     trigger, host_gb, util = offload.trigger, offload.cpu_offload_gb, cache.gpu_memory_utilization
-    if host_gb is not None and trigger != 1.0:
-        raise ConfigError("--cpu-offload-gb and --trigger both say how much to offload: give only one")
     if trigger != "auto" and host_gb is None:
         _check_trigger(float(trigger), util)
     p = _place(b, offload, max_model_len, sched.max_num_seqs)
@@ -226,10 +244,6 @@ def plan_placement(
         raise no_room(b, p, offload, max_model_len)
     if trigger == "auto":
         _check_trigger(p.trigger, util)  # a valid plan is always below; stated for the record
-    if fixed_kv_blocks is not None:
-        p = dataclasses.replace(p, kv_blocks=fixed_kv_blocks)
-        if p.kv_tokens < max_model_len:
-            raise fixed_pool_too_small(cache, fixed_kv_blocks, max_model_len, b.kv_block_bytes)
     return p
 
 
