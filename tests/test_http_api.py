@@ -54,12 +54,6 @@ def scripted(text: str, parser: str | None = None) -> Any:
     return engine, serve(build_app(engine, ServerConfig(tool_call_parser=parser)))
 
 
-def sse(raw: bytes) -> list[dict[str, Any]]:
-    events = [p[len(b"data: "):] for p in raw.split(b"\n\n") if p]
-    assert events[-1] == b"[DONE]"
-    return [json.loads(e) for e in events[:-1]]
-
-
 # ---- batched prompts ----
 
 

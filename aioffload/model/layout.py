@@ -144,7 +144,6 @@ class ExpertWeights:
     stack lives (resident, a staging slot), so the grouped GEMM is the same for all of them."""
 
     def __init__(self, stacked: torch.Tensor, layout: LayerLayout) -> None:
-        self.stacked = stacked  # [N, numel]
         for p in layout.params:
             n = 1
             for s in p.shape:

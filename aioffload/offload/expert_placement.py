@@ -34,10 +34,6 @@ class ExpertPlan:
     h2d_bytes_per_s: float
 
     @property
-    def resident_count(self) -> dict[int, int]:
-        return dict(self.resident)
-
-    @property
     def streamed_layers(self) -> tuple[int, ...]:
         return tuple(layer for layer, n in self.resident if n < self.num_experts)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aioffload.model.layout import _ALIGN, LayerLayout, LayerWeights, ParamSpec
+from aioffload.model.layout import _ALIGN, LayerLayout, LayerWeights
 
 MLP_PARAMS = ("gate_up_w", "down_w")
 DEFAULT_CHUNK = 128
@@ -116,6 +116,3 @@ def fill_mlp(split: SplitLayout, flat: torch.Tensor, gate: torch.Tensor, up: tor
     dt = split.down_t_rows(flat, 0, c).view(c, ch, hdim)  # memory order: chunk C-1 first
     dt.copy_(down.t().reshape(c, ch, hdim).flip(0))
 
-
-def param_spec(split: SplitLayout, name: str) -> ParamSpec:
-    return next(p for p in split.attn.params if p.name == name)

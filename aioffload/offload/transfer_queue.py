@@ -97,13 +97,6 @@ class TransferQueue:
         assert self.split is not None and 0 <= k <= self.split.num_chunks, f"host share {k} of {self.split}"
         self.step_k = self.load_k = k
 
-    def streamed_bytes(self, k: int) -> int:
-        """Bytes each offloaded layer streams when the host computes k chunks."""
-        if self.split is None:
-            return self.bytes_per_step // len(self.order)
-        lo, hi = self.split.streamed_range(k)
-        return (hi - lo) * self.slots[0].element_size()
-
     def _copy(self, slot: int, layer: int, ranges: list[tuple[int, int]]) -> None:
         dst, src = self.slots[slot], self.host[layer]
         if self.cuda:

@@ -103,10 +103,6 @@ class RequestTracker:
         self._choices: dict[int, tuple[int, float]] = {}  # choice -> (its tokens so far, its last token's time)
         self.finished = False
 
-    @property
-    def last_token_at(self) -> float | None:
-        return max((at for _, at in self._choices.values()), default=None)
-
     def on_output(self, out: RequestOutput, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         if out.num_prompt_tokens:

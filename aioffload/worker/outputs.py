@@ -21,7 +21,3 @@ class StepOutput:
     # where its SeqExtras asked for logprobs, [] elsewhere; and one per prompt target of the chunk.
     logprobs: list[list[TokenLogprob]] | None = None
     prompt_logprobs: list[list[TokenLogprob]] | None = None
-
-    @property
-    def num_accepted(self) -> list[int]:
-        return [len(t) - 1 for t in self.token_ids]

@@ -29,10 +29,6 @@ class Scan:
     calls: list[ParsedCall] = field(default_factory=list)  # complete calls after content_end
     rest: int | None = None  # text[rest:] is not (yet) a complete call; None: no call region began
 
-    @property
-    def in_calls(self) -> bool:
-        return self.rest is not None
-
 
 @dataclass(frozen=True)
 class CallSyntax:
