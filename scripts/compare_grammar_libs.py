@@ -26,6 +26,9 @@ import jsonschema
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from aioffload.serving.logprobs import byte_decoder
+from aioffload.worker.masks import unpack_bitmask
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO_TOKENIZER = REPO / "aioffload" / "assets" / "demo" / "tokenizer.json"
 SCHEMAS = json.loads((REPO / "tests" / "data" / "json_schemas.json").read_text())
@@ -63,25 +66,13 @@ def llama3_style(vocab: int, corpus_mb: int) -> Path:
 
 def byte_vocab(tok: Tokenizer) -> list[bytes]:
     """Each id's bytes (byte-level BPE: map the GPT-2 alphabet back); specials as their text."""
-    byte_of = _gpt2_byte_decoder()
+    byte_of = byte_decoder()
     added = {t.content for t in tok.get_added_tokens_decoder().values()}
     out = []
     for i in range(tok.get_vocab_size(with_added_tokens=True)):
         piece = tok.id_to_token(i) or ""
         out.append(piece.encode() if piece in added else bytes(byte_of[c] for c in piece))
     return out
-
-
-def _gpt2_byte_decoder() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
 
 
 class Lib:
@@ -118,7 +109,7 @@ class XGrammar(Lib):
         m.fill_next_token_bitmask(self.bitmask, 0)
 
     def allowed(self, m: Any, out: torch.Tensor) -> None:
-        out.copy_(_unpack(self.bitmask[0], self.vocab_size))
+        out.copy_(unpack_bitmask(self.bitmask[:1], self.vocab_size)[0])
 
     def accept(self, m: Any, token: int) -> None:
         assert m.accept_token(token)
@@ -151,7 +142,7 @@ class LLGuidance(Lib):
         self.fill_bitmask(m, self.bitmask, 0)
 
     def allowed(self, m: Any, out: torch.Tensor) -> None:
-        out.copy_(_unpack(self.bitmask[0], self.vocab_size))
+        out.copy_(unpack_bitmask(self.bitmask[:1], self.vocab_size)[0])
 
     def accept(self, m: Any, token: int) -> None:
         assert m.consume_token(token), m.get_error()
@@ -190,12 +181,6 @@ class OutlinesCore(Lib):
 
     def done(self, m: Any) -> bool:
         return m.is_finished()
-
-
-def _unpack(words: torch.Tensor, vocab: int) -> torch.Tensor:
-    """int32 bitmask words [W] -> bool [vocab] (bit j of word i = id 32 i + j)."""
-    bits = (words[:, None].to(torch.int64) >> torch.arange(32)) & 1
-    return bits.reshape(-1)[:vocab].bool()
 
 
 def walk(lib: Lib, schema: dict[str, Any], decode: Callable[[list[int]], str], vocab: int, eos: int,

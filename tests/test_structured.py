@@ -14,15 +14,8 @@ import pytest
 import torch
 
 from aioffload.checkpoint.tokenizer import Tokenizer
-from aioffload.worker.structured import (
-    GrammarCompiler,
-    GrammarSpec,
-    Matcher,
-    StructuredOutputError,
-    allocate_bitmask,
-    apply_bitmask,
-    unpack_bitmask,
-)
+from aioffload.worker.masks import allocate_bitmask, apply_bitmask, unpack_bitmask
+from aioffload.worker.structured import GrammarCompiler, GrammarSpec, Matcher, StructuredOutputError
 
 DEMO = Path(__file__).resolve().parent.parent / "aioffload" / "assets" / "demo"
 SCHEMAS: dict[str, dict[str, Any]] = json.loads((Path(__file__).parent / "data" / "json_schemas.json").read_text())

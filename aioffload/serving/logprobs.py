@@ -29,7 +29,7 @@ class _Tokenizer(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, reversed: the character standing for each byte -> the byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0
@@ -80,7 +80,7 @@ class TokenStrings:
             vocab = (data.get("model") or {}).get("vocab")
             if isinstance(vocab, dict):
                 byte_level = "ByteLevel" in json.dumps(data.get("decoder"))
-                decoder = _byte_decoder()
+                decoder = byte_decoder()
                 for piece, tid in vocab.items():
                     fallback = _BYTE_TOKEN.match(piece)
                     if fallback:

@@ -75,11 +75,15 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return bits.flatten(1)[:, :vocab_size].bool()
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
     """In place: logits[rows[m], v] = -inf where bit v of bitmask[m] is 0.
-    logits: [S, V] float; bitmask: [M, words] int32 on logits' device; rows: [M] int64, distinct."""
+    logits: [S, V] float; bitmask: [M, words] int32 on logits' device; rows: [M] int64, distinct
+    (None: M == S, row m masks logits row m)."""
     allowed = unpack_bitmask(bitmask, logits.shape[-1])  # [M, V]
-    logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))
+    if rows is None:
+        logits.masked_fill_(~allowed, float("-inf"))
+    else:
+        logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))
 
 
 def build_masks(

@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 
 from aioffload.checkpoint.tokenizer import Tokenizer
+from aioffload.worker.masks import bitmask_words
 
 # Compact, predictable JSON: json.dumps's separators and no free whitespace. Free whitespace lets a
 # model (or an unlucky sample) pad forever between tokens; these separators are what models write.
@@ -163,37 +164,8 @@ class GrammarCompiler:
                                                bitmask.shape[0])  # fmt: skip
 
 
-def bitmask_words(vocab_size: int) -> int:
-    return (vocab_size + 31) // 32
-
-
-def allocate_bitmask(num_rows: int, vocab_size: int, pin: bool = False) -> torch.Tensor:
-    """Host int32 [num_rows, words], every bit set (a row left unfilled allows every id)."""
-    return torch.full((num_rows, bitmask_words(vocab_size)), -1, dtype=torch.int32, pin_memory=pin)
-
-
 def _check_bitmask(bitmask: torch.Tensor, vocab_size: int) -> None:
     if bitmask.dtype != torch.int32 or bitmask.device.type != "cpu" or not bitmask.is_contiguous():
         raise ValueError("bitmask must be a contiguous int32 host tensor")
     if bitmask.dim() != 2 or bitmask.shape[1] != bitmask_words(vocab_size):
         raise ValueError(f"bitmask must be [rows, {bitmask_words(vocab_size)}], got {list(bitmask.shape)}")
-
-
-def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """int32 [R, words] -> bool [R, vocab_size] of allowed ids (on bitmask's device)."""
-    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    bits = (bitmask.unsqueeze(-1) >> shifts).bitwise_and_(1)  # [R, words, 32]; >> is arithmetic, & 1 keeps bit j
-    return bits.flatten(1)[:, :vocab_size].bool()
-
-
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-    """In place: logits[rows[k], v] = -inf where bit v of bitmask[k] is 0.
-
-    logits: [S, V] float on the device; bitmask: [R, words] int32 on the same device; rows: [R] int64
-    indices into S (None: R == S, row k masks logits row k). Rows not listed are left untouched.
-    """
-    allowed = unpack_bitmask(bitmask, logits.shape[-1])  # [R, V]
-    if rows is None:
-        logits.masked_fill_(~allowed, float("-inf"))
-    else:
-        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
