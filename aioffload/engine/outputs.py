@@ -33,8 +33,11 @@ class RequestOutput:
         """Fold a later delta of the same choice into this one (a consumer that lags sees one output)."""
         self.text += later.text
         self.token_ids.extend(later.token_ids)
-        if later.logprobs is not None:
-            self.logprobs = [*(self.logprobs or []), *later.logprobs]
+        if later.logprobs is not None:  # in place, as token_ids: merging n deltas stays linear
+            if self.logprobs is None:
+                self.logprobs = list(later.logprobs)
+            else:
+                self.logprobs.extend(later.logprobs)
         if self.prompt_logprobs is None:
             self.prompt_logprobs = later.prompt_logprobs
         self.finished = later.finished
