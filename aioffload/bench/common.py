@@ -254,7 +254,7 @@ class StepDriver:
         self.prompt_lens = [len(p) for p in prompts]
         self.seqs = [list(p) for p in prompts]  # prompt + generated
         self.done = [0] * len(prompts)  # num_computed_tokens
-        self.budget = worker.config.scheduler.max_num_batched_tokens
+        self.budget = worker.token_budget  # the engine's: raised while offload is active (worker/step_cost.py)
         bs = worker.block_size
         need = sum(-(-(len(p) + max_new_tokens) // bs) for p in prompts)
         if need > worker.num_blocks:

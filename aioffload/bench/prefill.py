@@ -204,15 +204,12 @@ def _worker_phases(worker: Worker, key: str, args: argparse.Namespace, R: dict) 
 
 def _ttft(worker: Worker, prompt: list[int]) -> float:
     """Seconds from a lone prompt's first chunk to its first token, chunked by the worker's token budget."""
-    d = common.StepDriver(worker, [prompt], max_new_tokens=1)
-    d.budget = worker.token_budget
-    return d.prefill()
+    return common.StepDriver(worker, [prompt], max_new_tokens=1).prefill()
 
 
 def _decode(worker: Worker, ctx: int, steps: int, d2d_gbps: float | None, copy_floor_ms: float | None) -> dict:
     prompt = common.random_prompts(1, ctx, worker.model_config.vocab_size, seed=7)[0]
     d = common.StepDriver(worker, [prompt], max_new_tokens=steps + 3)
-    d.budget = worker.token_budget
     d.prefill()
     d.decode(), d.decode()  # warm-up
     s = common.summarize([d.decode() for _ in range(steps)], 1e3)

@@ -214,12 +214,12 @@ async def _engine_texts(engine: Engine, prompts: list[list[int]], output_len: in
 def _engine_pair(worker: Worker, args: argparse.Namespace) -> dict:
     """The realistic prompts through the engine on the offloaded worker: off, then prompt lookup."""
     vocab = worker.model_config.vocab_size  # the demo tokenizer's ids: < 4096, within the 8B's vocabulary
-    prompts = [[t % vocab for t in Tokenizer.from_dir(DEMO).encode(p)] for p in prompt_set(args.num_prompts)]
+    tok = Tokenizer.from_dir(DEMO)
+    prompts = [[t % vocab for t in tok.encode(p)] for p in prompt_set(args.num_prompts)]
     out = {}
     for method in ("off", "ngram"):
         cfg = worker.config.replace(speculative=SpeculativeConfig(method=method))
-        out[method] = asyncio.run(_engine_texts(Engine(cfg, worker, Tokenizer.from_dir(DEMO), "bench"), prompts,
-                                                args.output_len))  # fmt: skip
+        out[method] = asyncio.run(_engine_texts(Engine(cfg, worker, tok, "bench"), prompts, args.output_len))
         say(f"synthetic 8B, {method}: {out[method]['ms_per_token']} ms per output token per sequence, "
             f"acceptance {out[method]['acceptance']} (random weights: not a real acceptance figure)")  # fmt: skip
     out["identical"] = out["off"].pop("tokens") == out["ngram"].pop("tokens")
