@@ -169,6 +169,8 @@ class Scheduler:
         spec = self.speculation
         assert spec is not None
         rows_left = min(budget, self.config.max_num_seqs - len(plan.requests))
+        if rows_left <= 0:  # a full batch (the usual offloaded step): no room for proposals
+            return
         candidates = [
             r for r in plan.requests
             if plan.num_scheduled_tokens[r.request_id] == 1 and r.num_tokens - r.num_computed_tokens == 1

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from aioffload.attention.backends import AttentionMetadata
-from aioffload.attention.kv_cache import KVCache
+from aioffload.attention.kv_cache import KVCache, slot_mapping
 from aioffload.attention.tiles import PREFILL_TILE, plan_rows
 from aioffload.model.llama import LlamaModel
 from aioffload.worker.capture import no_gc
@@ -81,7 +81,7 @@ class ChunkInputs:
         rows = [
             [*chunk.token_ids, *[0] * pad],
             [*pos, *[p0] * pad],
-            [*(table[p // bs] * bs + p % bs for p in pos), *[self.trash_slot] * pad],
+            [*slot_mapping(table, p0, p0 + n, bs), *[self.trash_slot] * pad],
             [*(p + 1 for p in pos), *[1] * pad],
         ]
         self.host_rows[:, :size].copy_(torch.tensor(rows, dtype=torch.int64))
