@@ -27,7 +27,13 @@ from dataclasses import dataclass
 import uvicorn
 
 from aioffload.config import EngineConfig
-from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
+from aioffload.engine.outputs import (
+    EngineDeadError,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestOutput,
+)
 from aioffload.worker.logprobs import TokenLogprob
 from aioffload.worker.masks import allocate_bitmask, allows
 from aioffload.worker.sampling import SamplingParams
@@ -175,7 +181,7 @@ class FakeEngine:
             raise PromptTooLongError(f"prompt of {len(ids)} tokens is too long")
         m = params.num_candidates
         if m > self.max_running:
-            raise ValueError(f"{'best_of' if params.best_of else 'n'}: {m} sequences exceed --max-num-seqs")
+            raise InvalidRequestError("best_of" if params.best_of else "n", f"{m} sequences exceed --max-num-seqs")
         self.calls.append((ids, params, request_id))
         slot = self.running[request_id] = _Slot(len(ids))
         self.prompt_tokens_total += len(ids)

@@ -26,7 +26,13 @@ from aioffload.checkpoint.tokenizer import Tokenizer
 from aioffload.config import EngineConfig
 from aioffload.engine.choices import choice_ids, make_choices, stream_choices
 from aioffload.engine.delivery import deliver_step
-from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
+from aioffload.engine.outputs import (
+    EngineDeadError,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestOutput,
+)
 from aioffload.engine.placement_map import describe_placement
 from aioffload.engine.request_state import OutputSlot, RequestState
 from aioffload.engine.scheduler import Scheduler, StepPlan, should_hold
@@ -230,10 +236,10 @@ class Engine:
         seqs = self.config.scheduler.max_num_seqs
         if m > seqs:
             field = "best_of" if params.best_of is not None else "n"
-            raise ValueError(f"{field}: {m} sequences exceed --max-num-seqs {seqs}")
+            raise InvalidRequestError(field, f"{m} sequences exceed --max-num-seqs {seqs}")
         vocab = self.worker.model_config.vocab_size
         if any(t >= vocab for t, _ in params.logit_bias):
-            raise ValueError(f"logit_bias: token ids must be below the vocabulary size {vocab}")
+            raise InvalidRequestError("logit_bias", f"token ids must be below the vocabulary size {vocab}")
 
     # ---- the loop ---------------------------------------------------------------------
 

@@ -55,6 +55,15 @@ class QueueFullError(EngineError):
     """The waiting queue is at --max-queue; retry later."""
 
 
+class InvalidRequestError(EngineError, ValueError):
+    """Sampling parameters only the engine can check (n above --max-num-seqs, a logit_bias id past
+    the vocabulary); `param` names the request field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
 class PromptTooLongError(EngineError, ValueError):
     """The prompt (plus at least one output token) exceeds --max-model-len."""
 

@@ -22,7 +22,13 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from aioffload.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError, RequestOutput
+from aioffload.engine.outputs import (
+    EngineDeadError,
+    InvalidRequestError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestOutput,
+)
 from aioffload.serving.choice import Choice, Job
 from aioffload.serving.protocol import ApiError, error_body, error_response, json_response
 from aioffload.serving.responses import FinishedChoice, ResponseShape
@@ -35,8 +41,6 @@ log = logging.getLogger("aioffload.http")
 
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 _DONE = b"data: [DONE]\n\n"
-# The engine's ValueErrors name the field first ("n: 5 sequences exceed --max-num-seqs 4")
-_ENGINE_FIELDS = ("n", "best_of", "logit_bias")
 
 
 def sse_event(obj: Any) -> bytes:
@@ -110,7 +114,7 @@ class Generation:
             job.engine_done = True
             job.tracker.finish("error")
             raise RuntimeError("the engine's output stream ended without a finished output") from None
-        except (QueueFullError, PromptTooLongError, EngineDeadError, ValueError) as e:
+        except (QueueFullError, PromptTooLongError, EngineDeadError, InvalidRequestError) as e:
             if not first:
                 job.tracker.finish("error")
                 raise
@@ -121,8 +125,7 @@ class Generation:
                 raise ApiError(400, str(e), self.prompt_param) from None
             if isinstance(e, EngineDeadError):
                 raise ApiError(503, "the server is shutting down") from None
-            name = str(e).split(":", 1)[0]  # what the engine alone can check (n above --max-num-seqs, ...)
-            raise ApiError(400, str(e), name if name in _ENGINE_FIELDS else None) from None
+            raise ApiError(400, str(e), e.param) from None  # what the engine alone can check
         except Exception:
             job.tracker.finish("error")
             raise
