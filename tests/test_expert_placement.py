@@ -133,9 +133,10 @@ def test_aioffload_plan_on_an_moe_checkpoint(tmp_path, capsys) -> None:
 
     path = make_synthetic_checkpoint(tmp_path / "m", "tiny-moe", device="cpu")  # bf16, 4 layers x 8 experts
     rc = main(["plan", "--model", str(path), "--dtype", "bfloat16", "--gpu-memory-gb", "1", "--trigger", "0.0006",
-               "--expert-stream", "routed", "--expert-cache-gb", "0.0001"])  # fmt: skip
+               "--expert-stream", "routed", "--expert-cache-gb", "0.0001", "--hybrid", "on"])  # fmt: skip
     out = " ".join(capsys.readouterr().out.split())
     assert rc == 0
+    assert "host cores of this machine calibrated" not in out  # MoE layers never split, as in the worker
     eb = 3 * 32 * 64 * 2  # 12.3 kB per expert in bf16
     assert "(Qwen3MoeForCausalLM, 4 layers, bfloat16)" in out
     assert "layers 0-3 GPU attention, norms, router" in out

@@ -17,6 +17,7 @@ from aioffload.config import EngineConfig, ModelConfig
 from aioffload.distributed.sharding import TPShard, local_model_config, rank_offload_config
 from aioffload.offload.device import DeviceFacts, device_facts, place
 from aioffload.offload.placement import format_plan
+from aioffload.offload.split_cost import hybrid_off_reason
 
 
 def run_plan(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, max_len: int, source: str,
@@ -38,8 +39,7 @@ def run_plan(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, max_le
     print(f"max-model-len    {max_len}")
     stand_in = facts.total_source == "cpu"
     print(format_plan(placement, mcfg, config.cache.block_size, on_cpu=facts.on_cpu, stand_in=stand_in))
-    hybrid = config.offload.hybrid == "on" or (config.offload.hybrid == "auto" and not facts.on_cpu)  # as the worker
-    if placement.offload_active and hybrid:
+    if placement.offload_active and hybrid_off_reason(config.offload.hybrid, mcfg.is_moe, not facts.on_cpu) is None:
         print(hybrid_report(config, mcfg, dtype, facts.h2d_bytes_per_s, len(placement.offloaded_layers)))
     return 0
 

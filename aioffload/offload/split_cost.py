@@ -23,6 +23,18 @@ from dataclasses import dataclass
 from aioffload.offload.split_layout import SplitLayout
 
 
+def hybrid_off_reason(mode: str, is_moe: bool, cuda: bool) -> str | None:
+    """Why offloaded layers stream whole instead of splitting with the host (None: they split).
+    One rule for the worker (worker/hybrid.py) and `aioffload plan`."""
+    if is_moe:
+        return "an MoE model streams its routed experts instead"
+    if mode == "off":
+        return "--hybrid off: offloaded layers stream whole"
+    if mode == "auto" and not cuda:
+        return "auto on the CPU device: nothing to gain; --hybrid on runs the split here too"
+    return None
+
+
 @dataclass(frozen=True)
 class HostRates:
     """Measured host time of an MLP share at each calibrated batch: seconds = per_chunk x k + fixed.

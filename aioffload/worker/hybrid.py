@@ -19,7 +19,7 @@ from aioffload.config import ModelConfig, OffloadConfig
 from aioffload.distributed.group import TPGroup
 from aioffload.model.layout import LayerLayout, layer_layout
 from aioffload.offload.calibrate import calibrate_host, default_host_threads
-from aioffload.offload.split_cost import SplitChooser, SplitCostModel, format_table
+from aioffload.offload.split_cost import SplitChooser, SplitCostModel, format_table, hybrid_off_reason
 from aioffload.offload.split_layout import SplitLayout, split_layout
 from aioffload.offload.split_mlp import HostCompute
 
@@ -61,14 +61,11 @@ def plan_hybrid(
     h2d_bytes_per_s: float,
 ) -> HybridPlan | None:
     """The split to run with, or None (every offloaded layer streams whole); logs why."""
-    mode = offload.hybrid
     if not num_offloaded:
         return None
-    if mode == "off":
-        log.info("hybrid: off (--hybrid off): offloaded layers stream whole")
-        return None
-    if mode == "auto" and device.type != "cuda":
-        log.info("hybrid: off (auto on the CPU device: nothing to gain; --hybrid on runs the split here too)")
+    reason = hybrid_off_reason(offload.hybrid, mcfg.is_moe, device.type == "cuda")
+    if reason is not None:
+        log.info("hybrid: off (%s)", reason)
         return None
     split = split_layout(layout, mcfg.hidden_size, mcfg.intermediate_size)
     threads = offload.host_threads or default_host_threads()
@@ -79,11 +76,11 @@ def plan_hybrid(
     chooser = SplitChooser(cost)
     log.info("hybrid: host calibrated in %.1f s\n%s", time.perf_counter() - t,
              format_table(cost, LOG_BATCHES, num_offloaded))  # fmt: skip
-    if mode == "auto" and not chooser.pays:
+    if offload.hybrid == "auto" and not chooser.pays:
         log.info("hybrid: off (auto: the host is slower than streaming at every batch size)")
         return None
     log.info("hybrid: on (%s): the host computes a share of each of the %d offloaded layers' MLP, chosen per step",
-             mode, num_offloaded)  # fmt: skip
+             offload.hybrid, num_offloaded)  # fmt: skip
     host = HostCompute(rates.max_tokens, mcfg.hidden_size, dtype, device, threads, max_in_flight=num_offloaded)
     log.info("hybrid: the GPU waits for host shares %s", "on a word in mapped memory (cuStreamWaitValue32)"
              if host.asynchronous else "through the step thread (no stream wait available)")  # fmt: skip

@@ -71,8 +71,7 @@ class Worker:
         self.h2d_bytes_per_s, total, sched = facts.h2d_bytes_per_s, facts.total_bytes, config.scheduler
         self.placement: Placement = place(config.replace(offload=offload), mcfg, elem, self.max_model_len, facts)
         log.info("placement: %s", self.placement.reason)
-        # MoE models stream routed experts instead (offload/expert_stream.py); the split is for dense MLPs.
-        self.hybrid: HybridPlan | None = None if mcfg.is_moe else plan_hybrid_ranks(
+        self.hybrid: HybridPlan | None = plan_hybrid_ranks(
             offload, mcfg, len(self.placement.offloaded_layers), self.dtype, self.device, self.h2d_bytes_per_s,
             self.tp.group if self.tp else None,
         )  # fmt: skip
