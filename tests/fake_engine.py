@@ -234,7 +234,9 @@ class FakeEngine:
         word, token = WORDS[(sum(ids) + i + c.index) % len(WORDS)], i
         if self.script is not None:
             token = self.script[i] if i < len(self.script) else EOS
-            word = self.tokenizer.decode([token])
+            # as the engine: special tokens kept when the request asks, the finishing ids left out
+            keep = not params.skip_special_tokens and token not in (EOS, *params.stop_token_ids)
+            word = self.tokenizer.decode([token], skip_special_tokens=not keep)
         finished, reason = i + 1 == params.max_tokens, "length"
         if c.mask is not None:
             token, word, finished, reason = self._constrained(c, token, finished, reason)

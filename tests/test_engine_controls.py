@@ -213,3 +213,26 @@ def test_a_draft_model_with_penalties_logprobs_and_masks(tiny: str) -> None:
         pa, pb = a[0].prompt_logprobs or [None], b[0].prompt_logprobs or [None]
         assert [x.token_id for x in pa[1:]] == [x.token_id for x in pb[1:]]  # type: ignore[union-attr]
         assert [x.logprob for x in pa[1:]] == pytest.approx([x.logprob for x in pb[1:]], abs=1e-5)  # type: ignore[union-attr]
+
+
+def test_kept_special_tokens_show_in_the_text_but_finishing_ids_do_not() -> None:
+    """SamplingParams.skip_special_tokens=False (tool-parsing requests): special tokens stay in the
+    engine's text, eos and stop_token_ids do not, and stop strings still wait for min_tokens."""
+    from aioffload.checkpoint.tokenizer import Tokenizer
+    from aioffload.engine.request import Request
+    from aioffload.engine.request_state import OutputSlot, RequestState
+
+    tok = Tokenizer.from_dir(DEMO)  # 0 <|bos|>, 1 <|eos|>, 2 <|user|>, 3 <|assistant|>
+    words = tok.encode(" hello world", add_special_tokens=False)
+
+    def text(params: SamplingParams, ids: list[int]) -> str:
+        st = RequestState(Request("r", [5], params, eos_token_ids=(1,)), OutputSlot(), tok, [5], "r", 0)
+        outs = [st.on_token(t) for t in ids]
+        return "".join(o.text for o in outs if o is not None) + st.close(None, "stop").text
+
+    ids = [2, *words, 3, 1]
+    assert text(SamplingParams(max_tokens=20), ids) == " hello world"
+    kept = SamplingParams(max_tokens=20, skip_special_tokens=False, stop_token_ids=(3,))
+    assert text(kept, ids) == "<|user|> hello world"  # <|assistant|> (a stop id) and <|eos|> left out
+    late = SamplingParams(max_tokens=20, skip_special_tokens=False, stop=("world",), min_tokens=len(ids))
+    assert text(late, ids) == "<|user|> hello world<|assistant|>"  # no stop string before min_tokens

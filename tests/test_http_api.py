@@ -165,11 +165,11 @@ def test_no_tools_means_no_parsing() -> None:
         assert out["choices"][0]["message"]["content"] == HERMES_CALL and "tool_calls" not in out["choices"][0]
 
 
-def test_mistral_marker_is_a_special_token_the_engine_text_skips() -> None:
+def test_mistral_marker_is_a_special_token_kept_for_tool_parsing() -> None:
     text = '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_weather", ' \
            '"arguments": {"city": "Lyon"}}]'
     engine, server = scripted(text, parser="mistral")
-    assert 257 in engine.script  # [TOOL_CALLS] is one special id, left out of the engine's text
+    assert 257 in engine.script  # [TOOL_CALLS] is one special id: in the text of tool-parsing requests only
     with server as url:
         body = {"messages": MESSAGES, "tools": [TOOL]}
         out = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=10).json()

@@ -59,7 +59,11 @@ class RequestState:
         self.prompt_sent = req.sampling.prompt_logprobs is None
         self.min_tokens = req.sampling.min_tokens
         self.stop_from = 0  # stop strings must end at or after this char: text before min_tokens cannot stop
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+        sp = req.sampling
+        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=sp.skip_special_tokens)
+        # Ids whose text never shows when special tokens are kept: those that end generation.
+        self.silent = frozenset() if sp.skip_special_tokens else frozenset(
+            (*sp.stop_token_ids, *(() if sp.ignore_eos else req.eos_token_ids)))  # fmt: skip
         self.stops = req.sampling.stop
         self.hold = max((len(s) for s in self.stops), default=1) - 1  # chars that may start a stop string
         self.text = ""  # all text produced (before truncation at a stop string)
@@ -81,7 +85,8 @@ class RequestState:
         if self.stop_hit:
             return None
         self.num_output_tokens += 1
-        self.text += self.detok.push(token_id)
+        if token_id not in self.silent:
+            self.text += self.detok.push(token_id)
         end = len(self.text)
         if self.stops:
             if self.num_output_tokens < self.min_tokens:  # as vLLM: no stop string before min_tokens

@@ -21,7 +21,7 @@ from aioffload.serving.routes import check_model, read_body, ready_engine
 from aioffload.serving.state import ServerState
 from aioffload.serving.stream import Generation
 from aioffload.serving.structured_output import response_format_spec
-from aioffload.serving.tool_calls import ToolCallReader, ToolCallStream, ToolOutputText
+from aioffload.serving.tool_calls import ToolCallReader, ToolCallStream
 from aioffload.serving.tool_grammar import tool_call_spec
 from aioffload.serving.validation import check_token_ids, completion_prompts, refuse_unsupported, sampling_params
 from aioffload.worker.sampling import SamplingParams
@@ -82,10 +82,10 @@ async def chat(state: ServerState, request: Request) -> Generation:
     make_reader: Callable[[], Reader] = TextReader
     if plan.parser is not None:
         parser, parallel = plan.parser, plan.parallel
+        params = dataclasses.replace(params, skip_special_tokens=False)  # some formats open calls with one
 
         def make_reader() -> Reader:  # one per choice: each reads its own calls
-            text = ToolOutputText(tokenizer, prompt_ids, params, engine.eos_token_ids)
-            return ToolCallReader(text, ToolCallStream(type(parser)(), parallel))
+            return ToolCallReader(ToolCallStream(type(parser)(), parallel))
 
     writer = (lambda: ChatLogprobs(state.token_strings(engine))) if params.logprobs is not None else None
     return _generation(state, engine, req, True, [(prompt_ids, params, make_reader, writer, None)], arrival)

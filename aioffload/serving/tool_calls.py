@@ -5,10 +5,10 @@ tool calls. A call is emitted as one `tool_calls` delta as soon as it has fully 
 whole arguments); content streams as it comes, except a tail that may open a call. A JSON
 response is the same events gathered, so streamed and non-streamed replies agree.
 
-`ToolOutputText` is the text that driver reads. The engine's text skips special tokens, and some
-formats open calls with one (`[TOOL_CALLS]`, `<|python_tag|>`), so tool-parsing choices decode
-their own token ids with special tokens kept, leaving out the ids that end generation (eos,
-stop_token_ids) and cutting at a stop string, as the engine does.
+`ToolCallReader` feeds it the engine's text. Some formats open calls with a special token
+(`[TOOL_CALLS]`, `<|python_tag|>`), so a tool-parsing request asks the engine to keep special
+tokens in its text (SamplingParams.skip_special_tokens=False); the engine leaves out the ids that
+end generation and applies stop strings and min_tokens as for any request.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aioffload.checkpoint.tokenizer import IncrementalDetokenizer, Tokenizer
 from aioffload.serving.tool_parsers import ParsedCall, ToolParser
-from aioffload.worker.sampling import SamplingParams, find_stop_string
 
 
 @dataclass(frozen=True)
@@ -75,53 +73,18 @@ class ToolCallStream:
         return events
 
 
-class ToolOutputText:
-    """One choice's output text with special tokens kept: feed token ids, get text deltas."""
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
-                 eos_token_ids: Sequence[int]) -> None:
-        self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens=False)
-        self.excluded = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
-        self.stops = params.stop
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-        self.sent = 0
-        self.stopped = False
-
-    def push(self, token_ids: Sequence[int]) -> str:
-        for t in token_ids:
-            if t not in self.excluded:
-                self.detok.push(t)
-        return self._delta(final=False)
-
-    def flush(self) -> str:
-        self.detok.flush()
-        return self._delta(final=True)
-
-    def _delta(self, final: bool) -> str:
-        if self.stopped:
-            return ""
-        text = self.detok.text
-        end = len(text) if final else max(self.sent, len(text) - self.hold)
-        if self.stops:
-            cut = find_stop_string(text, self.stops, start=max(0, self.sent - self.hold))
-            if cut is not None:
-                end, self.stopped = cut, True
-        delta, self.sent = text[self.sent : end], max(self.sent, end)
-        return delta
-
-
 class ToolCallReader:
-    """Reads one choice's outputs for tool calls: token ids -> text with specials -> events."""
+    """Reads one choice's outputs for tool calls: the engine's text deltas (special tokens kept:
+    the request's SamplingParams.skip_special_tokens is False) -> events."""
 
-    def __init__(self, text: ToolOutputText, calls: ToolCallStream) -> None:
-        self.text = text
+    def __init__(self, calls: ToolCallStream) -> None:
         self.calls = calls
 
     def read(self, token_ids: Sequence[int], text: str) -> list[Event]:
-        return self.calls.feed(self.text.push(token_ids))  # the engine's `text` skips special tokens
+        return self.calls.feed(text)
 
     def finish(self) -> list[Event]:
-        return self.calls.feed(self.text.flush()) + self.calls.finish()
+        return self.calls.finish()
 
     @property
     def called(self) -> bool:

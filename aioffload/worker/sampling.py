@@ -44,6 +44,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # HF/vLLM, over prompt + outputs: positive logits / p, negative * p
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); +100 forces it
     min_tokens: int = 0  # eos and stop_token_ids masked (stop strings not matched) until this many are out
+    # False: the output text keeps special tokens (tool-call formats open calls with one), leaving
+    # out the ids that end generation (eos unless ignore_eos, stop_token_ids)
+    skip_special_tokens: bool = True
     # Called once per sequence (each of n / best_of gets its own) for a fresh provider of allowed ids
     logits_mask: Callable[[], LogitsMaskProvider] | None = None
 
