@@ -149,6 +149,24 @@ def test_chooser_learns_the_host_time_of_real_steps(path, host):
     assert ch(8) == k8
 
 
+def test_a_steps_host_shares_update_every_ratio_and_rechoose_once_per_step_size() -> None:
+    from aioffload.offload.split_cost import HostRates, SplitChooser, SplitCostModel
+
+    rates = HostRates((1, 8), (1e-4, 2e-4), (0.0, 0.0), threads=1)
+    model = SplitCostModel(num_chunks=8, chunk_bytes=int(5.5e6), chunk_params=1, layer_bytes=int(50e6),
+                           layer_params=1, h2d_bytes_per_s=55e9, host=rates, sync_s=0.0)  # fmt: skip
+    one, many = SplitChooser(model), SplitChooser(model)
+    k0 = one(1)
+    for _ in range(30):  # 30 layers' shares of one step, three times slower than calibrated
+        one.observe(1, k0, 3 * rates.seconds(1, k0))
+    calls: list[int] = []
+    rechoose = many.rechoose
+    many.rechoose = lambda t: calls.append(t) or rechoose(t)  # type: ignore[method-assign]
+    many.observe_step([(1, k0, 3 * rates.seconds(1, k0))] * 30 + [(8, 0, 1.0)])  # k = 0: no share, no choice
+    assert calls == [1]
+    assert many.factor[1] == pytest.approx(one.factor[1]) and many(1) == one(1) < k0
+
+
 def engine_text(hybrid: str, prompts: list[str], tokens: int = 24) -> tuple[list[str], Engine]:
     cfg = EngineConfig(
         model=DEMO_MODEL, device="cpu", cache=CacheConfig(num_blocks=128),

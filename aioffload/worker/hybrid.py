@@ -46,9 +46,7 @@ class HybridPlan:
         """Raise a failed host share; feed the measured host times back into the chooser."""
         self.host.check()
         obs = self.host.observed
-        while obs:
-            tokens, k, seconds = obs.popleft()
-            self.chooser.observe(tokens, k, seconds)
+        self.chooser.observe_step([obs.popleft() for _ in range(len(obs))])
 
 
 def plan_hybrid(
