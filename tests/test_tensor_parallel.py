@@ -219,7 +219,7 @@ class FixedShare:
     def __call__(self, tokens: int) -> int:
         return self.k
 
-    def observe(self, tokens: int, k: int, host_s: float) -> None:
+    def observe_step(self, shares: object) -> None:
         pass
 
 

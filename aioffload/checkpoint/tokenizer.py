@@ -190,7 +190,8 @@ def _compile_template(source: str, template_file: Path) -> tuple[jinja2.Template
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
-        return env.from_string(source), jinja2.meta.find_undeclared_variables(env.parse(source))
+        ast = env.parse(source)
+        return env.from_string(ast), jinja2.meta.find_undeclared_variables(ast)
     except jinja2.TemplateError as e:  # syntax errors show at load time, not on the first request
         raise TokenizerError(f"{template_file}: chat template does not compile: {e}") from e
 

@@ -19,6 +19,7 @@ class ShardOps:
     def __init__(self, group: TPGroup, shard: TPShard) -> None:
         self.group, self.shard = group, shard
         self.vocab_lo, self.vocab_hi = shard.vocab
+        self.vocab_widths = [hi - lo for lo, hi in (shard.of_rank(r).vocab for r in range(group.size))]
 
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] partial sums -> the sum
         return self.group.all_reduce_(x)
@@ -41,8 +42,7 @@ class ShardOps:
         parts = self.group.gather(local)
         if parts is None:
             return None
-        cols = [self.shard.of_rank(r).vocab for r in range(self.group.size)]
-        return torch.cat([p[:, : hi - lo] for p, (lo, hi) in zip(parts, cols, strict=True)], dim=-1)
+        return torch.cat([p[:, :w] for p, w in zip(parts, self.vocab_widths, strict=True)], dim=-1)
 
     def argmax(self, local: torch.Tensor) -> torch.Tensor | None:
         """The argmax over the whole vocabulary of each row [R] on rank 0 (None elsewhere), the

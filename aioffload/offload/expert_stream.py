@@ -22,6 +22,7 @@ requests.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -180,8 +181,8 @@ class ExpertStream:
             self._observe(j, self.counts_host[j].nonzero().flatten().tolist())
         self._pending.clear()
         self.last, self.step = self.step, StepCounters()
-        for f in ("copied_bytes", "routed_bytes", "full_layers", "routed_layers"):
-            setattr(self.total, f, getattr(self.total, f) + getattr(self.last, f))
+        for f in dataclasses.fields(StepCounters):
+            setattr(self.total, f.name, getattr(self.total, f.name) + getattr(self.last, f.name))
 
     def stats(self) -> dict[str, float]:
         return {
