@@ -194,3 +194,21 @@ def save_sharded(src: Path, dst: Path, max_shard_size: str = "200KB") -> Path:
     model = tf.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     model.save_pretrained(dst, max_shard_size=max_shard_size)
     return dst
+
+
+class FailOnce(SdpaBackend):
+    """SDPA that raises once, on the `fail_at`-th attention call (= decoder layer of a forward)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail_at: int | None = None
+
+    def attend(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if self.fail_at is not None and self.calls == self.fail_at:
+            self.fail_at = None
+            raise RuntimeError("injected failure")
+        self.calls += 1
+        return super().attend(*args, **kwargs)
+
+    def arm(self, layer: int) -> None:
+        self.calls, self.fail_at = 0, layer

@@ -14,7 +14,7 @@ from aioffload.offload.expert_layers import MoeLayers, ResidentExperts
 from aioffload.offload.expert_placement import ExpertPlan
 from aioffload.offload.expert_stream import ExpertStream
 from aioffload.worker.model_loader import build_model
-from tests.helpers import CPU, Runner, one_torch_thread
+from tests.helpers import CPU, FailOnce, Runner, one_torch_thread
 from tests.tiny_models import make_moe_checkpoint
 
 PROMPTS = [[1, 5, 9, 33, 7, 100, 3], [1, 200, 201, 17], [1, 42] * 6]
@@ -166,19 +166,6 @@ def test_auto_mode_picks_routed_for_small_steps_and_whole_sets_for_large_ones(pa
     assert fast.experts.full == [True, True, True]
 
 
-class FailOnce(SdpaBackend):
-    def __init__(self) -> None:
-        self.calls = 0
-        self.fail_at: int | None = None
-
-    def attend(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if self.fail_at is not None and self.calls == self.fail_at:
-            self.fail_at = None
-            raise RuntimeError("injected failure")
-        self.calls += 1
-        return super().attend(*args, **kwargs)
-
-
 @pytest.mark.parametrize("mode, fail_layer", [("routed", 3), ("full", 3), ("routed", 1), ("full", 0)])
 def test_interrupted_forward_then_normal_forward(paths, reference, mode, fail_layer):
     path = paths["qwen2"]
@@ -189,7 +176,7 @@ def test_interrupted_forward_then_normal_forward(paths, reference, mode, fail_la
     pre, _ = runner.prefill()
     assert torch.equal(pre, pre_r)
     nxt = pre.argmax(-1).tolist()
-    backend.calls, backend.fail_at = 0, fail_layer
+    backend.arm(fail_layer)
     with pytest.raises(RuntimeError, match="injected failure"):
         runner.decode_step(nxt)
     for s in runner.seqs:  # undo the step's token so it can be retried

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aioffload.attention.backends import SdpaBackend
 from aioffload.offload.transfer_queue import ResidentLayers, TransferQueue
-from tests.helpers import Runner, build, one_torch_thread, write_random_checkpoint
+from tests.helpers import FailOnce, Runner, build, one_torch_thread, write_random_checkpoint
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -151,24 +150,6 @@ def test_ring_streams_across_step_boundaries(path, monkeypatch, ring):
 
 
 # ---- interrupted forward ----
-
-
-class FailOnce(SdpaBackend):
-    """SDPA that raises once, on the `fail_at`-th attention call (= decoder layer of a forward)."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.fail_at: int | None = None
-
-    def attend(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if self.fail_at is not None and self.calls == self.fail_at:
-            self.fail_at = None
-            raise RuntimeError("injected failure")
-        self.calls += 1
-        return super().attend(*args, **kwargs)
-
-    def arm(self, layer: int) -> None:
-        self.calls, self.fail_at = 0, layer
 
 
 @pytest.mark.parametrize(

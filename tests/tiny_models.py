@@ -32,17 +32,7 @@ def make_checkpoint(root: Path, arch: str = "llama", seed: int = 0, layers: int 
         cfg, cls = tf.Qwen3Config(**common, head_dim=32), tf.Qwen3ForCausalLM
     else:
         raise ValueError(arch)
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():  # norms away from 1 so they matter
-            if p.dim() == 1:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0, 0.08)
-    path = root / f"{arch}-{seed}"
-    model.save_pretrained(path, safe_serialization=True)
-    return path
+    return _randomized(cls, cfg, seed, root / f"{arch}-{seed}")
 
 
 def add_word_tokenizer(path: Path, vocab_size: int = 256, eos_id: int = 2) -> Path:
@@ -94,6 +84,11 @@ def make_moe_checkpoint(root: Path, name: str, seed: int = 0, layers: int = 4) -
         cfg = tf.Qwen3MoeConfig(**common, head_dim=32, intermediate_size=96, moe_intermediate_size=32,
                                 num_experts=experts, **extra)  # fmt: skip
         cls = tf.Qwen3MoeForCausalLM
+    return _randomized(cls, cfg, seed, root / f"{name}-{seed}")
+
+
+def _randomized(cls, cfg, seed: int, path: Path) -> Path:  # type: ignore[no-untyped-def]
+    """A transformers model of `cls` with seeded random weights, saved as safetensors at `path`."""
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     with torch.no_grad():
@@ -102,6 +97,5 @@ def make_moe_checkpoint(root: Path, name: str, seed: int = 0, layers: int = 4) -
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0, 0.08)
-    path = root / f"{name}-{seed}"
     model.save_pretrained(path, safe_serialization=True)
     return path
