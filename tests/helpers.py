@@ -212,3 +212,37 @@ class FailOnce(SdpaBackend):
 
     def arm(self, layer: int) -> None:
         self.calls, self.fail_at = 0, layer
+
+
+def make_cpu_engine(model: str, *, num_blocks: int = 256, budget: int = 64, seqs: int = 16, spec: str = "off"):  # type: ignore[no-untyped-def]
+    """A CPU engine over `model` with a small fixed pool (blocks of 4) and max-model-len 128; with
+    `spec`, up to 6 proposals a step, k chosen by acceptance alone (a draft here costs nothing)."""
+    from aioffload.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+    from aioffload.engine.async_engine import Engine
+
+    cfg = EngineConfig(
+        model=model, device="cpu",
+        cache=CacheConfig(num_blocks=num_blocks, block_size=4),
+        scheduler=SchedulerConfig(max_model_len=128, max_num_batched_tokens=budget, max_num_seqs=seqs),
+        speculative=SpeculativeConfig(method=spec, num_tokens=6),
+    ).validate()  # fmt: skip
+    engine = Engine.from_config(cfg)
+    if engine.speculation is not None:
+        engine.speculation.draft_step_s = 0.0
+    return engine
+
+
+def run_jobs(engine, jobs):  # type: ignore[no-untyped-def]
+    """Every (prompt, SamplingParams) of `jobs` at once (request ids r0, r1, ...), each request's
+    outputs in order; every KV block must be free again after. The engine keeps running."""
+    import asyncio
+
+    async def one(i, prompt, p):  # type: ignore[no-untyped-def]
+        return [o async for o in engine.generate(prompt, p, f"r{i}")]
+
+    async def main():  # type: ignore[no-untyped-def]
+        return list(await asyncio.gather(*(one(i, pr, p) for i, (pr, p) in enumerate(jobs))))
+
+    outs = asyncio.run(main())
+    assert engine.block_manager.pool.num_free == engine.block_manager.pool.num_blocks
+    return outs

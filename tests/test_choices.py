@@ -14,6 +14,8 @@ from aioffload.engine.choices import choice_ids, choice_seed, make_choices, rank
 from aioffload.engine.outputs import RequestOutput
 from aioffload.engine.request import RequestStatus
 from aioffload.worker.sampling import SamplingParams
+from tests.helpers import make_cpu_engine as make
+from tests.helpers import run_jobs as run
 from tests.test_scheduler import make_scheduler
 from tests.tiny_models import add_word_tokenizer, make_checkpoint
 
@@ -25,25 +27,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(add_word_tokenizer(make_checkpoint(tmp_path_factory.mktemp("choices"), "llama", seed=7, layers=3)))
 
 
-def make(model: str, num_blocks: int = 256, budget: int = 64, seqs: int = 16) -> Engine:
-    cfg = EngineConfig(
-        model=model, device="cpu",
-        cache=CacheConfig(num_blocks=num_blocks, block_size=4),
-        scheduler=SchedulerConfig(max_model_len=128, max_num_batched_tokens=budget, max_num_seqs=seqs),
-    ).validate()  # fmt: skip
-    return Engine.from_config(cfg)
-
-
-def run(engine: Engine, jobs: list[tuple[str | list[int], SamplingParams]]) -> list[list[RequestOutput]]:
-    async def one(i: int, prompt: str | list[int], p: SamplingParams) -> list[RequestOutput]:
-        return [o async for o in engine.generate(prompt, p, f"r{i}")]
-
-    async def main() -> list[list[RequestOutput]]:
-        return list(await asyncio.gather(*(one(i, pr, p) for i, (pr, p) in enumerate(jobs))))
-
-    outs = asyncio.run(main())
-    assert engine.block_manager.pool.num_free == engine.block_manager.pool.num_blocks
-    return outs
 
 
 def by_choice(outs: list[RequestOutput]) -> dict[int, list[int]]:

@@ -15,6 +15,8 @@ from aioffload.engine.async_engine import Engine
 from aioffload.engine.outputs import RequestOutput
 from aioffload.worker.sampling import SamplingParams
 from tests.fake_masks import EvenOnly, Forced
+from tests.helpers import make_cpu_engine as make
+from tests.helpers import run_jobs as run
 from tests.tiny_models import add_word_tokenizer, make_checkpoint
 
 DEMO = str(Path(__file__).resolve().parents[1] / "aioffload" / "assets" / "demo")
@@ -25,29 +27,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(add_word_tokenizer(make_checkpoint(tmp_path_factory.mktemp("ctl"), "llama", seed=13, layers=3)))
 
 
-def make(model: str, spec: str = "off", seqs: int = 16) -> Engine:
-    cfg = EngineConfig(
-        model=model, device="cpu",
-        cache=CacheConfig(num_blocks=256, block_size=4),
-        scheduler=SchedulerConfig(max_model_len=128, max_num_batched_tokens=64, max_num_seqs=seqs),
-        speculative=SpeculativeConfig(method=spec, num_tokens=6),
-    ).validate()  # fmt: skip
-    e = Engine.from_config(cfg)
-    if e.speculation is not None:
-        e.speculation.draft_step_s = 0.0
-    return e
-
-
-def run(engine: Engine, jobs: list[tuple[str | list[int], SamplingParams]]) -> list[list[RequestOutput]]:
-    async def one(i: int, prompt: str | list[int], p: SamplingParams) -> list[RequestOutput]:
-        return [o async for o in engine.generate(prompt, p, f"r{i}")]
-
-    async def main() -> list[list[RequestOutput]]:
-        return list(await asyncio.gather(*(one(i, pr, p) for i, (pr, p) in enumerate(jobs))))
-
-    outs = asyncio.run(main())
-    assert engine.block_manager.pool.num_free == engine.block_manager.pool.num_blocks
-    return outs
 
 
 def tokens(outs: list[RequestOutput], index: int = 0) -> list[int]:
@@ -125,7 +104,7 @@ def test_penalised_greedy_output_follows_the_definitions(tiny: str, spec: str) -
     prompt = [1, 40, 41, 42, 43, 40, 41, 42, 43, 40, 41]
     ps = {k: SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, **kw) for k, kw in PENALTIES.items()}  # type: ignore[arg-type]
     plain = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    outs = run(make(tiny, spec), [(prompt, p) for p in ps.values()] + [(prompt, plain)])
+    outs = run(make(tiny, spec=spec), [(prompt, p) for p in ps.values()] + [(prompt, plain)])
     for (name, p), o in zip(ps.items(), outs):
         assert tokens(o) == hf_greedy_with_penalties(model, prompt, 16, p), name
         assert tokens(o) != tokens(outs[-1]), f"{name} changed nothing: a weak test"
@@ -143,7 +122,7 @@ def test_an_even_only_mask_constrains_every_token(tiny: str, spec: str) -> None:
     loop = [1, 40, 42, 44, 46] * 4  # prompt lookup proposes even tokens: some are verified and accepted
     greedy = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logits_mask=factory)
     hot = SamplingParams(max_tokens=20, temperature=1.5, seed=2, ignore_eos=True, logits_mask=factory, n=2)
-    engine = make(tiny, spec)
+    engine = make(tiny, spec=spec)
     g, h = run(engine, [(loop, greedy), (loop, hot)])
     assert len(made) == 3  # one provider per sequence: the request, and each of the two choices
     for outs, idx in ((g, 0), (h, 0), (h, 1)):

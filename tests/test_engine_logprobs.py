@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from aioffload.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
-from aioffload.engine.async_engine import Engine
 from aioffload.engine.outputs import RequestOutput
 from aioffload.engine.request_state import OutputSlot
 from aioffload.worker.logprobs import TokenLogprob
 from aioffload.worker.sampling import SamplingParams
+from tests.helpers import make_cpu_engine as make
+from tests.helpers import run_jobs as run
 from tests.tiny_models import add_word_tokenizer, make_checkpoint
 
 TOL = 1e-4
@@ -32,32 +32,6 @@ def hf(tiny: str):  # noqa: ANN201
     return tf.AutoModelForCausalLM.from_pretrained(tiny, torch_dtype=torch.float32).eval()
 
 
-def make(model: str, num_blocks: int = 256, budget: int = 64, seqs: int = 16, spec: str = "off") -> Engine:
-    cfg = EngineConfig(
-        model=model, device="cpu",
-        cache=CacheConfig(num_blocks=num_blocks, block_size=4),
-        scheduler=SchedulerConfig(max_model_len=128, max_num_batched_tokens=budget, max_num_seqs=seqs),
-        speculative=SpeculativeConfig(method=spec, num_tokens=6),
-    ).validate()  # fmt: skip
-    e = Engine.from_config(cfg)
-    if e.speculation is not None:
-        e.speculation.draft_step_s = 0.0
-    return e
-
-
-def run(engine: Engine, jobs: list[tuple[list[int], SamplingParams]]) -> list[list[RequestOutput]]:
-    async def one(i: int, prompt: list[int], p: SamplingParams) -> list[RequestOutput]:
-        return [o async for o in engine.generate(prompt, p, f"r{i}")]
-
-    async def main() -> list[list[RequestOutput]]:
-        try:
-            return list(await asyncio.gather(*(one(i, pr, p) for i, (pr, p) in enumerate(jobs))))
-        finally:
-            await engine.shutdown(1.0)
-
-    outs = asyncio.run(main())
-    assert engine.block_manager.pool.num_free == engine.block_manager.pool.num_blocks
-    return outs
 
 
 def reference(hf, prompt: list[int], output: list[int]) -> torch.Tensor:  # noqa: ANN001
