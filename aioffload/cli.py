@@ -9,11 +9,11 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from aioffload.config import (
     ATTENTION_BACKENDS,
+    DEMO_MODEL,
     DTYPES,
     HYBRID_MODES,
     SPECULATIVE_METHODS,
@@ -31,7 +31,6 @@ from aioffload.serving.tool_parsers import PARSERS as TOOL_CALL_PARSERS
 if TYPE_CHECKING:
     from aioffload.distributed.group import RankEnv
 
-DEMO_MODEL = str(Path(__file__).parent / "assets" / "demo")
 
 
 def _number(kind: type, ok: Callable[[float], bool], rule: str, allow: tuple[str, ...] = ()) -> Callable[[str], object]:

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from aioffload.config import CacheConfig, EngineConfig, SchedulerConfig
+from aioffload.config import DEMO_MODEL, CacheConfig, EngineConfig, SchedulerConfig
 from aioffload.engine.async_engine import Engine
 from aioffload.worker.sampling import SamplingParams
 
 _ids = itertools.count()
-DEMO = str(Path(__file__).resolve().parents[1] / "aioffload" / "assets" / "demo")
+DEMO = DEMO_MODEL
 SAMPLERS = {
     "greedy": SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True),
     "sampled": SamplingParams(max_tokens=1, temperature=0.8, top_p=0.9, top_k=50, seed=7, ignore_eos=True),

@@ -38,8 +38,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from aioffload.config import DEMO_MODEL
+
 REPO = Path(__file__).resolve().parent.parent
-DEMO = REPO / "aioffload" / "assets" / "demo"
+DEMO = Path(DEMO_MODEL)
 
 
 def get(url: str) -> dict[str, Any]:

@@ -22,8 +22,10 @@ from typing import IO
 
 import httpx
 
+from aioffload.config import DEMO_MODEL
+
 REPO = Path(__file__).resolve().parent.parent
-DEMO = str(REPO / "aioffload" / "assets" / "demo")
+DEMO = DEMO_MODEL
 HOST = "127.0.0.1"
 
 

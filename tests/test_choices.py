@@ -4,11 +4,10 @@ group aborts, seats in running; every block back after every test."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
-from aioffload.config import CacheConfig, EngineConfig, SchedulerConfig
+from aioffload.config import DEMO_MODEL, CacheConfig, EngineConfig, SchedulerConfig
 from aioffload.engine.async_engine import Engine
 from aioffload.engine.choices import choice_ids, choice_seed, make_choices, rank_best_of
 from aioffload.engine.outputs import RequestOutput
@@ -19,7 +18,7 @@ from tests.helpers import run_jobs as run
 from tests.test_scheduler import make_scheduler
 from tests.tiny_models import add_word_tokenizer, make_checkpoint
 
-DEMO = str(Path(__file__).resolve().parents[1] / "aioffload" / "assets" / "demo")
+DEMO = DEMO_MODEL
 
 
 @pytest.fixture(scope="module")

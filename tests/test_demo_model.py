@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from aioffload.config import DEMO_MODEL
+
 transformers = pytest.importorskip("transformers")
 
-DEMO = Path(__file__).resolve().parent.parent / "aioffload" / "assets" / "demo"
+DEMO = Path(DEMO_MODEL)
 EXPECTED_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json", "heldout.txt"]
 

@@ -11,12 +11,12 @@ import torch
 
 from aioffload.attention.kv_cache import BlockManager, BlockPool, KVCache, slot_mapping
 from aioffload.checkpoint.checkpoint import Checkpoint
-from aioffload.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from aioffload.config import DEMO_MODEL, CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from aioffload.worker.inputs import SeqChunk, build_inputs
 from aioffload.worker.sampling import SamplingParams
 from aioffload.worker.worker import Worker
 
-DEMO = str(Path(__file__).resolve().parents[1] / "aioffload" / "assets" / "demo")
+DEMO = DEMO_MODEL
 GREEDY = SamplingParams(temperature=0.0)
 
 

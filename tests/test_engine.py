@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from pathlib import Path
 
 import pytest
 
 from aioffload.checkpoint.checkpoint import Checkpoint
-from aioffload.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
+from aioffload.config import DEMO_MODEL, CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig
 from aioffload.engine.async_engine import Engine
 from aioffload.engine.outputs import PromptTooLongError, QueueFullError, RequestOutput
 from aioffload.engine.request_state import OutputSlot
@@ -19,7 +18,7 @@ from aioffload.offload.transfer_queue import TransferQueue
 from aioffload.worker.sampling import SamplingParams
 from tests.tiny_models import add_word_tokenizer, make_checkpoint
 
-DEMO = str(Path(__file__).resolve().parents[1] / "aioffload" / "assets" / "demo")
+DEMO = DEMO_MODEL
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 

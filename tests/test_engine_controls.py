@@ -5,12 +5,11 @@ outputs (with speculative verification and n > 1 too)."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import torch
 
-from aioffload.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from aioffload.config import DEMO_MODEL, CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from aioffload.engine.async_engine import Engine
 from aioffload.engine.outputs import RequestOutput
 from aioffload.worker.sampling import SamplingParams
@@ -19,7 +18,7 @@ from tests.helpers import make_cpu_engine as make
 from tests.helpers import run_jobs as run
 from tests.tiny_models import add_word_tokenizer, make_checkpoint
 
-DEMO = str(Path(__file__).resolve().parents[1] / "aioffload" / "assets" / "demo")
+DEMO = DEMO_MODEL
 
 
 @pytest.fixture(scope="module")

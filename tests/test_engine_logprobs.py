@@ -4,11 +4,11 @@ chunked prefill, the prompt-row cap, preemption, speculative verification, concu
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import torch
 
+from aioffload.config import DEMO_MODEL
 from aioffload.engine.outputs import RequestOutput
 from aioffload.engine.request_state import OutputSlot
 from aioffload.worker.logprobs import TokenLogprob
@@ -147,7 +147,7 @@ def test_slot_merges_logprobs_when_the_reader_lags() -> None:
 
 
 def test_demo_model_echo_of_a_text_prompt() -> None:
-    demo = str(Path(__file__).resolve().parents[1] / "aioffload" / "assets" / "demo")
+    demo = DEMO_MODEL
     p = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
     engine = make(demo)
     ids = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog")

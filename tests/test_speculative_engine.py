@@ -14,14 +14,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from aioffload.cli import main
-from aioffload.config import CacheConfig, ConfigError, EngineConfig, OffloadConfig, SchedulerConfig, SpeculativeConfig
+from aioffload.config import (
+    DEMO_MODEL,
+    CacheConfig,
+    ConfigError,
+    EngineConfig,
+    OffloadConfig,
+    SchedulerConfig,
+    SpeculativeConfig,
+)
 from aioffload.engine.async_engine import Engine
 from aioffload.engine.outputs import RequestOutput
 from aioffload.worker.sampling import SamplingParams
 from tests.test_engine import spy_preemptions
 from tests.tiny_models import add_word_tokenizer, make_checkpoint
 
-DEMO = str(Path(__file__).resolve().parents[1] / "aioffload" / "assets" / "demo")
+DEMO = DEMO_MODEL
 PROMPTS = [
     "The list. The list is a list. The list",
     "def f(x):\n    return x + 1\n\ndef f(x):\n    return",

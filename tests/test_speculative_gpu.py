@@ -7,12 +7,11 @@ Marked `gpu` and skipped without CUDA; run on the GPU machine with `pytest -m gp
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import torch
 
-from aioffload.config import CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig, SpeculativeConfig
+from aioffload.config import DEMO_MODEL, CacheConfig, EngineConfig, OffloadConfig, SchedulerConfig, SpeculativeConfig
 from aioffload.engine.async_engine import Engine
 from aioffload.worker.sampling import SamplingParams
 
@@ -20,7 +19,7 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)"),
 ]
-DEMO = str(Path(__file__).resolve().parents[1] / "aioffload" / "assets" / "demo")
+DEMO = DEMO_MODEL
 PROMPTS = [
     "The list. The list is a list. The list",
     "def f(x):\n    return x + 1\n\ndef f(x):\n    return",

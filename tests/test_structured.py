@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from aioffload.checkpoint.tokenizer import Tokenizer
+from aioffload.config import DEMO_MODEL
 from aioffload.worker.masks import allocate_bitmask, apply_bitmask, unpack_bitmask
 from aioffload.worker.structured import GrammarCompiler, GrammarSpec, Matcher, StructuredOutputError
 
-DEMO = Path(__file__).resolve().parent.parent / "aioffload" / "assets" / "demo"
+DEMO = Path(DEMO_MODEL)
 SCHEMAS: dict[str, dict[str, Any]] = json.loads((Path(__file__).parent / "data" / "json_schemas.json").read_text())
 MAX_TOKENS = 400
 

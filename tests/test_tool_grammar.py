@@ -12,11 +12,12 @@ import pytest
 from fake_engine import FakeTokenizer
 
 from aioffload.checkpoint.tokenizer import Tokenizer
+from aioffload.config import DEMO_MODEL
 from aioffload.serving.tool_grammar import call_grammar
 from aioffload.serving.tool_parsers import PARSERS
 from aioffload.worker.structured import GrammarCompiler, GrammarSpec
 
-DEMO = Path(__file__).resolve().parent.parent / "aioffload" / "assets" / "demo"
+DEMO = Path(DEMO_MODEL)
 WEATHER = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                  "required": ["city"], "additionalProperties": False}}
 TIME = {"name": "get_time", "parameters": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}},

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from aioffload.checkpoint.tokenizer import Tokenizer
+from aioffload.config import DEMO_MODEL
 
-DEMO = Path(__file__).resolve().parent.parent / "aioffload" / "assets" / "demo"
+DEMO = Path(DEMO_MODEL)
 TEMPLATE = (Path(__file__).parent / "data" / "qwen2_5_chat_template.jinja").read_text()
 TOOLS = [{"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",

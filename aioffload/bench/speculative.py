@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from pathlib import Path
 
 import torch
 
@@ -33,14 +32,14 @@ from aioffload.bench.offload import trigger_for
 from aioffload.bench.spec_prompts import prompt_set
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.checkpoint.tokenizer import Tokenizer
-from aioffload.config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from aioffload.config import DEMO_MODEL, CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from aioffload.engine.async_engine import Engine
 from aioffload.worker.inputs import SeqChunk
 from aioffload.worker.sampling import SamplingParams
 from aioffload.worker.worker import Worker, pick_device
 
 NAME = "speculative"
-DEMO = str(Path(__file__).resolve().parents[1] / "assets" / "demo")
+DEMO = DEMO_MODEL
 DEMO_KV_BLOCKS = 4096  # 65,536 tokens: 8 prompts of a few hundred tokens, any k
 
 
