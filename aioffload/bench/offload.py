@@ -62,6 +62,21 @@ def add_args(p: argparse.ArgumentParser) -> None:
     common.add_synthetic_args(p, default="llama3-8b")
 
 
+def emulated_offload(base: EngineConfig, mcfg: ModelConfig, elem: int, resident_gb: float,
+                     resident_layers: int | None) -> EngineConfig:  # fmt: skip
+    """`base` on an emulated card (--gpu-memory-gb, default 24 GB). Unless --trigger or
+    --cpu-offload-gb says otherwise, the trigger that keeps `resident_layers` layers (or what fits
+    in `resident_gb`) resident, as trigger_for computes it."""
+    gpu_gb = base.offload.gpu_memory_gb or 24.0
+    cfg = common.with_offload(base, gpu_memory_gb=gpu_gb)
+    if base.offload.trigger == 1.0 and base.offload.cpu_offload_gb is None:
+        trigger, r = trigger_for(mcfg, elem, gpu_gb * 1e9, base.offload.prefetch, base.offload.embed_on_host,
+                                 resident_gb, resident_layers)  # fmt: skip
+        say(f"trigger {trigger:.4g} x {gpu_gb:g} GB keeps {r} of {mcfg.num_layers} layers resident")
+        cfg = common.with_offload(cfg, trigger=trigger)
+    return cfg.validate()
+
+
 def trigger_for(mcfg: ModelConfig, elem: int, total: float, prefetch: int, embed_on_host: bool,
                 resident_gb: float, resident_layers: int | None = None) -> tuple[float, int]:  # fmt: skip
     """(trigger, resident layers) so that placement keeps `resident_layers` layers, or as many as fit

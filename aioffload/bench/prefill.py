@@ -111,7 +111,10 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
             R["hf"] = _hf_ttft(config.model, dtype, dev, args)
     if not args.skip_offload:
         with phase(R, "offloaded"):
-            worker = common.build_worker(_offload_config(base, mcfg, dtype, args))
+            from aioffload.bench.offload import emulated_offload
+
+            worker = common.build_worker(emulated_offload(base, mcfg, dtype.itemsize, args.resident_gb,
+                                                              args.resident_layers))  # fmt: skip
             try:
                 _worker_phases(worker, "offloaded", args, R)
             finally:
@@ -143,21 +146,6 @@ def _rates(dev: torch.device, dtype: torch.dtype, mcfg: ModelConfig) -> dict:
     say(f"dense matmul {rates['dense_tflops']} TFLOP/s; device copy {rates['d2d_GBps']} GB/s; "
         f"host-to-device {rates['h2d_GBps']} GB/s")  # fmt: skip
     return rates
-
-
-def _offload_config(
-    base: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, args: argparse.Namespace
-) -> EngineConfig:
-    from aioffload.bench.offload import trigger_for
-
-    gpu_gb = base.offload.gpu_memory_gb or 24.0
-    cfg = common.with_offload(base, gpu_memory_gb=gpu_gb)
-    if base.offload.trigger == 1.0 and base.offload.cpu_offload_gb is None:
-        trigger, r = trigger_for(mcfg, dtype.itemsize, gpu_gb * 1e9, base.offload.prefetch, base.offload.embed_on_host,
-                                 args.resident_gb, args.resident_layers)  # fmt: skip
-        say(f"offloaded phase: trigger {trigger:.4g} x {gpu_gb:g} GB keeps {r} of {mcfg.num_layers} layers resident")
-        cfg = common.with_offload(cfg, trigger=trigger)
-    return cfg.validate()
 
 
 def _worker_phases(worker: Worker, key: str, args: argparse.Namespace, R: dict) -> None:

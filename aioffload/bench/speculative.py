@@ -28,7 +28,7 @@ import torch
 
 from aioffload.bench import common
 from aioffload.bench.common import GREEDY, phase, say
-from aioffload.bench.offload import trigger_for
+from aioffload.bench.offload import emulated_offload
 from aioffload.bench.spec_prompts import prompt_set
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.checkpoint.tokenizer import Tokenizer
@@ -75,10 +75,9 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
     R.update(model=config.model, device=common.device_name(dev), emulated_gpu_gb=gpu_gb, max_num_seqs=seqs)
     worker: Worker | None = None
     with phase(R, "offload_worker"):
-        trigger, r = trigger_for(mcfg, dtype.itemsize, gpu_gb * 1e9, off.offload.prefetch, off.offload.embed_on_host,
-                                 0.0, args.resident_layers)  # fmt: skip
         bw = common.measure_h2d(dev, 436 << 20)
-        worker = common.build_worker(common.with_offload(off, trigger=trigger).validate())
+        worker = common.build_worker(emulated_offload(off, mcfg, dtype.itemsize, 0.0, args.resident_layers))
+        r = len(worker.placement.resident_layers)
         bw = bw or worker.h2d_bytes_per_s
         R["floor_ms"] = round(worker.offload_bytes_per_step / bw * 1e3, 3)
         R["plan"] = {"resident_layers": r, "offloaded_layers": len(worker.placement.offloaded_layers),
