@@ -86,9 +86,9 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
     if "checkpoint" in R["errors"]:
         common.write_json("prefill.json", R)
         return 1
-    mcfg = Checkpoint.open(config.model).model_config
-    dev = pick_device(config.device)
-    dtype = Checkpoint.open(config.model).resolve_dtype(config.dtype, dev)
+    ckpt = Checkpoint.open(config.model)
+    mcfg, dev = ckpt.model_config, pick_device(config.device)
+    dtype = ckpt.resolve_dtype(config.dtype, dev)
     streams = args.itl_streams
     base = common.with_scheduler(config, max_num_seqs=max(config.scheduler.max_num_seqs, streams + 1),
                                  max_model_len=max(config.scheduler.max_model_len or 0, longest))  # fmt: skip
