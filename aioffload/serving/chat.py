@@ -9,8 +9,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import msgspec
 
+from aioffload.checkpoint.tokenizer import Tokenizer
 from aioffload.serving.protocol import ApiError, ChatCompletionRequest, ChatMessage, Tool
 from aioffload.serving.tool_parsers import PARSERS, ToolParser, parser_for_template
 
@@ -109,3 +111,19 @@ def tool_plan(req: ChatCompletionRequest, template: str, template_uses_tools: bo
         raise ApiError(400, "no tool-call format is known for this model's chat template; start the server "
                        f"with --tool-call-parser ({', '.join(PARSERS)})", "tools")  # fmt: skip
     return ToolPlan(tools, PARSERS[name](), req.parallel_tool_calls is not False)
+
+
+async def render_chat(tokenizer: Tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+                      add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:  # fmt: skip
+    """The chat template rendered and encoded off the event loop; a template's error (its
+    raise_exception, e.g. roles must alternate) is the user's: a 400 on `messages`. The template
+    writes BOS itself, hence no special tokens unless asked."""
+
+    def render() -> list[int]:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt, tools)
+        return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    try:
+        return await anyio.to_thread.run_sync(render)
+    except Exception as e:
+        raise ApiError(400, f"cannot apply the chat template: {e}", "messages") from None

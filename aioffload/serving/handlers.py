@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import anyio
 from starlette.requests import Request
 
-from aioffload.serving.chat import ToolPlan, template_messages, tool_plan
+from aioffload.serving.chat import ToolPlan, render_chat, template_messages, tool_plan
 from aioffload.serving.choice import Choice, Job, Reader, TextReader
 from aioffload.serving.logprobs import ChatLogprobs, CompletionLogprobs, LogprobsWriter
 from aioffload.serving.protocol import ApiError, ChatCompletionRequest, CompletionRequest, decode_request
@@ -68,14 +68,7 @@ async def chat(state: ServerState, request: Request) -> Generation:
     tokenizer = engine.tokenizer
     plan = tool_plan(req, tokenizer.chat_template, tokenizer.template_uses_tools, state.config.tool_call_parser)
 
-    def render() -> list[int]:
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=plan.tools)
-        return tokenizer.encode(text, add_special_tokens=False)  # the template adds BOS itself
-
-    try:
-        prompt_ids = await anyio.to_thread.run_sync(render)
-    except Exception as e:  # a template's raise_exception (e.g. roles must alternate) is the user's error
-        raise ApiError(400, f"cannot apply the chat template: {e}", "messages") from None
+    prompt_ids = await render_chat(tokenizer, messages, plan.tools)
     check_token_ids(prompt_ids, None, "messages")
     params = sampling_params(req, len(prompt_ids), engine.max_model_len, CHAT_DEFAULT_MAX_TOKENS, "messages")
     params = await _constrained(state, engine, req, plan, params)

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 import aioffload  # the package root: __version__
-from aioffload.serving.chat import check_tools, template_messages
+from aioffload.serving.chat import check_tools, render_chat, template_messages
 from aioffload.serving.openapi import openapi_document
 from aioffload.serving.protocol import ApiError, DetokenizeRequest, TokenizeRequest, decode_request, json_response
 from aioffload.serving.validation import check_token_ids
@@ -83,15 +83,7 @@ async def tokenize(state: ServerState, request: Request) -> Response:
         if tools and not tokenizer.template_uses_tools:
             raise ApiError(400, "this model's chat template does not render tools", "tools")
         special = bool(req.add_special_tokens)  # None (unset) = False for messages
-
-        def render() -> list[int]:
-            text = tokenizer.apply_chat_template(messages, req.add_generation_prompt, tools)
-            return tokenizer.encode(text, add_special_tokens=special)
-
-        try:
-            ids = await anyio.to_thread.run_sync(render)
-        except Exception as e:
-            raise ApiError(400, f"cannot apply the chat template: {e}", "messages") from None
+        ids = await render_chat(tokenizer, messages, tools, req.add_generation_prompt, special)
     else:
         prompt: str = req.prompt  # type: ignore[assignment]
         special = req.add_special_tokens is not False
