@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aioffload.serving.tool_parsers import ParsedCall, ToolParser
+from aioffload.serving.tool_parsers import ParsedCall, Scan, ToolParser
 
 
 @dataclass(frozen=True)
@@ -47,19 +47,20 @@ class ToolCallStream:
         self.num_calls = 0  # calls emitted
 
     def feed(self, delta: str) -> list[Event]:
+        if not delta:  # a token whose text is held back (a stop string may start): nothing new to scan
+            return []
         self.text += delta
-        return self._events(final=False)
+        return self._events(final=False)[0]
 
     def finish(self) -> list[Event]:
-        events = self._events(final=True)
-        scan = self.parser.scan(self.text, final=True)
+        events, scan = self._events(final=True)
         if scan.rest is not None and self.text[scan.rest:].strip():
             events.append(self.text[scan.rest:])  # a call that never completed, or text after the calls
         elif scan.rest is None and self.content_sent < len(self.text):
             events.append(self.text[self.content_sent:])
         return events
 
-    def _events(self, final: bool) -> list[Event]:
+    def _events(self, final: bool) -> tuple[list[Event], Scan]:
         scan = self.parser.scan(self.text, final)
         events: list[Event] = []
         if scan.content_end > self.content_sent:
@@ -70,7 +71,7 @@ class ToolCallStream:
                 events.append(CallEvent(self.num_calls, self.parser.new_call_id(), call))
                 self.num_calls += 1
         self.calls_seen = len(scan.calls)
-        return events
+        return events, scan
 
 
 class ToolCallReader:
