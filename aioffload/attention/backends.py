@@ -5,7 +5,10 @@ Backends:
   anywhere, used on the CPU (CI).
 - `torch` (CUDA default): Triton kernels that walk block tables, no Python loop over
   sequences: prefill chunks in query tiles (`prefill_kernel.py`, FlashAttention-style),
-  decode rows split over the context (`paged_kernel.py`, flash-decoding; graph-capturable).
+  decode rows split over the context (`paged_kernel.py`, flash-decoding; graph-capturable);
+  in eager steps, chunks of at least `dense_prefill.DENSE_MIN_ROWS` rows go to cuDNN's fused
+  attention instead (`dense_prefill.py`: twice the tile kernel's rate at 32k), when a probe
+  at start-up finds it gives the reference's answer.
 - `xformers`: memory-efficient attention with a bottom-right causal block-diagonal bias;
   chosen only when a probe finds its CUDA kernels (our GPU image's wheel has none).
 
@@ -19,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from aioffload.attention import dense_prefill
 
 log = logging.getLogger("aioffload.attention")
 
@@ -39,6 +44,8 @@ class AttentionMetadata:
     # kernel (decode-only steps, such as the CUDA-graph runner's).
     prefill_tiles: torch.Tensor | None = None  # [N, 4] int32: seq, first row, rows, first position
     decode_rows: torch.Tensor | None = None  # [R] int32: rows of one-token sequences (with prefill_tiles)
+    # Chunks for cuDNN (dense_prefill.py), left out of prefill_tiles: (sequence, first row, rows, first position).
+    dense_seqs: list[tuple[int, int, int, int]] | None = None
 
 
 def write_kv(
@@ -61,6 +68,9 @@ class AttentionBackend:
     written this step's K/V (`forward` does both, for callers that have raw K/V)."""
 
     name: str
+    # Chunks of at least this many query rows take the backend's dense path (None: it has none);
+    # worker/inputs.py leaves them out of the Triton tiles.
+    dense_min_rows: int | None = None
 
     def attend(
         self,
@@ -120,6 +130,15 @@ class TritonPagedBackend(AttentionBackend):
         self._prefill = prefill_kernel.prefill_attention
         self._num_sms: int | None = None
 
+    def enable_dense(self, device: torch.device, min_rows: int = dense_prefill.DENSE_MIN_ROWS) -> None:
+        """Send eager chunks of >= min_rows rows to cuDNN when its probe passes; log the decision."""
+        reason = dense_prefill.probe_cudnn(device)
+        self.dense_min_rows = min_rows if reason is None else None
+        if reason is None:
+            log.info("prefill attention: cuDNN for eager chunks of >= %d rows, Triton tiles for the rest", min_rows)
+        else:
+            log.info("prefill attention: Triton tiles only (%s)", reason)
+
     def _splits(self, num_rows: int, num_kv_heads: int, device: torch.device) -> int:
         if self._num_sms is None:
             cuda = device.type == "cuda"
@@ -130,7 +149,10 @@ class TritonPagedBackend(AttentionBackend):
     def attend(self, q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
         out = torch.empty_like(q)
         rows = meta.decode_rows
-        if meta.prefill_tiles is not None:
+        if meta.dense_seqs:
+            dense_prefill.attend_dense(q, k_cache, v_cache, meta.block_tables, meta.dense_seqs, scale, out,
+                                       dense_prefill.cudnn_lse_attention)  # fmt: skip
+        if meta.prefill_tiles is not None and meta.prefill_tiles.shape[0]:
             self._prefill(q, k_cache, v_cache, meta.block_tables, meta.prefill_tiles, scale, out)
             assert rows is not None, "prefill_tiles come with decode_rows (tiles.plan_rows)"
         num_rows = q.shape[0] if rows is None else rows.shape[0]
@@ -201,4 +223,6 @@ def select_backend(requested: str, device: torch.device) -> AttentionBackend:
         reason = probe_xformers(device)
         log.info("xformers probe: %s", "CUDA kernels available" if reason is None else reason)
     log.info("attention backend: torch (Triton paged-attention kernel)")
-    return TritonPagedBackend()
+    backend = TritonPagedBackend()
+    backend.enable_dense(device)
+    return backend

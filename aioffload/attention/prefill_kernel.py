@@ -102,11 +102,13 @@ def _prefill_kernel(
 
 
 def launch_config(block_m: int, head_dim: int) -> dict[str, int]:
-    """Key tile, warps and pipeline depth for a query tile of block_m rows: one warp per 16 rows
-    (wgmma works on 64-row warpgroups); 128-key tiles at head dim 64, 64-key tiles at 128 (the
-    largest that compile for sm_90 without spilling). `aioffload bench prefill` times the
-    alternatives on the card."""
-    return {"block_n": 128 if head_dim <= 64 else 64, "num_warps": max(4, block_m // 16), "num_stages": 3}
+    """Key tile, warps and pipeline depth for a query tile of block_m rows: 128-key tiles at head
+    dim 64, 64-key tiles at 128. At head dim 128, 4 warps: measured on the H200 (BENCHMARKS.md,
+    third session, call 1; Llama-3-8B heads) 386 against 318 TFLOP/s with 8 on a fresh 32k prompt,
+    358 against 304 on a 2048-row chunk after 30720 cached keys. At 64, one warp per 16 rows, as
+    before (not re-measured). `scripts/gpu/probe_long.py` times the alternatives on the card."""
+    warps = 4 if head_dim > 64 else max(4, block_m // 16)
+    return {"block_n": 128 if head_dim <= 64 else 64, "num_warps": warps, "num_stages": 3}
 
 
 def prefill_attention(

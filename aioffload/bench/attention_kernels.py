@@ -19,7 +19,7 @@ from aioffload.worker.inputs import SeqChunk, build_inputs
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 CHUNK = 2048  # the prefix-chunk case: the last CHUNK tokens after a cached prefix
 # (query tile, key tile, warps, pipeline stages): the default (prefill_kernel.launch_config) first
-CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)]
+CONFIGS = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)]
 
 
 def time_cuda(fn: Callable[[], object], reps: int) -> float:

@@ -42,7 +42,7 @@ def step_logits(
 
 
 def _eager(chunks: Sequence[SeqChunk], model: LlamaModel, kv: KVCache, block_size: int) -> torch.Tensor:
-    inputs = build_inputs(chunks, block_size, model.device)
+    inputs = build_inputs(chunks, block_size, model.device, model.attention.dense_min_rows)
     return model.forward(inputs.input_ids, inputs.positions, inputs.meta, kv)
 
 

@@ -47,7 +47,11 @@ class StepInputs:
     meta: AttentionMetadata
 
 
-def build_inputs(chunks: Sequence[SeqChunk], block_size: int, device: torch.device) -> StepInputs:
+def build_inputs(
+    chunks: Sequence[SeqChunk], block_size: int, device: torch.device, dense_min_rows: int | None = None
+) -> StepInputs:
+    """`dense_min_rows`: chunks of at least this many rows go to the backend's dense path
+    (attention/dense_prefill.py, meta.dense_seqs) instead of the Triton tiles; None: none do."""
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
@@ -87,7 +91,17 @@ def build_inputs(chunks: Sequence[SeqChunk], block_size: int, device: torch.devi
         seq_lens_host=slens,
     )
     if any(n > 1 for n in qlens):  # a prefill chunk: the tiled kernel takes it (decode-only steps need nothing)
-        tiles, decode_rows = plan_rows(qlens, [c.start for c in chunks])
-        meta.prefill_tiles = t(tiles, torch.int32)
+        starts = [c.start for c in chunks]
+        tiles, decode_rows = plan_rows(qlens, starts)
+        if dense_min_rows is not None:
+            first = [0]
+            for n in qlens:
+                first.append(first[-1] + n)
+            dense = [(s, first[s], n, starts[s]) for s, n in enumerate(qlens) if n > 1 and n >= dense_min_rows]
+            if dense:
+                meta.dense_seqs = dense
+                taken = {s for s, *_ in dense}
+                tiles = [tile for tile in tiles if tile[0] not in taken]
+        meta.prefill_tiles = t(tiles, torch.int32).reshape(-1, 4)
         meta.decode_rows = t(decode_rows, torch.int32)
     return StepInputs(t(ids, torch.int64), t(pos, torch.int64), meta)

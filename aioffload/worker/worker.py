@@ -219,7 +219,7 @@ class Worker:
         chunks = [
             SeqChunk([0] * per, 0, list(range(s * blocks_per, (s + 1) * blocks_per))) for s in range(seqs)
         ]
-        inp = build_inputs(chunks, self.block_size, self.device)
+        inp = build_inputs(chunks, self.block_size, self.device, self.attention.dense_min_rows)
         self.model.forward(inp.input_ids, inp.positions, inp.meta, tmp)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(self.device) - tmp_bytes
