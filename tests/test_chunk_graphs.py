@@ -51,6 +51,29 @@ def test_fill_pads_rows_to_the_trash_slot_and_tiles_with_empty_ones() -> None:
     assert meta.block_tables.tolist() == [[1] + [0] * 11] and meta.prefill_tiles.tolist() == [[0, 0, 5, 0]]
 
 
+def test_fill_puts_decode_rows_first_and_the_chunk_behind_its_bucket() -> None:
+    ci = ChunkInputs((16, 32), max_blocks=6, trash_slot=TRASH, block_size=BLOCK, device=CPU, decode_buckets=(1, 4))
+    assert ci.buckets == (0, 1, 4)
+    decodes = [SeqChunk([71], 20, [3, 5]), SeqChunk([72], 3, [8])]
+    assert ci.bucket_for(decodes) == 4 and ci.bucket_for([]) == 0 and ci.bucket_for(decodes * 3) is None
+    assert ci.bucket_for([SeqChunk([1, 2], 0, [1])]) is None  # not a decode token
+    chunk = SeqChunk(list(range(100, 130)), 40, [9, 4, 6, 2, 10])  # 30 tokens at positions 40..69: size 32
+    ci.fill(chunk, 32, decodes, 4)
+    ids, pos, meta = ci.args(32, 4)
+    assert ids.tolist() == [71, 72, 0, 0, *range(100, 130), 0, 0]
+    assert pos.tolist() == [20, 3, 0, 0, *range(40, 70), 40, 40]
+    slots = meta.slot_mapping.tolist()
+    assert slots[:4] == [5 * BLOCK + 4, 8 * BLOCK + 3, TRASH, TRASH]
+    assert slots[4] == 6 * BLOCK + 40 % BLOCK and slots[33] == 10 * BLOCK + 69 % BLOCK and slots[34:] == [TRASH] * 2
+    assert meta.row_ctx.tolist() == [21, 4, 1, 1, *range(41, 71), 1, 1]
+    assert meta.row_seq.tolist() == [1, 2, 3, 4, *[0] * 32]  # block-table row 0 is the chunk's
+    assert meta.block_tables.tolist()[:3] == [[9, 4, 6, 2, 10, 0], [3, 5, 0, 0, 0, 0], [8, 0, 0, 0, 0, 0]]
+    assert meta.block_tables.shape == (5, 6)
+    assert meta.prefill_tiles.tolist() == [[0, 4, 30, 40]]  # the chunk's rows start after the bucket
+    assert meta.decode_rows.tolist() == [0, 1, 2, 3]
+    assert meta.last_token_idx.tolist() == [0, 1, 2, 3, 4 + 29]
+
+
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.tiny_models import make_checkpoint
@@ -94,8 +117,46 @@ def test_interpreted_padded_chunk_equals_the_eager_chunk(tiny_path: Path) -> Non
         torch.testing.assert_close(got_kv.v[layer][:-1], want_kv.v[layer][:-1], rtol=1e-6, atol=1e-6)
 
 
+@needs_interpreter
+def test_interpreted_mixed_rows_equal_the_eager_step(tiny_path: Path) -> None:
+    """Two decode tokens in a bucket of 4 and a 13-token chunk padded to 16, in one forward, give
+    the eager step's logits for the real rows and leave every block but the trash block as eager does."""
+    from aioffload.attention.backends import TritonPagedBackend
+    from aioffload.checkpoint.checkpoint import Checkpoint
+    from aioffload.worker.model_loader import build_model
+
+    with interpreter():
+        ckpt = Checkpoint.open(str(tiny_path))
+        cfg = ckpt.model_config
+        model, _ = build_model(ckpt, torch.float32, CPU, TritonPagedBackend(), 256)
+
+        def cache() -> KVCache:
+            return KVCache(cfg.num_layers, 10, BLOCK, cfg.num_kv_heads, cfg.head_dim, torch.float32, CPU)
+
+        def eager(kv: KVCache, chunks: list[SeqChunk]) -> torch.Tensor:
+            inp = build_inputs(chunks, BLOCK, CPU)
+            return model.forward(inp.input_ids, inp.positions, inp.meta, kv)
+
+        prompt = [(11 * j) % 250 + 3 for j in range(33)]
+        want_kv, got_kv = cache(), cache()
+        for kv in (want_kv, got_kv):
+            eager(kv, [SeqChunk(prompt[:20], 0, [5, 2, 6]), SeqChunk(prompt[3:21], 0, [1, 7]),
+                       SeqChunk(prompt[:9], 0, [8])])  # fmt: skip
+        decodes = [SeqChunk([17], 18, [1, 7]), SeqChunk([23], 9, [8])]
+        chunk = SeqChunk(prompt[20:], 20, [5, 2, 6])
+        want = eager(want_kv, [*decodes, chunk])  # [3, V]
+        ci = ChunkInputs((16, 32), max_blocks=4, trash_slot=got_kv.trash_slot, block_size=BLOCK, device=CPU,
+                         decode_buckets=(4,))  # fmt: skip
+        ci.fill(chunk, 16, decodes, 4)
+        out = model.forward(*ci.args(16, 4), got_kv)  # [5, V]: 4 decode rows (2 padding), the chunk
+    torch.testing.assert_close(out[[0, 1, 4]], want, rtol=1e-5, atol=1e-5)
+    for layer in range(cfg.num_layers):
+        torch.testing.assert_close(got_kv.k[layer][:-1], want_kv.k[layer][:-1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_kv.v[layer][:-1], want_kv.v[layer][:-1], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.skipif(INTERPRETED, reason="this is the child process")
 def test_interpreter_cases() -> None:
-    """The interpreter test above, in a child pytest started with TRITON_INTERPRET=1."""
+    """The interpreter tests above, in a child pytest started with TRITON_INTERPRET=1."""
     pytest.importorskip("triton", reason="triton is not importable; the prefill kernel needs it")
-    run_interpreter_child(__file__, 1)
+    run_interpreter_child(__file__, 2)

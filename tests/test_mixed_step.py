@@ -102,9 +102,15 @@ def gpu_only(test):  # type: ignore[no-untyped-def]
     return pytest.mark.gpu(skip(test))
 
 
-def spy(runner: object, calls: list[int]) -> None:
+def spy(runner: object, calls: list) -> None:  # type: ignore[type-arg]
+    """Record each run: the decode graph's as its row count, a chunk graph's as (-chunk tokens, decodes)."""
     run = runner.run  # type: ignore[attr-defined]
-    runner.run = lambda c: calls.append(len(c) if isinstance(c, list) else -len(c.token_ids)) or run(c)  # type: ignore[attr-defined]
+
+    def record(c, decodes=()):  # type: ignore[no-untyped-def]
+        calls.append(len(c) if isinstance(c, list) else (-len(c.token_ids), len(decodes)))
+        return run(c, decodes) if decodes else run(c)
+
+    runner.run = record  # type: ignore[attr-defined]
 
 
 @gpu_only
@@ -117,13 +123,31 @@ def test_mixed_step_with_real_graphs_matches_eager(tiny: Path, decode_first: boo
     chunks = mixed_chunks(prompts, decode_first)
     chunks = [SeqChunk(c.token_ids, c.start, c.block_table, num_logits if len(c.token_ids) > 1 else 1) for c in chunks]
     want = eager(worker, chunks)
-    calls: list[int] = []
+    calls: list = []  # type: ignore[type-arg]
     spy(worker.graphs, calls)
     spy(worker.chunk_graphs, calls)
     got = worker._forward(chunks)
-    assert calls == ([2, -24] if num_logits == 1 else [2])  # the decode graph for 2 rows, the 24-token chunk's graph
+    # one mixed graph for the 2 decode tokens and the 24-token chunk; a 3-logits chunk: decode graph + eager
+    assert calls == ([(-24, 2)] if num_logits == 1 else [2])
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # TF32 matmuls, other kernels for the decodes
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+@gpu_only
+def test_more_decodes_than_the_mixed_buckets_take_the_decode_graph_and_a_chunk_graph(tiny: Path) -> None:
+    worker = make_worker(tiny, "cuda")
+    assert worker.chunk_graphs is not None and worker.chunk_graphs.inputs.buckets == (0, 1, 2, 4, 8)
+    prompts = prefill_three(worker)
+    chunks = mixed_chunks(prompts, decode_first=False)
+    chunks = [SeqChunk(c.token_ids, c.start, c.block_table) for c in chunks]
+    want = eager(worker, chunks)
+    worker.chunk_graphs.inputs.buckets = (0, 1)  # as if 2 decodes were more than the largest bucket
+    calls: list = []  # type: ignore[type-arg]
+    spy(worker.graphs, calls)
+    spy(worker.chunk_graphs, calls)
+    got = worker._forward(chunks)
+    assert calls == [2, (-24, 0)]  # the decode graph, then the chunk's graph alone: two weight passes
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
 @gpu_only
@@ -136,9 +160,9 @@ def test_a_lone_chunk_replays_its_graph_deep_in_a_prompt(tiny: Path) -> None:
     for n in (2, 16, 17):  # sizes 16, 16 and 32: padding of 14, 0 and 15 rows
         chunk = SeqChunk(prompt[40 : 40 + n], 40, t[2])
         want = eager(worker, [chunk])
-        calls: list[int] = []
+        calls: list = []  # type: ignore[type-arg]
         spy(worker.chunk_graphs, calls)
         got = worker._forward([chunk])
-        assert calls == [-n]
+        assert calls == [(-n, 0)]
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 

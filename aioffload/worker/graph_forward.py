@@ -1,10 +1,13 @@
-"""Which forward runs a step: the decode graph, a chunk graph beside it, or eager (issue 14).
+"""Which forward runs a step: the decode graph, a mixed graph, a chunk graph beside the decode
+graph, or eager (issue 14).
 
-A decode-only step replays a CUDA graph (worker/cuda_graphs.py). A step with prefill chunks
-replays the decode graph for its decode tokens and, when it has one chunk that a chunk graph
-takes (worker/chunk_graphs.py), that graph for the chunk; other chunks run eager behind the
-decode graph. Measured on the H200 (BENCHMARKS.md, second session): beside 16 decoding
-requests, a mixed step all eager is launch-bound at 15-30 ms; graph + chunk graph ~12-18 ms.
+A decode-only step replays a CUDA graph (worker/cuda_graphs.py). A step with decode tokens and
+one prefill chunk that a chunk graph takes (worker/chunk_graphs.py) replays the graph captured for
+both at once (one pass over the weights), when its decodes fit a captured bucket; with more
+decodes, the decode graph for them and a chunk graph for the chunk. Other chunks run eager
+behind the decode graph. Measured on the H200 (BENCHMARKS.md, second session): beside 16
+decoding requests, a mixed step all eager is launch-bound at 15-30 ms; decode graph + chunk
+graph ~12-18 ms (two weight passes).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ def step_logits(
         is_dec = [len(c.token_ids) == 1 and c.num_logits == 1 for c in chunks]
         dec = [i for i, d in enumerate(is_dec) if d]
         rest = [i for i, d in enumerate(is_dec) if not d]
+        dec_chunks = [chunks[i] for i in dec]
+        if dec and len(rest) == 1 and chunk_graphs is not None and chunk_graphs.can_run(chunks[rest[0]], dec_chunks):
+            logits = chunk_graphs.run(chunks[rest[0]], dec_chunks)  # [D + 1, V]: decodes, then the chunk
+            return _in_chunk_order(chunks, dec, rest, [logits[: len(dec)], logits[len(dec) :]])
         one = len(rest) == 1 and chunk_graphs is not None and chunk_graphs.can_run(chunks[rest[0]])
         if (dec or one) and (not dec or graphs.can_run([chunks[i] for i in dec])):
             return _graphs_and_rest(chunks, dec, rest, model, kv, block_size, graphs, chunk_graphs if one else None)
@@ -59,8 +66,15 @@ def _graphs_and_rest(
         pieces.append(chunk_graphs.run(chunks[rest[0]]))  # [1, V]
     else:
         pieces.append(_eager([chunks[i] for i in rest], model, kv, block_size))
+    return _in_chunk_order(chunks, dec, rest, pieces if dec else [pieces[0][:0], pieces[0]])
+
+
+def _in_chunk_order(
+    chunks: Sequence[SeqChunk], dec: list[int], rest: list[int], pieces: list[torch.Tensor]
+) -> torch.Tensor:
+    """pieces = [the decode chunks' rows, the other chunks' rows] -> logits rows in chunk order."""
     if dec == list(range(len(dec))):  # the scheduler's usual order: decodes first
-        return torch.cat(pieces)
+        return torch.cat(pieces) if dec else pieces[1]
     first = [0]
     for c in chunks:
         first.append(first[-1] + c.num_logits)

@@ -28,7 +28,7 @@ from aioffload.offload.device import device_facts, fixed_kv_blocks, pick_device,
 from aioffload.offload.expert_layers import MoeLayers
 from aioffload.offload.placement import Placement
 from aioffload.offload.transfer_queue import TransferQueue
-from aioffload.worker.chunk_graphs import ChunkGraphRunner
+from aioffload.worker.chunk_graphs import ChunkGraphRunner, mixed_buckets
 from aioffload.worker.cuda_graphs import CudaGraphRunner
 from aioffload.worker.draft import DraftModel, check_same_vocabulary
 from aioffload.worker.graph_forward import step_logits
@@ -129,7 +129,8 @@ class Worker:
             max_blocks = -(-self.max_model_len // self.block_size)
             self.graphs = CudaGraphRunner(self.model, self.kv, sched.max_num_seqs, max_blocks)
             if self.tp is None and not isinstance(self.layers, MoeLayers):  # padding rows would be routed
-                self.chunk_graphs = ChunkGraphRunner(self.model, self.kv, max_blocks)
+                self.chunk_graphs = ChunkGraphRunner(self.model, self.kv, max_blocks,
+                                                     decode_buckets=mixed_buckets(self.graphs.sizes))  # fmt: skip
             log.info("CUDA graphs: on (every weight resident; captured in %.1f s)", time.perf_counter() - t)
         else:
             log.info("CUDA graphs: off (%s)", reason)
