@@ -32,7 +32,9 @@ def test_dense_chunks_equal_sdpa_over_the_paged_cache(group, head_dim, block_siz
         if s in DENSE:
             rows.append((s, first, n, start))
         first += n
-    got = attend_dense(q, k_cache, v_cache, meta.block_tables, rows, scale, torch.zeros_like(q), math_lse_attention)
+    # pad 16: the 40-row fresh prompt is padded to 48 rows (the production pad is DENSE_PAD)
+    got = attend_dense(q, k_cache, v_cache, meta.block_tables, rows, scale, torch.zeros_like(q), math_lse_attention,
+                       16)  # fmt: skip
     for s, row0, n, _ in rows:
         assert max_err(got[row0 : row0 + n], want[row0 : row0 + n]) < TOL[dtype], f"sequence {s}"
     assert not got[40 + 29].any(), "the decode row is left alone"
@@ -57,12 +59,11 @@ def test_build_inputs_routes_long_chunks_to_the_dense_path_and_the_rest_to_tiles
     assert plain.meta.dense_seqs is None
     assert sorted(t[0] for t in plain.meta.prefill_tiles.tolist()) == [0, 2, 3]
     routed = build_inputs(chunks, 16, CPU, dense_min_rows=30)
-    assert routed.meta.dense_seqs == [(0, 0, 40, 0), (3, 58, 30, 70)]  # (sequence, first row, rows, first position)
-    assert routed.meta.prefill_tiles.tolist() == [[2, 41, 17, 1]]
+    assert routed.meta.dense_seqs == [(0, 0, 40, 0)]  # (sequence, first row, rows, first position): fresh only
+    assert sorted(t[0] for t in routed.meta.prefill_tiles.tolist()) == [2, 3]  # the chunk after 70 cached tokens
     assert routed.meta.decode_rows.tolist() == [40]
-    everything = build_inputs(chunks, 16, CPU, dense_min_rows=2)
-    assert everything.meta.prefill_tiles.shape == (0, 4)
-    assert [s for s, *_ in everything.meta.dense_seqs] == [0, 2, 3]
+    fresh = build_inputs(chunks[:2], 16, CPU, dense_min_rows=2)
+    assert fresh.meta.prefill_tiles.shape == (0, 4) and fresh.meta.dense_seqs == [(0, 0, 40, 0)]
 
 
 def test_a_decode_only_step_has_no_dense_chunks():
@@ -86,13 +87,21 @@ def test_the_cudnn_probe_passes_and_the_backend_logs_it(caplog):
     assert "cuDNN for eager chunks" in caplog.text
 
 
+def test_padding_a_fresh_chunk_changes_none_of_its_rows():
+    q, k, v, k_cache, v_cache, meta = random_step([(0, 37)], 16, 2, 4, 64, torch.float32, CPU, seed=8)
+    sdpa_reference(q, k, v, k_cache, v_cache, meta, 0.125)
+    outs = [attend_dense(q, k_cache, v_cache, meta.block_tables, [(0, 0, 37, 0)], 0.125, torch.zeros_like(q),
+                         math_lse_attention, pad) for pad in (1, 16, 64)]  # fmt: skip
+    assert max_err(outs[1], outs[0]) < 1e-5 and max_err(outs[2], outs[0]) < 1e-5
+
+
 @gpu_only
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_cudnn_chunks_equal_the_triton_kernels_on_a_mixed_step(group):
     from aioffload.attention.backends import TritonPagedBackend
 
     dev = torch.device("cuda")
-    step = [(0, 1500), (3000, 1100), (700, 1), (40, 300), (5000, 1)]  # two dense chunks, one tiled, two decodes
+    step = [(0, 1500), (3000, 1100), (700, 1), (0, 1030), (40, 300), (5000, 1)]  # two fresh chunks for cuDNN
     q, k, v, k_cache, v_cache, meta = random_step(step, 16, 2, group, 128, torch.bfloat16, dev, seed=5)
     scale = 128**-0.5
     tiles = TritonPagedBackend()
@@ -101,9 +110,18 @@ def test_cudnn_chunks_equal_the_triton_kernels_on_a_mixed_step(group):
         [SeqChunk([0] * n, start, meta.block_tables[s].tolist()) for s, (start, n) in enumerate(step)], 16, CPU,
         dense_min_rows=1024,
     ).meta
-    assert [s for s, *_ in chunks_meta.dense_seqs] == [0, 1]
+    assert [s for s, *_ in chunks_meta.dense_seqs] == [0, 3]
     for name in ("slot_mapping", "block_tables", "row_seq", "row_ctx", "last_token_idx", "prefill_tiles",
                  "decode_rows"):  # fmt: skip
         setattr(chunks_meta, name, getattr(chunks_meta, name).to(dev))
     got = tiles.attend(q, k_cache, v_cache, chunks_meta, scale)
     assert max_err(got, want) < TOL[torch.bfloat16]
+    prefixed = [(1, 1500, 1100, 3000)]  # a chunk after a cached prefix: the two-call LSE merge
+    merged = attend_dense(q, k_cache, v_cache, meta.block_tables, prefixed, scale, torch.zeros_like(q),
+                          dense_prefill.cudnn_lse_attention)  # fmt: skip
+    assert max_err(merged[1500:2600], want[1500:2600]) < TOL[torch.bfloat16]
+
+
+@gpu_only
+def test_warm_builds_one_plan_per_padded_size():
+    assert dense_prefill.warm(32, 8, 128, torch.bfloat16, torch.device("cuda"), 2500) == 3  # 1024, 2048, 3072

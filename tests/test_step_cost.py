@@ -10,7 +10,14 @@ import torch
 
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from aioffload.worker.step_cost import StepCost, measure_dense_flops, predict_step_cost, time_decode_step
+from aioffload.worker.step_cost import (
+    StepCost,
+    measure_dense_flops,
+    pair_cost,
+    predict_step_cost,
+    time_chunk_depths,
+    time_decode_step,
+)
 from aioffload.worker.worker import Worker
 from tests.helpers import one_torch_thread
 from tests.tiny_models import make_checkpoint
@@ -81,6 +88,26 @@ def test_decode_step_timing_runs_a_real_step(tmp_path: Path) -> None:
         seconds = time_decode_step(worker, reps=3)
     assert 0 < seconds < 10
     assert worker.kv.k[0][0, 0].any() and not worker.kv.k[0][0, 1].any()
+
+
+def test_a_measured_pair_cost_shrinks_chunks_deep_in_a_prompt() -> None:
+    # 128 rows: 10 ms at position 0, 16 ms at 8192 -> 6 ms over 128 x 8192 extra pairs
+    pair = pair_cost(0.010, 0.016, 128, 8192)
+    assert pair == pytest.approx(0.006 / (128 * 8192))
+    assert pair_cost(0.010, 0.009, 128, 8192) == 0.0  # noise never makes attention free or negative
+    c = StepCost(floor_s=0.0, decode_s=0.0058, token_s=17.3e-6, pair_s=1.28e-9)  # the model: half the dense rate
+    slow = StepCost(floor_s=0.0, decode_s=0.0058, token_s=17.3e-6, pair_s=pair)
+    share = c.prefill_budget_s()
+    assert c.max_chunk(0, share) > slow.max_chunk(0, share) > 0.9 * c.max_chunk(0, share)  # fresh: little changes
+    assert slow.max_chunk(8000, share) < c.max_chunk(8000, share) // 2  # deep in the prompt, much smaller chunks
+    assert slow.chunk_s(slow.max_chunk(8000, share), 8000) <= share
+
+
+def test_chunk_depths_need_chunk_graphs(tmp_path: Path) -> None:
+    ckpt = make_checkpoint(tmp_path, "llama")
+    config = EngineConfig(model=str(ckpt), device="cpu", cache=CacheConfig(num_blocks=64, block_size=4),
+                          scheduler=SchedulerConfig(max_model_len=128)).validate()  # fmt: skip
+    assert time_chunk_depths(Worker(config, Checkpoint.open(ckpt))) is None  # a CPU worker captures no graphs
 
 
 @pytest.mark.gpu

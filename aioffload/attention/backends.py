@@ -6,9 +6,9 @@ Backends:
 - `torch` (CUDA default): Triton kernels that walk block tables, no Python loop over
   sequences: prefill chunks in query tiles (`prefill_kernel.py`, FlashAttention-style),
   decode rows split over the context (`paged_kernel.py`, flash-decoding; graph-capturable);
-  in eager steps, chunks of at least `dense_prefill.DENSE_MIN_ROWS` rows go to cuDNN's fused
-  attention instead (`dense_prefill.py`: twice the tile kernel's rate at 32k), when a probe
-  at start-up finds it gives the reference's answer.
+  in eager steps, fresh chunks of at least `dense_prefill.DENSE_MIN_ROWS` rows go to cuDNN's
+  fused attention instead (`dense_prefill.py`: twice the tile kernel's rate at 32k), when a
+  probe at start-up finds it gives the reference's answer.
 - `xformers`: memory-efficient attention with a bottom-right causal block-diagonal bias;
   chosen only when a probe finds its CUDA kernels (our GPU image's wheel has none).
 
@@ -18,6 +18,7 @@ Every backend first writes this step's K and V into the cache at `slot_mapping`.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,10 @@ class AttentionBackend:
     # Chunks of at least this many query rows take the backend's dense path (None: it has none);
     # worker/inputs.py leaves them out of the Triton tiles.
     dense_min_rows: int | None = None
+
+    def warm_dense(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device, max_rows: int) -> None:  # fmt: skip
+        """Prepare the dense path for steps of up to max_rows tokens (nothing to do without one)."""
 
     def attend(
         self,
@@ -130,12 +135,23 @@ class TritonPagedBackend(AttentionBackend):
         self._prefill = prefill_kernel.prefill_attention
         self._num_sms: int | None = None
 
+    def warm_dense(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device, max_rows: int) -> None:  # fmt: skip
+        """Build cuDNN's plans for the fresh-chunk sizes a step of max_rows tokens can route to it."""
+        if self.dense_min_rows is None or max_rows < self.dense_min_rows:
+            return
+        t = time.perf_counter()
+        n = dense_prefill.warm(num_heads, num_kv_heads, head_dim, dtype, device, max_rows)
+        log.info("prefill attention: %d cuDNN plans built in %.2f s (fresh chunks up to %d rows)", n,
+                 time.perf_counter() - t, max_rows)  # fmt: skip
+
     def enable_dense(self, device: torch.device, min_rows: int = dense_prefill.DENSE_MIN_ROWS) -> None:
         """Send eager chunks of >= min_rows rows to cuDNN when its probe passes; log the decision."""
         reason = dense_prefill.probe_cudnn(device)
         self.dense_min_rows = min_rows if reason is None else None
         if reason is None:
-            log.info("prefill attention: cuDNN for eager chunks of >= %d rows, Triton tiles for the rest", min_rows)
+            log.info("prefill attention: cuDNN for fresh eager chunks of >= %d rows, Triton tiles for the rest",
+                     min_rows)  # fmt: skip
         else:
             log.info("prefill attention: Triton tiles only (%s)", reason)
 

@@ -1,21 +1,23 @@
-"""Long prefill chunks through cuDNN's fused attention (issue 14: the 32k prompt).
+"""Long fresh prefill chunks through cuDNN's fused attention (issue 14: the 32k prompt).
 
-Measured on the H200 (BENCHMARKS.md, third session, call 1), Llama-3-8B heads at 32k: cuDNN's
-attention (SDPA's CUDNN backend) runs at 660-690 TFLOP/s, our Triton tile kernel at 300-390,
-FlashAttention-2 (SDPA's flash backend) at ~350. So an eager step hands each chunk of at least
-`DENSE_MIN_ROWS` query rows to cuDNN; smaller chunks, decode rows and everything inside a CUDA
-graph stay on the Triton kernels (a chunk's key count changes every step; a graph's cannot).
+Measured on the H200 (BENCHMARKS.md, third session, calls 1-2), Llama-3-8B heads at 32k: cuDNN's
+attention (SDPA's CUDNN backend) runs at 650-690 TFLOP/s, our Triton tile kernel at 300-390,
+FlashAttention-2 (SDPA's flash backend) at ~350. But cuDNN builds an execution plan for every new
+shape, ~15 ms each: with the chunk's key count changing every step, a cold 32k prompt in 2048-token
+chunks took 1780 ms against 1312 ms warm (call 2). So only a fresh chunk (no cached prefix) of at
+least `DENSE_MIN_ROWS` rows goes to cuDNN, padded to a multiple of `DENSE_PAD` rows (zero rows
+behind the real ones: under the causal mask no real row sees them), so the shapes are few and
+`warm` builds their plans at start-up. Chunks after a cached prefix, smaller chunks, decode rows
+and everything inside a CUDA graph stay on the Triton kernels.
 
-A chunk of n rows at positions start .. start + n - 1 sees keys 0 .. its own position. cuDNN's
-causal mask is top-left aligned, so a chunk after a cached prefix is two calls whose results
-merge through their log-sum-exps: the queries against the prefix [0, start) with no mask, and
-against the chunk's own keys [start, start + n) with the causal mask. The keys come out of the
-paged cache in position order (one gather per sequence; the rope op has already written the
-chunk's own K/V there).
+`attend_dense` also takes a chunk after a cached prefix (two calls merged through their
+log-sum-exps: the prefix without a mask, the chunk's own keys with the causal mask); the step
+inputs route none there (worker/inputs.py), and the CPU tests check that logic. The keys come out
+of the paged cache in position order (the rope op has already written the chunk's own K/V there).
 
 `lse_attention` is the attention call (q [1, Hq, n, D], k/v [1, Hkv, L, D]) -> (out [1, Hq, n, D],
 natural-log LSE [1, Hq, n] float32): `cudnn_lse_attention` on CUDA, `math_lse_attention` (plain
-PyTorch) where tests check the gather/split/merge logic on the CPU.
+PyTorch) where tests check the gather/pad/split/merge logic on the CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch
 
 log = logging.getLogger("aioffload.attention")
 
-DENSE_MIN_ROWS = 1024  # query rows from which a chunk goes to cuDNN (per-sequence calls cost ~10 launches a layer)
+DENSE_MIN_ROWS = 1024  # rows from which a fresh chunk goes to cuDNN (per-sequence calls cost ~10 launches a layer)
+DENSE_PAD = 1024  # fresh chunks are padded to a multiple of this many rows: one cuDNN plan per multiple
 
 LseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -70,20 +73,43 @@ def attend_dense(
     scale: float,
     out: torch.Tensor,  # [T, Hq, D]: these rows are written
     lse_attention: LseAttention,
+    pad: int = DENSE_PAD,
 ) -> torch.Tensor:
     for seq, row0, n, start in seqs:
-        qs = q[row0 : row0 + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
         ks = gather_positions(k_cache, block_tables[seq], start + n)  # [1, Hkv, start + n, D]
         vs = gather_positions(v_cache, block_tables[seq], start + n)
-        own, lse_own = lse_attention(qs, ks[:, :, start:], vs[:, :, start:], True, scale)
-        if start == 0:
-            o = own
+        if start == 0:  # padded to a multiple of pad rows: zero queries and keys behind the real ones
+            m = -(-n // pad) * pad
+            qs = padded(q[row0 : row0 + n], m)
+            kp, vp = padded(ks[0].transpose(0, 1), m), padded(vs[0].transpose(0, 1), m)
+            o = lse_attention(qs, kp, vp, True, scale)[0][:, :, :n]
         else:
+            qs = q[row0 : row0 + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+            own, lse_own = lse_attention(qs, ks[:, :, start:], vs[:, :, start:], True, scale)
             pre, lse_pre = lse_attention(qs, ks[:, :, :start], vs[:, :, :start], False, scale)
             lse = torch.logaddexp(lse_pre, lse_own)  # [1, Hq, n]
             o = pre.float() * torch.exp(lse_pre - lse)[..., None] + own.float() * torch.exp(lse_own - lse)[..., None]
         out[row0 : row0 + n] = o[0].transpose(0, 1)
     return out
+
+
+def padded(rows: torch.Tensor, m: int) -> torch.Tensor:
+    """[n, H, D] -> [1, H, m, D] (a view of a zero-filled [m, H, D]: the layout every call has)."""
+    out = rows.new_zeros(m, *rows.shape[1:])
+    out[: rows.shape[0]] = rows
+    return out.transpose(0, 1).unsqueeze(0)
+
+
+def warm(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+         max_rows: int, pad: int = DENSE_PAD) -> int:  # fmt: skip
+    """Build cuDNN's plans for every padded fresh-chunk size up to max_rows (what a step can
+    route to it); returns how many."""
+    sizes = range(pad, -(-max_rows // pad) * pad + 1, pad)
+    for m in sizes:
+        q = padded(torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device), m)
+        k = padded(torch.zeros(1, num_kv_heads, head_dim, dtype=dtype, device=device), m)
+        cudnn_lse_attention(q, k, k, True, head_dim**-0.5)
+    return len(sizes)
 
 
 def probe_cudnn(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str | None:
@@ -97,10 +123,13 @@ def probe_cudnn(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> st
         k_cache = torch.randn(9, 16, 2, 128, device=device, dtype=dtype, generator=g)
         v_cache = torch.randn_like(k_cache)
         table = torch.tensor([[3, 1, 4, 0, 5, 2, 7, 6]], dtype=torch.int32, device=device)
-        seqs = [(0, 32, 64, 64)]  # 64 rows at positions 64 .. 127 after a 64-token prefix
-        got = attend_dense(q, k_cache, v_cache, table, seqs, 128**-0.5, torch.zeros_like(q), cudnn_lse_attention)
-        want = attend_dense(q, k_cache, v_cache, table, seqs, 128**-0.5, torch.zeros_like(q), math_lse_attention)
-        err = (got[32:].float() - want[32:].float()).abs().max().item()
+        err = 0.0
+        # 40 fresh rows padded to 64; 64 rows at positions 64 .. 127 after a 64-token prefix
+        for seqs, rows in (([(0, 0, 40, 0)], slice(0, 40)), ([(0, 32, 64, 64)], slice(32, 96))):
+            args = (q, k_cache, v_cache, table, seqs, 128**-0.5)
+            got = attend_dense(*args, torch.zeros_like(q), cudnn_lse_attention, 64)
+            want = attend_dense(*args, torch.zeros_like(q), math_lse_attention, 64)
+            err = max(err, (got[rows].float() - want[rows].float()).abs().max().item())
     except Exception as e:  # no cuDNN attention for this card, dtype or build
         return f"cuDNN attention failed: {str(e).splitlines()[0][:200]}"
     if not err < 0.05:

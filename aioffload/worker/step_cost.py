@@ -98,7 +98,8 @@ class StepCost:
     def describe(self) -> str:
         return (
             f"decode step {self.decode_s * 1e3:.1f} ms, copy floor {self.floor_s * 1e3:.1f} ms, "
-            f"{self.token_s * 1e6:.1f} us/token, {self.exposed:.2f} exposed; prefill share up to "
+            f"{self.token_s * 1e6:.1f} us/token, {self.pair_s * 1e12:.0f} ps per attention pair, "
+            f"{self.exposed:.2f} exposed; prefill share up to "
             f"{self.prefill_budget_s() * 1e3:.1f} ms ({self.max_chunk(0, self.prefill_budget_s())} fresh tokens) "
             f"so a step stays within {self.itl_factor:g}x a decode-only step"
         )
@@ -150,3 +151,40 @@ def time_decode_step(worker: Worker, reps: int = 3) -> float:
         worker.execute(chunk, greedy, [0], [0])  # returns host ints: the step has finished
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def pair_cost(shallow_s: float, deep_s: float, rows: int, depth: int) -> float:
+    """Attention seconds per (query, visible key) pair from one chunk of `rows` tokens timed at
+    position 0 and at position `depth`: the extra time is the rows x depth extra pairs."""
+    return max(0.0, deep_s - shallow_s) / (rows * depth)
+
+
+def time_chunk_depths(
+    worker: Worker, rows: int = 128, deepest: int = 8192, reps: int = 3
+) -> tuple[float, float, int] | None:
+    """(seconds at position 0, seconds at depth, depth) of a `rows`-token chunk graph replay, or
+    None without chunk graphs or room. A chunk deep in a prompt runs few attention programs (one per
+    head and query tile) that each walk the whole prefix: measured on the H200, a 16-stream mixed
+    step deep in an 8k prompt took 16-17 ms where the model's pair cost (attention at half the
+    dense rate) predicted ~10 (BENCHMARKS.md, third session, call 2). Writes K/V into blocks no
+    sequence owns yet, as time_decode_step does."""
+    runner = worker.chunk_graphs
+    bs = worker.block_size
+    depth = min(deepest, worker.max_model_len - rows, (worker.num_blocks - 1) * bs - rows) // bs * bs
+    if runner is None or depth < 1024:
+        return None
+    table = list(range(-(-(depth + rows) // bs)))
+
+    def timed(start: int) -> float:
+        chunk = SeqChunk([0] * rows, start, table)
+        runner.run(chunk)
+        times = []
+        for _ in range(reps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            runner.run(chunk)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    return timed(0), timed(depth), depth

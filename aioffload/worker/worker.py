@@ -40,7 +40,14 @@ from aioffload.worker.outputs import StepOutput
 from aioffload.worker.rejection import verify
 from aioffload.worker.sampling import SamplingParams, sample_tokens
 from aioffload.worker.shard_loader import build_sharded_model
-from aioffload.worker.step_cost import StepCost, measure_dense_flops, predict_step_cost, time_decode_step
+from aioffload.worker.step_cost import (
+    StepCost,
+    measure_dense_flops,
+    pair_cost,
+    predict_step_cost,
+    time_chunk_depths,
+    time_decode_step,
+)
 from aioffload.worker.step_extras import SeqExtras, run_extras
 from aioffload.worker.tensor_parallel import RunStep, TPLink
 
@@ -102,6 +109,8 @@ class Worker:
                                                exposed)  # fmt: skip
             if self.offload_active:
                 self.token_budget = self.step_cost.prefill_token_budget(sched.max_num_batched_tokens)
+        self.attention.warm_dense(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, self.dtype, self.device,
+                                  self.token_budget)  # fmt: skip
         self.num_blocks = self._size_kv_cache(total, elem)
         if self.tp is not None:  # one block table serves every rank
             self.num_blocks = self.tp.group.min_int(self.num_blocks)
@@ -139,6 +148,12 @@ class Worker:
         if self.step_cost is not None and (self.tp is None or self.tp.leader):
             sizes = self.chunk_graphs.inputs.sizes if self.chunk_graphs is not None else ()
             self.step_cost = dataclasses.replace(self.step_cost, decode_s=time_decode_step(self), chunk_sizes=sizes)
+            depths = time_chunk_depths(self) if self.chunk_graphs is not None else None
+            if depths is not None:  # the attention of a graphed chunk deep in a prompt, as measured
+                pair = pair_cost(depths[0], depths[1], 128, depths[2])
+                log.info("chunk graph of 128 tokens: %.2f ms at position 0, %.2f ms at %d", depths[0] * 1e3,
+                         depths[1] * 1e3, depths[2])  # fmt: skip
+                self.step_cost = dataclasses.replace(self.step_cost, pair_s=max(self.step_cost.pair_s, pair))
             log.info("step cost: %s", self.step_cost.describe())
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
