@@ -32,7 +32,7 @@ def test_dense_chunks_equal_sdpa_over_the_paged_cache(group, head_dim, block_siz
         if s in DENSE:
             rows.append((s, first, n, start))
         first += n
-    # pad 16: the 40-row fresh prompt is padded to 48 rows (the production pad is DENSE_PAD)
+    # grain 16 (the production grain is at least DENSE_PAD): every call is padded to multiples of 16 rows
     got = attend_dense(q, k_cache, v_cache, meta.block_tables, rows, scale, torch.zeros_like(q), math_lse_attention,
                        16)  # fmt: skip
     for s, row0, n, _ in rows:
@@ -59,11 +59,12 @@ def test_build_inputs_routes_long_chunks_to_the_dense_path_and_the_rest_to_tiles
     assert plain.meta.dense_seqs is None
     assert sorted(t[0] for t in plain.meta.prefill_tiles.tolist()) == [0, 2, 3]
     routed = build_inputs(chunks, 16, CPU, dense_min_rows=30)
-    assert routed.meta.dense_seqs == [(0, 0, 40, 0)]  # (sequence, first row, rows, first position): fresh only
-    assert sorted(t[0] for t in routed.meta.prefill_tiles.tolist()) == [2, 3]  # the chunk after 70 cached tokens
+    assert routed.meta.dense_seqs == [(0, 0, 40, 0), (3, 58, 30, 70)]  # (sequence, first row, rows, first position)
+    assert routed.meta.prefill_tiles.tolist() == [[2, 41, 17, 1]]
     assert routed.meta.decode_rows.tolist() == [40]
-    fresh = build_inputs(chunks[:2], 16, CPU, dense_min_rows=2)
-    assert fresh.meta.prefill_tiles.shape == (0, 4) and fresh.meta.dense_seqs == [(0, 0, 40, 0)]
+    everything = build_inputs(chunks, 16, CPU, dense_min_rows=2)
+    assert everything.meta.prefill_tiles.shape == (0, 4)
+    assert [s for s, *_ in everything.meta.dense_seqs] == [0, 2, 3]
 
 
 def test_a_decode_only_step_has_no_dense_chunks():
@@ -87,12 +88,20 @@ def test_the_cudnn_probe_passes_and_the_backend_logs_it(caplog):
     assert "cuDNN for eager chunks" in caplog.text
 
 
-def test_padding_a_fresh_chunk_changes_none_of_its_rows():
-    q, k, v, k_cache, v_cache, meta = random_step([(0, 37)], 16, 2, 4, 64, torch.float32, CPU, seed=8)
-    sdpa_reference(q, k, v, k_cache, v_cache, meta, 0.125)
-    outs = [attend_dense(q, k_cache, v_cache, meta.block_tables, [(0, 0, 37, 0)], 0.125, torch.zeros_like(q),
-                         math_lse_attention, pad) for pad in (1, 16, 64)]  # fmt: skip
-    assert max_err(outs[1], outs[0]) < 1e-5 and max_err(outs[2], outs[0]) < 1e-5
+@pytest.mark.parametrize("start", [0, 5, 16, 47, 70])
+def test_every_grain_gives_the_same_rows(start):
+    """Grain 1 is no padding at all; 16 and 64 pad the calls (and split the prefix at 0, 16, 32 or 64)."""
+    q, k, v, k_cache, v_cache, meta = random_step([(start, 37)], 16, 2, 4, 64, torch.float32, CPU, seed=8)
+    want = sdpa_reference(q, k, v, k_cache, v_cache, meta, 0.125)
+    for grain in (1, 16, 64):
+        got = attend_dense(q, k_cache, v_cache, meta.block_tables, [(0, 0, 37, start)], 0.125, torch.zeros_like(q),
+                           math_lse_attention, grain)  # fmt: skip
+        assert max_err(got, want) < 1e-5, f"grain {grain}"
+
+
+def test_the_grain_keeps_a_step_to_four_query_sizes():
+    assert [dense_prefill.grain_for(n) for n in (512, 2048, 4096, 8192, 14246, 32768)] == [1024, 1024, 1024, 2048,
+                                                                                          4096, 8192]  # fmt: skip
 
 
 @gpu_only
@@ -101,7 +110,7 @@ def test_cudnn_chunks_equal_the_triton_kernels_on_a_mixed_step(group):
     from aioffload.attention.backends import TritonPagedBackend
 
     dev = torch.device("cuda")
-    step = [(0, 1500), (3000, 1100), (700, 1), (0, 1030), (40, 300), (5000, 1)]  # two fresh chunks for cuDNN
+    step = [(0, 1500), (3000, 1100), (700, 1), (0, 1030), (40, 300), (5000, 1)]  # three chunks for cuDNN
     q, k, v, k_cache, v_cache, meta = random_step(step, 16, 2, group, 128, torch.bfloat16, dev, seed=5)
     scale = 128**-0.5
     tiles = TritonPagedBackend()
@@ -110,18 +119,16 @@ def test_cudnn_chunks_equal_the_triton_kernels_on_a_mixed_step(group):
         [SeqChunk([0] * n, start, meta.block_tables[s].tolist()) for s, (start, n) in enumerate(step)], 16, CPU,
         dense_min_rows=1024,
     ).meta
-    assert [s for s, *_ in chunks_meta.dense_seqs] == [0, 3]
+    assert [s for s, *_ in chunks_meta.dense_seqs] == [0, 1, 3]
     for name in ("slot_mapping", "block_tables", "row_seq", "row_ctx", "last_token_idx", "prefill_tiles",
                  "decode_rows"):  # fmt: skip
         setattr(chunks_meta, name, getattr(chunks_meta, name).to(dev))
-    got = tiles.attend(q, k_cache, v_cache, chunks_meta, scale)
+    got = tiles.attend(q, k_cache, v_cache, chunks_meta, scale)  # grain 1024: the 1100 rows at 3000 split at 2048
     assert max_err(got, want) < TOL[torch.bfloat16]
-    prefixed = [(1, 1500, 1100, 3000)]  # a chunk after a cached prefix: the two-call LSE merge
-    merged = attend_dense(q, k_cache, v_cache, meta.block_tables, prefixed, scale, torch.zeros_like(q),
-                          dense_prefill.cudnn_lse_attention)  # fmt: skip
-    assert max_err(merged[1500:2600], want[1500:2600]) < TOL[torch.bfloat16]
 
 
 @gpu_only
-def test_warm_builds_one_plan_per_padded_size():
-    assert dense_prefill.warm(32, 8, 128, torch.bfloat16, torch.device("cuda"), 2500) == 3  # 1024, 2048, 3072
+def test_warm_runs_every_shape_a_step_can_give():
+    # grain 1024: squares of 1024, 2048, 3072 rows; prefixes of 1024 .. 4096 keys for 1024 rows, of
+    # 1024 .. 3072 for 2048 rows (a 2048-row chunk ends by position 5120)
+    assert dense_prefill.warm(32, 8, 128, torch.bfloat16, torch.device("cuda"), 2048, 5120) == 3 + 4 + 3

@@ -6,7 +6,7 @@ Backends:
 - `torch` (CUDA default): Triton kernels that walk block tables, no Python loop over
   sequences: prefill chunks in query tiles (`prefill_kernel.py`, FlashAttention-style),
   decode rows split over the context (`paged_kernel.py`, flash-decoding; graph-capturable);
-  in eager steps, fresh chunks of at least `dense_prefill.DENSE_MIN_ROWS` rows go to cuDNN's
+  in eager steps, chunks of at least `dense_prefill.DENSE_MIN_ROWS` rows go to cuDNN's
   fused attention instead (`dense_prefill.py`: twice the tile kernel's rate at 32k), when a
   probe at start-up finds it gives the reference's answer.
 - `xformers`: memory-efficient attention with a bottom-right causal block-diagonal bias;
@@ -74,8 +74,9 @@ class AttentionBackend:
     dense_min_rows: int | None = None
 
     def warm_dense(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                   device: torch.device, max_rows: int) -> None:  # fmt: skip
-        """Prepare the dense path for steps of up to max_rows tokens (nothing to do without one)."""
+                   device: torch.device, max_rows: int, max_len: int) -> None:  # fmt: skip
+        """Prepare the dense path for steps of up to max_rows tokens in max_len contexts (nothing
+        to do without one)."""
 
     def attend(
         self,
@@ -134,24 +135,27 @@ class TritonPagedBackend(AttentionBackend):
         self._decode = paged_kernel
         self._prefill = prefill_kernel.prefill_attention
         self._num_sms: int | None = None
+        self.dense_grain = dense_prefill.DENSE_PAD  # shapes of the cuDNN calls: multiples of this (warm_dense)
 
     def warm_dense(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                   device: torch.device, max_rows: int) -> None:  # fmt: skip
-        """Build cuDNN's plans for the fresh-chunk sizes a step of max_rows tokens can route to it."""
+                   device: torch.device, max_rows: int, max_len: int) -> None:  # fmt: skip
+        """Fix the shape grain for steps of up to max_rows tokens and build cuDNN's plans for every
+        shape such a step can route to it (dense_prefill.warm)."""
         if self.dense_min_rows is None or max_rows < self.dense_min_rows:
             return
         t = time.perf_counter()
-        n = dense_prefill.warm(num_heads, num_kv_heads, head_dim, dtype, device, max_rows)
-        log.info("prefill attention: %d cuDNN plans built in %.2f s (fresh chunks up to %d rows)", n,
-                 time.perf_counter() - t, max_rows)  # fmt: skip
+        self.dense_grain = dense_prefill.grain_for(max_rows)
+        n = dense_prefill.warm(num_heads, num_kv_heads, head_dim, dtype, device, max_rows, max_len)
+        log.info("prefill attention: cuDNN plans for %d chunk shapes (grain %d rows, chunks up to %d rows, "
+                 "contexts up to %d) built in %.2f s", n, self.dense_grain, max_rows, max_len,
+                 time.perf_counter() - t)  # fmt: skip
 
     def enable_dense(self, device: torch.device, min_rows: int = dense_prefill.DENSE_MIN_ROWS) -> None:
         """Send eager chunks of >= min_rows rows to cuDNN when its probe passes; log the decision."""
         reason = dense_prefill.probe_cudnn(device)
         self.dense_min_rows = min_rows if reason is None else None
         if reason is None:
-            log.info("prefill attention: cuDNN for fresh eager chunks of >= %d rows, Triton tiles for the rest",
-                     min_rows)  # fmt: skip
+            log.info("prefill attention: cuDNN for eager chunks of >= %d rows, Triton tiles for the rest", min_rows)
         else:
             log.info("prefill attention: Triton tiles only (%s)", reason)
 
@@ -167,7 +171,7 @@ class TritonPagedBackend(AttentionBackend):
         rows = meta.decode_rows
         if meta.dense_seqs:
             dense_prefill.attend_dense(q, k_cache, v_cache, meta.block_tables, meta.dense_seqs, scale, out,
-                                       dense_prefill.cudnn_lse_attention)  # fmt: skip
+                                       dense_prefill.cudnn_lse_attention, self.dense_grain)  # fmt: skip
         if meta.prefill_tiles is not None and meta.prefill_tiles.shape[0]:
             self._prefill(q, k_cache, v_cache, meta.block_tables, meta.prefill_tiles, scale, out)
             assert rows is not None, "prefill_tiles come with decode_rows (tiles.plan_rows)"

@@ -1,19 +1,21 @@
-"""Long fresh prefill chunks through cuDNN's fused attention (issue 14: the 32k prompt).
+"""Long prefill chunks through cuDNN's fused attention (issue 14: the 32k prompt).
 
 Measured on the H200 (BENCHMARKS.md, third session, calls 1-2), Llama-3-8B heads at 32k: cuDNN's
 attention (SDPA's CUDNN backend) runs at 650-690 TFLOP/s, our Triton tile kernel at 300-390,
-FlashAttention-2 (SDPA's flash backend) at ~350. But cuDNN builds an execution plan for every new
-shape, ~15 ms each: with the chunk's key count changing every step, a cold 32k prompt in 2048-token
-chunks took 1780 ms against 1312 ms warm (call 2). So only a fresh chunk (no cached prefix) of at
-least `DENSE_MIN_ROWS` rows goes to cuDNN, padded to a multiple of `DENSE_PAD` rows (zero rows
-behind the real ones: under the causal mask no real row sees them), so the shapes are few and
-`warm` builds their plans at start-up. Chunks after a cached prefix, smaller chunks, decode rows
-and everything inside a CUDA graph stay on the Triton kernels.
+FlashAttention-2 (SDPA's flash backend) at ~350. So an eager step hands each chunk of at least
+`DENSE_MIN_ROWS` rows to cuDNN; smaller chunks, decode rows and everything inside a CUDA graph
+stay on the Triton kernels.
 
-`attend_dense` also takes a chunk after a cached prefix (two calls merged through their
-log-sum-exps: the prefix without a mask, the chunk's own keys with the causal mask); the step
-inputs route none there (worker/inputs.py), and the CPU tests check that logic. The keys come out
-of the paged cache in position order (the rope op has already written the chunk's own K/V there).
+cuDNN builds an execution plan for every new shape, ~15 ms each: with a chunk's key count
+changing every step, a cold 32k prompt in 2048-token chunks took 1780 ms against 1312 ms warm
+(call 2). So every call here has a shape that is a multiple of a grain (`attend_dense`: zero rows
+and keys pad the calls, which no real row sees), the grain is fixed per worker from its token
+budget (`grain_for`), and `warm` builds every such plan at start-up.
+
+A chunk of n rows at positions start .. start + n - 1 sees keys 0 .. its own position: the keys
+come out of the paged cache in position order (the rope op has already written the chunk's own
+K/V there), and cuDNN's causal mask is top-left aligned, so a chunk after a cached prefix is two
+calls merged through their log-sum-exps.
 
 `lse_attention` is the attention call (q [1, Hq, n, D], k/v [1, Hkv, L, D]) -> (out [1, Hq, n, D],
 natural-log LSE [1, Hq, n] float32): `cudnn_lse_attention` on CUDA, `math_lse_attention` (plain
@@ -30,7 +32,7 @@ import torch
 log = logging.getLogger("aioffload.attention")
 
 DENSE_MIN_ROWS = 1024  # rows from which a fresh chunk goes to cuDNN (per-sequence calls cost ~10 launches a layer)
-DENSE_PAD = 1024  # fresh chunks are padded to a multiple of this many rows: one cuDNN plan per multiple
+DENSE_PAD = 1024  # the smallest shape grain (grain_for): calls have multiples of it as their sizes
 
 LseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -57,11 +59,23 @@ def cudnn_lse_attention(
     return out[0], out[1].reshape(q.shape[0], q.shape[1], q.shape[2]).float()
 
 
-def gather_positions(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """[1, Hkv, length, D] view of one sequence's keys (or values) 0 .. length - 1, in position order."""
+def gather_padded(cache: torch.Tensor, block_table: torch.Tensor, lo: int, hi: int, m: int) -> torch.Tensor:
+    """[1, Hkv, m, D]: one sequence's keys (or values) at positions lo .. hi - 1, then zeros, as a
+    view of a fresh [m, Hkv, D] (its strides follow from m alone: cuDNN's plan cache keys on them)."""
     bs = cache.shape[1]
-    nb = -(-length // bs)
-    return cache[block_table[:nb].long()].flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)
+    first, last = lo // bs, -(-hi // bs)
+    out = cache.new_zeros(m, *cache.shape[2:])
+    out[: hi - lo] = cache[block_table[first:last].long()].flatten(0, 1)[lo - first * bs : hi - first * bs]
+    return out.transpose(0, 1).unsqueeze(0)
+
+
+def grain_for(max_rows: int) -> int:
+    """Shape grain for steps of up to max_rows tokens: 1024, or a quarter of max_rows (a power of
+    two) when that is larger, so a step's chunk takes at most 4 query sizes."""
+    g = DENSE_PAD
+    while g * 4 < max_rows:
+        g *= 2
+    return g
 
 
 def attend_dense(
@@ -73,43 +87,62 @@ def attend_dense(
     scale: float,
     out: torch.Tensor,  # [T, Hq, D]: these rows are written
     lse_attention: LseAttention,
-    pad: int = DENSE_PAD,
+    grain: int = DENSE_PAD,
 ) -> torch.Tensor:
+    """Each chunk's attention in at most two calls whose shapes are multiples of `grain` (a few
+    plans serve every chunk). For n rows at positions s .. s + n - 1, with P = s rounded down to the
+    grain and d = s - P:
+    - the prefix [0, P), no mask: the n rows padded with zero rows to a multiple of the grain;
+    - keys P .. s + n - 1 under the causal mask, as a square: d zero rows, the n rows, zero rows
+      to a multiple of the grain, against those keys and zero keys to the same size. Row d + i
+      (position s + i) sees keys P .. s + i; no real row sees the padding.
+    The two merge through their log-sum-exps (a fresh chunk, P = 0, is the square alone)."""
     for seq, row0, n, start in seqs:
-        ks = gather_positions(k_cache, block_tables[seq], start + n)  # [1, Hkv, start + n, D]
-        vs = gather_positions(v_cache, block_tables[seq], start + n)
-        if start == 0:  # padded to a multiple of pad rows: zero queries and keys behind the real ones
-            m = -(-n // pad) * pad
-            qs = padded(q[row0 : row0 + n], m)
-            kp, vp = padded(ks[0].transpose(0, 1), m), padded(vs[0].transpose(0, 1), m)
-            o = lse_attention(qs, kp, vp, True, scale)[0][:, :, :n]
+        rows, table = q[row0 : row0 + n], block_tables[seq]
+        p = start // grain * grain
+        d = start - p
+        m = -(-(d + n) // grain) * grain
+        own_q = padded(rows, m, d)
+        own_k, own_v = (gather_padded(c, table, p, start + n, m) for c in (k_cache, v_cache))
+        own, lse_own = lse_attention(own_q, own_k, own_v, True, scale)
+        own, lse_own = own[:, :, d : d + n], lse_own[:, :, d : d + n]
+        if p == 0:
+            o = own
         else:
-            qs = q[row0 : row0 + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-            own, lse_own = lse_attention(qs, ks[:, :, start:], vs[:, :, start:], True, scale)
-            pre, lse_pre = lse_attention(qs, ks[:, :, :start], vs[:, :, :start], False, scale)
+            pre_q = padded(rows, -(-n // grain) * grain)
+            pre_k, pre_v = (gather_padded(c, table, 0, p, p) for c in (k_cache, v_cache))
+            pre, lse_pre = lse_attention(pre_q, pre_k, pre_v, False, scale)
+            pre, lse_pre = pre[:, :, :n], lse_pre[:, :, :n]
             lse = torch.logaddexp(lse_pre, lse_own)  # [1, Hq, n]
             o = pre.float() * torch.exp(lse_pre - lse)[..., None] + own.float() * torch.exp(lse_own - lse)[..., None]
         out[row0 : row0 + n] = o[0].transpose(0, 1)
     return out
 
 
-def padded(rows: torch.Tensor, m: int) -> torch.Tensor:
-    """[n, H, D] -> [1, H, m, D] (a view of a zero-filled [m, H, D]: the layout every call has)."""
+def padded(rows: torch.Tensor, m: int, first: int = 0) -> torch.Tensor:
+    """[n, H, D] -> [1, H, m, D]: a view of a zero-filled [m, H, D] holding rows at first .. first + n - 1
+    (the layout every call has, so one plan per shape serves them all)."""
     out = rows.new_zeros(m, *rows.shape[1:])
-    out[: rows.shape[0]] = rows
+    out[first : first + rows.shape[0]] = rows
     return out.transpose(0, 1).unsqueeze(0)
 
 
 def warm(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-         max_rows: int, pad: int = DENSE_PAD) -> int:  # fmt: skip
-    """Build cuDNN's plans for every padded fresh-chunk size up to max_rows (what a step can
-    route to it); returns how many."""
-    sizes = range(pad, -(-max_rows // pad) * pad + 1, pad)
-    for m in sizes:
-        q = padded(torch.zeros(1, num_heads, head_dim, dtype=dtype, device=device), m)
-        k = padded(torch.zeros(1, num_kv_heads, head_dim, dtype=dtype, device=device), m)
-        cudnn_lse_attention(q, k, k, True, head_dim**-0.5)
-    return len(sizes)
+         max_rows: int, max_len: int, block_size: int = 16) -> int:  # fmt: skip
+    """Run `attend_dense` once for every shape a chunk of up to max_rows rows in a max_len context
+    can give (cuDNN builds a plan per shape, ~15 ms each); returns the number of chunks run."""
+    g = grain_for(max_rows)
+    nb = -(-max(max_len, max_rows + g) // block_size) + 1
+    cache = torch.zeros(nb + 1, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    table = torch.arange(nb, dtype=torch.int32, device=device)[None]
+    q = torch.zeros(max_rows + g, num_heads, head_dim, dtype=dtype, device=device)
+    cases = [(n, 1) for n in range(g - 1, max_rows + g, g)]  # the squares: d + n = 1 .. max_rows + g
+    cases += [(n, p) for n in range(g, -(-max_rows // g) * g + 1, g) for p in range(g, max_len - n + 1, g)]
+    for n, start in cases:
+        n = min(n, q.shape[0])
+        attend_dense(q, cache, cache, table, [(0, 0, n, start)], head_dim**-0.5, torch.empty_like(q),
+                     cudnn_lse_attention, g)  # fmt: skip
+    return len(cases)
 
 
 def probe_cudnn(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str | None:
@@ -120,12 +153,12 @@ def probe_cudnn(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> st
     try:
         g = torch.Generator(device).manual_seed(0)
         q = torch.randn(96, 8, 128, device=device, dtype=dtype, generator=g)  # [T, Hq, D]: 32 prefix rows unused
-        k_cache = torch.randn(9, 16, 2, 128, device=device, dtype=dtype, generator=g)
+        k_cache = torch.randn(10, 16, 2, 128, device=device, dtype=dtype, generator=g)
         v_cache = torch.randn_like(k_cache)
-        table = torch.tensor([[3, 1, 4, 0, 5, 2, 7, 6]], dtype=torch.int32, device=device)
+        table = torch.tensor([[3, 1, 4, 0, 5, 2, 7, 6, 8]], dtype=torch.int32, device=device)
         err = 0.0
-        # 40 fresh rows padded to 64; 64 rows at positions 64 .. 127 after a 64-token prefix
-        for seqs, rows in (([(0, 0, 40, 0)], slice(0, 40)), ([(0, 32, 64, 64)], slice(32, 96))):
+        # 40 fresh rows in a square of 64; 64 rows at positions 70 .. 133 after a 70-token prefix
+        for seqs, rows in (([(0, 0, 40, 0)], slice(0, 40)), ([(0, 32, 64, 70)], slice(32, 96))):
             args = (q, k_cache, v_cache, table, seqs, 128**-0.5)
             got = attend_dense(*args, torch.zeros_like(q), cudnn_lse_attention, 64)
             want = attend_dense(*args, torch.zeros_like(q), math_lse_attention, 64)

@@ -50,9 +50,8 @@ class StepInputs:
 def build_inputs(
     chunks: Sequence[SeqChunk], block_size: int, device: torch.device, dense_min_rows: int | None = None
 ) -> StepInputs:
-    """`dense_min_rows`: fresh chunks (no cached prefix) of at least this many rows go to the
-    backend's dense path (attention/dense_prefill.py, meta.dense_seqs) instead of the Triton
-    tiles; None: none do."""
+    """`dense_min_rows`: chunks of at least this many rows go to the backend's dense path
+    (attention/dense_prefill.py, meta.dense_seqs) instead of the Triton tiles; None: none do."""
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
@@ -98,8 +97,7 @@ def build_inputs(
             first = [0]
             for n in qlens:
                 first.append(first[-1] + n)
-            fresh = [s for s, n in enumerate(qlens) if n > 1 and n >= dense_min_rows and starts[s] == 0]
-            dense = [(s, first[s], qlens[s], 0) for s in fresh]
+            dense = [(s, first[s], n, starts[s]) for s, n in enumerate(qlens) if n > 1 and n >= dense_min_rows]
             if dense:
                 meta.dense_seqs = dense
                 taken = {s for s, *_ in dense}

@@ -110,7 +110,7 @@ class Worker:
             if self.offload_active:
                 self.token_budget = self.step_cost.prefill_token_budget(sched.max_num_batched_tokens)
         self.attention.warm_dense(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, self.dtype, self.device,
-                                  self.token_budget)  # fmt: skip
+                                  self.token_budget, self.max_model_len)  # fmt: skip
         self.num_blocks = self._size_kv_cache(total, elem)
         if self.tp is not None:  # one block table serves every rank
             self.num_blocks = self.tp.group.min_int(self.num_blocks)

@@ -150,11 +150,18 @@ def part_b_c(dev: torch.device, args: argparse.Namespace, R: dict) -> None:
     prompt = common.random_prompts(1, 32000, vocab, seed=3)[0]
     ttft = {}
     for budget in (2048, 8192, 32768):
-        worker.token_budget = budget
+        worker.token_budget = budget  # and the cuDNN shapes of that budget, as a worker built with it warms them
+        t = time.perf_counter()
+        worker.attention.warm_dense(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, torch.bfloat16, dev, budget,
+                                    worker.max_model_len)  # fmt: skip
+        warm_s = time.perf_counter() - t
         common.StepDriver(worker, [prompt[:4096]], max_new_tokens=1).prefill()  # warm-up
-        s = min(common.StepDriver(worker, [prompt], max_new_tokens=1).prefill() for _ in range(2))
-        ttft[budget] = {"ms": round(s * 1e3, 1), "x_floor": round(s / floor, 3)}
-        print(f"B: 32k TTFT at budget {budget}: {s * 1e3:.1f} ms = {s / floor:.3f}x the floor", flush=True)
+        runs = [common.StepDriver(worker, [prompt], max_new_tokens=1).prefill() for _ in range(2)]
+        s = min(runs)
+        ttft[budget] = {"ms": round(s * 1e3, 1), "first_ms": round(runs[0] * 1e3, 1), "x_floor": round(s / floor, 3),
+                        "warm_s": round(warm_s, 2)}  # fmt: skip
+        print(f"B: 32k TTFT at budget {budget}: {s * 1e3:.1f} ms = {s / floor:.3f}x the floor (first run "
+              f"{runs[0] * 1e3:.1f} ms; plans warmed in {warm_s:.2f} s)", flush=True)
     R["ttft_32k"] = ttft
     for budget in (2048, 32768):
         worker.token_budget = budget
