@@ -123,33 +123,92 @@ SPLIT_CASES = [
 ]
 
 
+def split_kv(kernel, q, k_cache, v_cache, meta, scale, splits, out=None, rows=None, **kw):
+    """kernel.paged_attention with `splits` splits on every row of a step (or on `rows`)."""
+    return kernel.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale, out,
+                                  rows, splits, **kw)  # fmt: skip
+
+
+def counters_are_zero(kernel) -> bool:
+    """The persistent split counters of the CPU are all back at zero (what the next launch needs)."""
+    return not kernel._counters[CPU].any()
+
+
+def counters_are_zero_but(counters: torch.Tensor, i: int) -> bool:
+    return not torch.cat([counters[:i], counters[i + 1 :]]).any()
+
+
 @needs_interpreter
 @pytest.mark.parametrize("splits, group, head_dim, block_size, dtype", SPLIT_CASES)
 def test_interpreted_split_kv_matches_sdpa(interpreted, splits, group, head_dim, block_size, dtype):
     q, k, v, k_cache, v_cache, meta = random_step(DECODE_STEP, block_size, 1, group, head_dim, dtype, CPU, seed=5)
     scale = head_dim**-0.5
     ref = sdpa_reference(q, k, v, k_cache, v_cache, meta, scale)
-    out = interpreted.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale,
-                                      splits=splits)  # fmt: skip
+    out = split_kv(interpreted, q, k_cache, v_cache, meta, scale, splits)  # the last split program combines
     assert out.dtype == dtype
     assert max_err(out, ref) < TOL[dtype], f"max abs error {max_err(out, ref)}"
+    assert counters_are_zero(interpreted)
+    # The separate combine launch: the same arithmetic on the same partials, summed in another order.
+    separate = split_kv(interpreted, q, k_cache, v_cache, meta, scale, splits, combine_kernel=True)
+    assert max_err(separate, out) < (2e-6 if dtype == torch.float32 else TOL[dtype])
     one = interpreted.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale)
     if dtype == torch.float32:  # the same sums in another order
         assert max_err(out, one) < 2e-6
 
 
 @needs_interpreter
-def test_interpreted_split_kv_computes_only_the_listed_rows(interpreted):
-    """With `rows`, only those rows of a mixed step are written (the decode rows of tiles.plan_rows)."""
+@pytest.mark.parametrize("group, block_size", [(4, 16), (1, 32), (8, 32)])
+def test_interpreted_split_kv_computes_only_the_listed_rows(interpreted, group, block_size):
+    """With `rows`, only those rows of a mixed step are written (the decode rows of tiles.plan_rows);
+    the counters are per listed row and KV head."""
     step = [(299, 1), (0, 5), (40, 1)]
-    q, k, v, k_cache, v_cache, meta = random_step(step, 16, 2, 4, 32, torch.float32, CPU, seed=6)
+    q, k, v, k_cache, v_cache, meta = random_step(step, block_size, 2, group, 32, torch.float32, CPU, seed=6)
     ref = sdpa_reference(q, k, v, k_cache, v_cache, meta, 32**-0.5)
     assert meta.decode_rows.tolist() == [0, 6]
     out = torch.full_like(q, float("nan"))
-    interpreted.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, 32**-0.5, out,
-                                meta.decode_rows, splits=4)  # fmt: skip
+    split_kv(interpreted, q, k_cache, v_cache, meta, 32**-0.5, 4, out, meta.decode_rows)
     assert max_err(out[[0, 6]], ref[[0, 6]]) < 1e-5
     assert out[1:6].isnan().all()
+    assert counters_are_zero(interpreted)
+
+
+@needs_interpreter
+def test_interpreted_split_kv_twice_gives_the_same_result(interpreted):
+    """The last program leaves its counter at zero, so a second launch on the same inputs (what a CUDA
+    graph replay is) combines again, after all of its splits, to the same output. Group 8 at D 128
+    combines 16 splits at a time: 24 splits of the 1500-key row take two tiles, the second one partly
+    masked (the other rows leave splits empty in both)."""
+    step = [(n - 1, 1) for n in (1, 65, 1500)]
+    q, k, v, k_cache, v_cache, meta = random_step(step, 32, 2, 8, 128, torch.float32, CPU, seed=8)
+    ref = sdpa_reference(q, k, v, k_cache, v_cache, meta, 128**-0.5)
+    assert interpreted.COMBINE_TILE // (8 * 128) == 16
+    first = split_kv(interpreted, q, k_cache, v_cache, meta, 128**-0.5, 24)
+    assert counters_are_zero(interpreted)
+    out = torch.full_like(q, float("nan"))
+    second = split_kv(interpreted, q, k_cache, v_cache, meta, 128**-0.5, 24, out)
+    assert second is out and torch.equal(second, first)
+    assert max_err(first, ref) < 1e-5
+    assert counters_are_zero(interpreted)
+
+
+@needs_interpreter
+def test_interpreted_split_kv_combines_only_in_the_last_program(interpreted):
+    """Only the program that counts num_splits - 1 writes output: with one counter off by num_splits,
+    its (row, KV head) goes unwritten (and its counter unreset) while every other one is combined."""
+    q, k, v, k_cache, v_cache, meta = random_step(DECODE_STEP, 16, 2, 4, 32, torch.float32, CPU, seed=9)
+    ref = sdpa_reference(q, k, v, k_cache, v_cache, meta, 32**-0.5)
+    split_kv(interpreted, q, k_cache, v_cache, meta, 32**-0.5, 3)  # creates the counters
+    counters = interpreted._counters[CPU]
+    counters[3 * 2 + 1] = 3  # row 3, KV head 1
+    try:
+        out = split_kv(interpreted, q, k_cache, v_cache, meta, 32**-0.5, 3, torch.full_like(q, float("nan")))
+        assert counters[7].item() == 6 and counters_are_zero_but(counters, 7)
+    finally:
+        counters.zero_()
+    assert out[3, 4:].isnan().all()  # query heads 4..7: the group of KV head 1
+    written = torch.ones(q.shape[:2], dtype=torch.bool)
+    written[3, 4:] = False
+    assert max_err(out[written], ref[written]) < 1e-5
 
 
 @needs_interpreter
@@ -177,7 +236,28 @@ def test_num_splits_fills_the_machine_with_a_fixed_grid():
     assert num_splits(1, 1, 4) == 8
 
 
-NUM_INTERPRETED_TESTS = len(CASES) + 3 + len(SPLIT_CASES) + 2
+def test_split_counters_persist_and_grow_outside_capture():
+    """One zeroed buffer per device, reused while large enough; a larger need replaces it (after the
+    old one has been kept alive for the graphs that captured it)."""
+    from aioffload.attention import paged_kernel
+
+    dev = torch.device("cpu")
+    saved, retired = paged_kernel._counters.pop(dev, None), len(paged_kernel._retired)
+    try:
+        first = paged_kernel.split_counters(dev, 8)
+        assert first.dtype == torch.int32 and first.numel() == paged_kernel.MIN_COUNTERS and not first.any()
+        assert paged_kernel.split_counters(dev, paged_kernel.MIN_COUNTERS) is first
+        grown = paged_kernel.split_counters(dev, paged_kernel.MIN_COUNTERS + 1)
+        assert grown.numel() == paged_kernel.MIN_COUNTERS + 1 and not grown.any()
+        assert paged_kernel._retired[-1] is first and paged_kernel.split_counters(dev, 8) is grown
+    finally:
+        del paged_kernel._retired[retired:]
+        paged_kernel._counters.pop(dev, None)
+        if saved is not None:
+            paged_kernel._counters[dev] = saved
+
+
+NUM_INTERPRETED_TESTS = len(CASES) + 3 + len(SPLIT_CASES) + 3 + 3
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the child process")
@@ -235,3 +315,38 @@ def test_cuda_split_kv_at_32k_context_bf16():
                                    splits=splits)  # fmt: skip
     torch.cuda.synchronize()
     assert splits == 32 and max_err(out, exact) < 1e-2
+
+
+@gpu_only
+def test_cuda_split_kv_graph_replays_reset_the_counters():
+    """Under a CUDA graph (what the decode step runs): each replay combines in the last split program
+    and leaves the counters at zero, so replays at the captured and at a new context match eager."""
+    from aioffload.attention import paged_kernel as compiled
+
+    dev = torch.device("cuda")
+    q, k, v, k_cache, v_cache, meta = random_step([(4999, 1), (700, 1)], 16, 8, 4, 128, torch.bfloat16, dev, seed=4)
+    sdpa_reference(q, k, v, k_cache, v_cache, meta, 128**-0.5)  # writes this step's K/V
+
+    def call():
+        return split_kv(compiled, q, k_cache, v_cache, meta, 128**-0.5, 16)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        eager = call()  # the warm-up before capture: compiles, creates the counters
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    for ctx in (None, (1234, 3)):  # the captured contexts, then new ones in place
+        if ctx is not None:
+            meta.row_ctx.copy_(torch.tensor(ctx, dtype=meta.row_ctx.dtype))
+            eager = call()
+        for _ in range(20):  # a missed ordering would show as a mismatch now and then
+            out.fill_(float("nan"))
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, eager)
+            assert not compiled._counters[q.device].any()
+    separate = split_kv(compiled, q, k_cache, v_cache, meta, 128**-0.5, 16, combine_kernel=True)
+    assert max_err(out, separate) <= 1e-2
