@@ -62,13 +62,13 @@ CASES = [
 ]
 
 
-def prefill(kernel, q, k_cache, v_cache, meta, scale, tile=TEST_TILE):  # type: ignore[no-untyped-def]
+def prefill(kernel, q, k_cache, v_cache, meta, scale, tile=TEST_TILE, splits=1):  # type: ignore[no-untyped-def]
     """The prefill kernel on the step's chunks cut into `tile`-row tiles; other rows stay NaN."""
     starts = [sl - ql for ql, sl in zip(meta.query_lens, meta.seq_lens_host)]
     tiles, _ = plan_rows(meta.query_lens, starts, tile)
     out = torch.full_like(q, float("nan"))
     return kernel.prefill_attention(q, k_cache, v_cache, meta.block_tables, torch.tensor(tiles, dtype=torch.int32),
-                                    scale, out, block_m=tile)  # fmt: skip
+                                    scale, out, block_m=tile, splits=splits)  # fmt: skip
 
 
 @needs_interpreter
@@ -129,7 +129,35 @@ def test_interpreted_backend_mixed_step_matches_sdpa(interpreted):
     assert not out.isnan().any() and max_err(out, ref) < 1e-5
 
 
-NUM_INTERPRETED_TESTS = len(CASES) + 3
+@needs_interpreter
+@pytest.mark.parametrize("splits", [2, 3, 5])
+def test_interpreted_split_keys_match_sdpa(interpreted, splits):
+    """Key splits per (head, tile), combined after: the same rows as one walk, including rows that
+    see none of a split's keys (past the causal diagonal) and splits with no keys at all (the
+    2-row chunk at position 63 has 65 keys: with 5 splits of one 16-key tile, splits 4-... are
+    short or empty), and padded empty tiles ([0, 0, 0, 0]) that must write nothing."""
+    q, k, v, k_cache, v_cache, meta = random_step(STEP, 16, 2, 4, 64, torch.float32, CPU, seed=6)
+    ref = sdpa_reference(q, k, v, k_cache, v_cache, meta, 0.125)
+    starts = [sl - ql for ql, sl in zip(meta.query_lens, meta.seq_lens_host)]
+    tiles, _ = plan_rows(meta.query_lens, starts, TEST_TILE)
+    tiles += [[0, 0, 0, 0]]  # an empty tile, as the chunk graphs pad their grid
+    out = torch.full_like(q, float("nan"))
+    interpreted.prefill_attention(q, k_cache, v_cache, meta.block_tables, torch.tensor(tiles, dtype=torch.int32),
+                                  0.125, out, block_m=TEST_TILE, block_n=16, splits=splits)  # fmt: skip
+    assert out[DECODE_ROWS].isnan().all()
+    assert max_err(out[PREFILL_ROWS], ref[PREFILL_ROWS]) < 1e-5
+
+
+def test_split_count_fills_the_machine_and_stays_a_power_of_two():
+    from aioffload.attention.prefill_kernel import MAX_SPLITS, num_splits
+
+    assert num_splits(32, 1, 132) == 8  # one tile deep in a prompt: 256 programs over 132 SMs
+    assert num_splits(32, 4, 132) == 2
+    assert num_splits(32, 16, 132) == 1  # a 2048-row chunk fills the SMs by itself
+    assert num_splits(1, 1, 132) == MAX_SPLITS
+
+
+NUM_INTERPRETED_TESTS = len(CASES) + 3 + 3
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the child process")
@@ -149,6 +177,7 @@ def test_interpreter_cases():
         pytest.param([(0, 8000)], id="prompt-8000"),
         pytest.param([(6000, 2048)], id="chunk-after-6000"),
         pytest.param([(0, 100), (300, 1), (4000, 513), (7, 1), (0, 65)], id="mixed"),
+        pytest.param([(8000, 40), (9, 1)], id="small-chunk-deep: key splits"),
     ],
 )
 @pytest.mark.parametrize("group, head_dim, block_size", [(4, 128, 16), (8, 64, 32), (1, 128, 32)])

@@ -134,6 +134,7 @@ class TritonPagedBackend(AttentionBackend):
 
         self._decode = paged_kernel
         self._prefill = prefill_kernel.prefill_attention
+        self._prefill_splits = prefill_kernel.num_splits
         self._num_sms: int | None = None
         self.dense_grain = dense_prefill.DENSE_PAD  # shapes of the cuDNN calls: multiples of this (warm_dense)
 
@@ -159,12 +160,15 @@ class TritonPagedBackend(AttentionBackend):
         else:
             log.info("prefill attention: Triton tiles only (%s)", reason)
 
-    def _splits(self, num_rows: int, num_kv_heads: int, device: torch.device) -> int:
+    def _sms(self, device: torch.device) -> int:
         if self._num_sms is None:
             cuda = device.type == "cuda"
             sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else None
             self._num_sms = sms or self._decode.CPU_SMS
-        return self._decode.num_splits(num_rows, num_kv_heads, self._num_sms)
+        return self._num_sms
+
+    def _splits(self, num_rows: int, num_kv_heads: int, device: torch.device) -> int:
+        return self._decode.num_splits(num_rows, num_kv_heads, self._sms(device))
 
     def attend(self, q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
         out = torch.empty_like(q)
@@ -173,7 +177,9 @@ class TritonPagedBackend(AttentionBackend):
             dense_prefill.attend_dense(q, k_cache, v_cache, meta.block_tables, meta.dense_seqs, scale, out,
                                        dense_prefill.cudnn_lse_attention, self.dense_grain)  # fmt: skip
         if meta.prefill_tiles is not None and meta.prefill_tiles.shape[0]:
-            self._prefill(q, k_cache, v_cache, meta.block_tables, meta.prefill_tiles, scale, out)
+            n_tiles = meta.prefill_tiles.shape[0]  # the grid: fixed for a captured graph
+            splits = self._prefill_splits(q.shape[1], n_tiles, self._sms(q.device))
+            self._prefill(q, k_cache, v_cache, meta.block_tables, meta.prefill_tiles, scale, out, splits=splits)
             assert rows is not None, "prefill_tiles come with decode_rows (tiles.plan_rows)"
         num_rows = q.shape[0] if rows is None else rows.shape[0]
         if num_rows:

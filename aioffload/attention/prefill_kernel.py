@@ -48,8 +48,10 @@ def _key_tile(
     if MASKED:
         s = tl.where(valid[None, :] & (t[None, :] <= pos[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    # A row may see none of a split's keys so far (-inf everywhere): keep its (0, -inf, 0), no NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if MASKED:
         v = tl.load(v_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
@@ -59,19 +61,20 @@ def _key_tile(
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the block-table width changes every step: no recompiles
+@triton.jit(do_not_specialize=["stride_bt", "num_splits"])  # per-step values: no recompiles
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, tiles_ptr,
-    qk_scale,
+    q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, tiles_ptr, part_ptr, part_ml_ptr,
+    qk_scale, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_ot, stride_oh,
     stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     head = tl.program_id(0)
     tile = tl.program_id(1)
+    split = tl.program_id(2)
     seq = tl.load(tiles_ptr + tile * 4)
     row0 = tl.load(tiles_ptr + tile * 4 + 1)
     nrows = tl.load(tiles_ptr + tile * 4 + 2)
@@ -90,15 +93,71 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     full_end = (p0 + 1) // BLOCK_N * BLOCK_N  # keys [0, p0] are visible to every row
-    for start in range(0, full_end, BLOCK_N):
+    # This split's keys: the split-th slice of [0, kv_end), slices a whole number of key tiles.
+    chunk = tl.cdiv(tl.cdiv(kv_end, num_splits), BLOCK_N) * BLOCK_N
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, kv_end)
+    for start in range(lo, tl.minimum(hi, full_end), BLOCK_N):
         acc, l_i, m_i = _key_tile(acc, l_i, m_i, q, pos, start, kv_end, k_ptr, v_ptr, bt_row_ptr, kv_off, qk_scale,
                                   stride_kb, stride_ks, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_F32)  # fmt: skip
-    for start in range(full_end, kv_end, BLOCK_N):
+    for start in range(tl.maximum(lo, full_end), hi, BLOCK_N):
         acc, l_i, m_i = _key_tile(acc, l_i, m_i, q, pos, start, kv_end, k_ptr, v_ptr, bt_row_ptr, kv_off, qk_scale,
                                   stride_kb, stride_ks, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_F32)  # fmt: skip
-    out = acc / l_i[:, None]
+    if SPLIT:  # partials [tiles, Hq, splits, M, D] and [.., M, 2]; an empty split stores (0, -inf, 0)
+        slot = ((tile * tl.num_programs(0) + head) * num_splits + split).to(tl.int64) * BLOCK_M + offs_m  # [M]
+        tl.store(part_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc)
+        tl.store(part_ml_ptr + slot * 2, m_i)
+        tl.store(part_ml_ptr + slot * 2 + 1, l_i)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=m_valid[:, None])  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _prefill_combine_kernel(
+    o_ptr, tiles_ptr, part_ptr, part_ml_ptr, num_splits,
+    stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """One program per (query head, tile): out = sum_i 2^(m_i - M) acc_i / sum_i 2^(m_i - M) l_i
+    over the splits, row by row (split 0 is never empty for a row the tile holds)."""
+    head = tl.program_id(0)
+    tile = tl.program_id(1)
+    row0 = tl.load(tiles_ptr + tile * 4 + 1)
+    nrows = tl.load(tiles_ptr + tile * 4 + 2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    base = (tile * tl.num_programs(0) + head).to(tl.int64) * num_splits
+    m_all = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for sp in range(0, num_splits):
+        m_all = tl.maximum(m_all, tl.load(part_ml_ptr + ((base + sp) * BLOCK_M + offs_m) * 2))
+    m_all = tl.where(offs_m < nrows, m_all, 0.0)  # rows past the tile's: no finite max, never stored
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    lsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for sp in range(0, num_splits):
+        slot = (base + sp) * BLOCK_M + offs_m  # [M]
+        w = tl.exp2(tl.load(part_ml_ptr + slot * 2) - m_all)  # [M]; an empty split weighs 0
+        lsum += w * tl.load(part_ml_ptr + slot * 2 + 1)
+        acc += w[:, None] * tl.load(part_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :])
+    m_valid = offs_m < nrows
+    rows = (row0 + offs_m).to(tl.int64)
+    out = acc / tl.where(m_valid, lsum, 1.0)[:, None]
     tl.store(o_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=m_valid[:, None])  # fmt: skip
+
+
+MAX_SPLITS = 16
+
+
+def num_splits(num_heads: int, num_tiles: int, num_sms: int) -> int:
+    """Key splits per (head, tile): enough programs for ~2 waves over the SMs, a power of two, at
+    most MAX_SPLITS; 1 once heads x tiles fill the machine. A chunk deep in a prompt otherwise runs
+    heads x tiles programs that each walk the whole prefix: measured on the H200, a 128-token chunk
+    graph at position 8192 took 14.8 ms against 5.6 at position 0, 32 programs for 132 SMs
+    (BENCHMARKS.md, third session, call 3)."""
+    want = 2 * num_sms // max(1, num_heads * num_tiles)
+    return 1 if want < 2 else min(MAX_SPLITS, 1 << (want.bit_length() - 1))
 
 
 def launch_config(block_m: int, head_dim: int) -> dict[str, int]:
@@ -123,21 +182,34 @@ def prefill_attention(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    splits: int = 1,  # key splits per (head, tile) (num_splits); > 1 adds a combine launch
 ) -> torch.Tensor:
     hq, d = q.shape[1], q.shape[2]
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
+    assert 1 <= splits <= MAX_SPLITS, f"splits must be in 1..{MAX_SPLITS}, got {splits}"
     cfg = launch_config(block_m, d)
     extra = {} if q.device.type == "cpu" else {
         "num_warps": num_warps or cfg["num_warps"], "num_stages": num_stages or cfg["num_stages"]}  # fmt: skip
-    _prefill_kernel[(hq, tiles.shape[0])](
-        q, k_cache, v_cache, out, block_tables, tiles,
-        scale * LOG2E,
+    n_tiles = tiles.shape[0]
+    if splits > 1:
+        part = torch.empty(n_tiles * hq * splits * block_m, d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(n_tiles * hq * splits * block_m, 2, dtype=torch.float32, device=q.device)
+    else:
+        part = part_ml = out  # unused
+    _prefill_kernel[(hq, n_tiles, splits)](
+        q, k_cache, v_cache, out, block_tables, tiles, part, part_ml,
+        scale * LOG2E, splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=hq // hkv, HEAD_DIM=d, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n or cfg["block_n"],
-        DOT_F32=dot_f32(q), **extra,
+        DOT_F32=dot_f32(q), SPLIT=splits > 1, **extra,
     )  # fmt: skip
+    if splits > 1:
+        _prefill_combine_kernel[(hq, n_tiles)](
+            out, tiles, part, part_ml, splits, out.stride(0), out.stride(1), HEAD_DIM=d, BLOCK_M=block_m,
+            **({} if q.device.type == "cpu" else {"num_warps": 4}),
+        )  # fmt: skip
     return out
