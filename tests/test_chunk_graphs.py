@@ -81,78 +81,75 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("chunkg"), "qwen3", seed=4, layers=2)
 
 
+class Interpreted:
+    """The tiny model over the Triton kernels (built under the interpreter): fresh caches of
+    `blocks` blocks and eager steps over them."""
+
+    def __init__(self, path: Path, blocks: int) -> None:
+        from aioffload.attention.backends import TritonPagedBackend
+        from aioffload.checkpoint.checkpoint import Checkpoint
+        from aioffload.worker.model_loader import build_model
+
+        ckpt = Checkpoint.open(str(path))
+        self.cfg, self.blocks = ckpt.model_config, blocks
+        self.model, _ = build_model(ckpt, torch.float32, CPU, TritonPagedBackend(), 256)
+
+    def cache(self) -> KVCache:
+        c = self.cfg
+        return KVCache(c.num_layers, self.blocks, BLOCK, c.num_kv_heads, c.head_dim, torch.float32, CPU)
+
+    def eager(self, kv: KVCache, chunks: list[SeqChunk]) -> torch.Tensor:
+        inp = build_inputs(chunks, BLOCK, CPU)
+        return self.model.forward(inp.input_ids, inp.positions, inp.meta, kv)
+
+
+def assert_same_cache(got: KVCache, want: KVCache) -> None:
+    """Every block but the trash block holds the same K/V."""
+    for layer in range(len(got.k)):
+        torch.testing.assert_close(got.k[layer][:-1], want.k[layer][:-1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.v[layer][:-1], want.v[layer][:-1], rtol=1e-6, atol=1e-6)
+
+
 @needs_interpreter
 def test_interpreted_padded_chunk_equals_the_eager_chunk(tiny_path: Path) -> None:
-    from aioffload.attention.backends import TritonPagedBackend
-    from aioffload.checkpoint.checkpoint import Checkpoint
-    from aioffload.worker.model_loader import build_model
-
     with interpreter():
-        ckpt = Checkpoint.open(str(tiny_path))
-        cfg = ckpt.model_config
-        model, _ = build_model(ckpt, torch.float32, CPU, TritonPagedBackend(), 256)
-
-        def cache() -> KVCache:
-            return KVCache(cfg.num_layers, 8, BLOCK, cfg.num_kv_heads, cfg.head_dim, torch.float32, CPU)
-
-        def eager(kv: KVCache, chunks: list[SeqChunk]) -> torch.Tensor:
-            inp = build_inputs(chunks, BLOCK, CPU)
-            return model.forward(inp.input_ids, inp.positions, inp.meta, kv)
-
+        m = Interpreted(tiny_path, 8)
         table, prompt = [5, 2, 6], [(11 * j) % 250 + 3 for j in range(33)]
-        want_kv, got_kv = cache(), cache()
+        want_kv, got_kv = m.cache(), m.cache()
         for kv in (want_kv, got_kv):
-            eager(kv, [SeqChunk(prompt[:20], 0, table)])  # a cached prefix of 20 tokens
-            eager(kv, [SeqChunk([9] * 16, 0, [0])])  # another sequence's block, which must stay as it is
+            m.eager(kv, [SeqChunk(prompt[:20], 0, table)])  # a cached prefix of 20 tokens
+            m.eager(kv, [SeqChunk([9] * 16, 0, [0])])  # another sequence's block, which must stay as it is
         chunk = SeqChunk(prompt[20:], 20, table)  # 13 tokens after the prefix
-        want = eager(want_kv, [chunk])
+        want = m.eager(want_kv, [chunk])
         ci = ChunkInputs((16, 32), max_blocks=4, trash_slot=got_kv.trash_slot, block_size=BLOCK, device=CPU)
         assert ci.size_for(chunk) == 16
         ci.fill(chunk, 16)
-        got = model.forward(*ci.args(16), got_kv)
-    assert got.shape == want.shape == (1, cfg.vocab_size)
+        got = m.model.forward(*ci.args(16), got_kv)
+    assert got.shape == want.shape == (1, m.cfg.vocab_size)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for layer in range(cfg.num_layers):  # every block but the trash block holds the same K/V
-        torch.testing.assert_close(got_kv.k[layer][:-1], want_kv.k[layer][:-1], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(got_kv.v[layer][:-1], want_kv.v[layer][:-1], rtol=1e-6, atol=1e-6)
+    assert_same_cache(got_kv, want_kv)
 
 
 @needs_interpreter
 def test_interpreted_mixed_rows_equal_the_eager_step(tiny_path: Path) -> None:
     """Two decode tokens in a bucket of 4 and a 13-token chunk padded to 16, in one forward, give
     the eager step's logits for the real rows and leave every block but the trash block as eager does."""
-    from aioffload.attention.backends import TritonPagedBackend
-    from aioffload.checkpoint.checkpoint import Checkpoint
-    from aioffload.worker.model_loader import build_model
-
     with interpreter():
-        ckpt = Checkpoint.open(str(tiny_path))
-        cfg = ckpt.model_config
-        model, _ = build_model(ckpt, torch.float32, CPU, TritonPagedBackend(), 256)
-
-        def cache() -> KVCache:
-            return KVCache(cfg.num_layers, 10, BLOCK, cfg.num_kv_heads, cfg.head_dim, torch.float32, CPU)
-
-        def eager(kv: KVCache, chunks: list[SeqChunk]) -> torch.Tensor:
-            inp = build_inputs(chunks, BLOCK, CPU)
-            return model.forward(inp.input_ids, inp.positions, inp.meta, kv)
-
+        m = Interpreted(tiny_path, 10)
         prompt = [(11 * j) % 250 + 3 for j in range(33)]
-        want_kv, got_kv = cache(), cache()
+        want_kv, got_kv = m.cache(), m.cache()
         for kv in (want_kv, got_kv):
-            eager(kv, [SeqChunk(prompt[:20], 0, [5, 2, 6]), SeqChunk(prompt[3:21], 0, [1, 7]),
-                       SeqChunk(prompt[:9], 0, [8])])  # fmt: skip
+            m.eager(kv, [SeqChunk(prompt[:20], 0, [5, 2, 6]), SeqChunk(prompt[3:21], 0, [1, 7]),
+                         SeqChunk(prompt[:9], 0, [8])])  # fmt: skip
         decodes = [SeqChunk([17], 18, [1, 7]), SeqChunk([23], 9, [8])]
         chunk = SeqChunk(prompt[20:], 20, [5, 2, 6])
-        want = eager(want_kv, [*decodes, chunk])  # [3, V]
+        want = m.eager(want_kv, [*decodes, chunk])  # [3, V]
         ci = ChunkInputs((16, 32), max_blocks=4, trash_slot=got_kv.trash_slot, block_size=BLOCK, device=CPU,
                          decode_buckets=(4,))  # fmt: skip
         ci.fill(chunk, 16, decodes, 4)
-        out = model.forward(*ci.args(16, 4), got_kv)  # [5, V]: 4 decode rows (2 padding), the chunk
+        out = m.model.forward(*ci.args(16, 4), got_kv)  # [5, V]: 4 decode rows (2 padding), the chunk
     torch.testing.assert_close(out[[0, 1, 4]], want, rtol=1e-5, atol=1e-5)
-    for layer in range(cfg.num_layers):
-        torch.testing.assert_close(got_kv.k[layer][:-1], want_kv.k[layer][:-1], rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(got_kv.v[layer][:-1], want_kv.v[layer][:-1], rtol=1e-6, atol=1e-6)
+    assert_same_cache(got_kv, want_kv)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the child process")
