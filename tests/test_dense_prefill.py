@@ -72,6 +72,23 @@ def test_a_decode_only_step_has_no_dense_chunks():
     assert meta.dense_seqs is None and meta.prefill_tiles is None
 
 
+def test_warming_fixes_the_grain_and_keeps_shorter_chunks_on_the_tiles(monkeypatch):
+    pytest.importorskip("triton", reason="the Triton backend imports its kernels")
+    from aioffload.attention.backends import TritonPagedBackend
+
+    calls = []
+    monkeypatch.setattr(dense_prefill, "warm", lambda *a: calls.append(a) or 7)
+    backend = TritonPagedBackend()
+    backend.warm_dense(32, 8, 128, torch.bfloat16, CPU, 32768, 40000)
+    assert calls == [] and backend.dense_min_rows is None  # no dense path (no probe passed): nothing to warm
+    backend.dense_min_rows = dense_prefill.DENSE_MIN_ROWS
+    backend.warm_dense(32, 8, 128, torch.bfloat16, CPU, 2048, 40000)
+    assert (backend.dense_grain, backend.dense_min_rows) == (1024, 1024)
+    backend.warm_dense(32, 8, 128, torch.bfloat16, CPU, 32768, 40000)
+    assert (backend.dense_grain, backend.dense_min_rows) == (8192, 8192)  # a 1500-row prompt stays on the tiles
+    assert [c[5:] for c in calls] == [(2048, 40000), (32768, 40000)]
+
+
 def test_the_probe_refuses_a_cpu_device():
     assert probe_cudnn(CPU) == "not a CUDA device"
 

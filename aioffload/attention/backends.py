@@ -146,9 +146,11 @@ class TritonPagedBackend(AttentionBackend):
             return
         t = time.perf_counter()
         self.dense_grain = dense_prefill.grain_for(max_rows)
+        # A chunk shorter than the grain would pad its causal square to up to 4x its pairs.
+        self.dense_min_rows = max(self.dense_min_rows, self.dense_grain)
         n = dense_prefill.warm(num_heads, num_kv_heads, head_dim, dtype, device, max_rows, max_len)
-        log.info("prefill attention: cuDNN plans for %d chunk shapes (grain %d rows, chunks up to %d rows, "
-                 "contexts up to %d) built in %.2f s", n, self.dense_grain, max_rows, max_len,
+        log.info("prefill attention: cuDNN plans for %d chunk shapes (grain %d rows, chunks of %d-%d rows, "
+                 "contexts up to %d) built in %.2f s", n, self.dense_grain, self.dense_min_rows, max_rows, max_len,
                  time.perf_counter() - t)  # fmt: skip
 
     def enable_dense(self, device: torch.device, min_rows: int = dense_prefill.DENSE_MIN_ROWS) -> None:
