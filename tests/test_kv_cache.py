@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aioffload.attention.kv_cache import BlockManager, BlockPool, KVCache, kv_bytes_per_block, slot_mapping
+from aioffload.attention.kv_cache import (
+    BlockManager,
+    BlockPool,
+    KVCache,
+    gather_positions,
+    kv_bytes_per_block,
+    slot_mapping,
+)
 
 
 def manager(num_blocks: int = 8, block_size: int = 4) -> BlockManager:
@@ -295,3 +302,14 @@ def test_kv_copy_blocks_copies_every_layer_and_reads_before_writing():
     for t, b in zip(kv.k + kv.v, before):
         assert torch.equal(t[3], b[1]) and torch.equal(t[0], b[3])
         assert torch.equal(t[1], b[1]) and torch.equal(t[2], b[2])
+
+
+def test_gather_positions_reads_the_slots_slot_mapping_names():
+    import torch
+
+    cache = torch.arange(10 * 4 * 2 * 3, dtype=torch.float32).reshape(10, 4, 2, 3)  # 10 blocks of 4, Hkv 2, D 3
+    table = [7, 2, 5]
+    flat = cache.view(-1, 2, 3)
+    for start, end in ((0, 12), (3, 9), (4, 8), (11, 12)):
+        got = gather_positions(cache, torch.tensor(table), start, end)
+        assert torch.equal(got, flat[slot_mapping(table, start, end, 4)]), (start, end)

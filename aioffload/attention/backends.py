@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from aioffload.attention import dense_prefill
+from aioffload.attention.kv_cache import gather_positions
 
 log = logging.getLogger("aioffload.attention")
 
@@ -55,13 +56,6 @@ def write_kv(
     hkv, d = k_cache.shape[-2:]
     k_cache.view(-1, hkv, d).index_copy_(0, slots, k)
     v_cache.view(-1, hkv, d).index_copy_(0, slots, v)
-
-
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """[length, Hkv, D]: one sequence's keys (or values) in position order."""
-    bs = cache.shape[1]
-    nb = -(-length // bs)
-    return cache[block_table[:nb].long()].flatten(0, 1)[:length]
 
 
 class AttentionBackend:
@@ -109,8 +103,8 @@ class SdpaBackend(AttentionBackend):
         out = torch.empty_like(q)
         start = 0
         for s, (ql, sl) in enumerate(zip(meta.query_lens, meta.seq_lens_host, strict=True)):
-            ks = gather_kv(k_cache, meta.block_tables[s], sl).transpose(0, 1)  # [Hkv, L, D]
-            vs = gather_kv(v_cache, meta.block_tables[s], sl).transpose(0, 1)
+            ks = gather_positions(k_cache, meta.block_tables[s], 0, sl).transpose(0, 1)  # [Hkv, L, D]
+            vs = gather_positions(v_cache, meta.block_tables[s], 0, sl).transpose(0, 1)
             qs = q[start : start + ql].transpose(0, 1)  # [Hq, ql, D]
             # Query i sits at position sl - ql + i and sees keys 0..that position.
             mask = None
@@ -202,8 +196,12 @@ class XformersBackend(AttentionBackend):
         self._xops, self._fmha = xops, fmha
 
     def attend(self, q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
-        ks = torch.cat([gather_kv(k_cache, meta.block_tables[s], sl) for s, sl in enumerate(meta.seq_lens_host)])
-        vs = torch.cat([gather_kv(v_cache, meta.block_tables[s], sl) for s, sl in enumerate(meta.seq_lens_host)])
+        tables, lens = meta.block_tables, meta.seq_lens_host
+
+        def every_sequence(cache: torch.Tensor) -> torch.Tensor:  # [sum of lengths, Hkv, D]
+            return torch.cat([gather_positions(cache, tables[s], 0, n) for s, n in enumerate(lens)])
+
+        ks, vs = every_sequence(k_cache), every_sequence(v_cache)
         hq, hkv, d = q.shape[1], k_cache.shape[2], q.shape[2]
         g = hq // hkv
         bias = self._fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask.from_seqlens(

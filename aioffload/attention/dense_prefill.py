@@ -29,9 +29,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from aioffload.attention.kv_cache import gather_positions
+
 log = logging.getLogger("aioffload.attention")
 
-DENSE_MIN_ROWS = 1024  # rows from which a fresh chunk goes to cuDNN (per-sequence calls cost ~10 launches a layer)
+DENSE_MIN_ROWS = 1024  # rows from which a chunk goes to cuDNN (per-sequence calls cost ~10 launches a layer)
 DENSE_PAD = 1024  # the smallest shape grain (grain_for): calls have multiples of it as their sizes
 
 LseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
@@ -62,10 +64,8 @@ def cudnn_lse_attention(
 def gather_padded(cache: torch.Tensor, block_table: torch.Tensor, lo: int, hi: int, m: int) -> torch.Tensor:
     """[1, Hkv, m, D]: one sequence's keys (or values) at positions lo .. hi - 1, then zeros, as a
     view of a fresh [m, Hkv, D] (its strides follow from m alone: cuDNN's plan cache keys on them)."""
-    bs = cache.shape[1]
-    first, last = lo // bs, -(-hi // bs)
     out = cache.new_zeros(m, *cache.shape[2:])
-    out[: hi - lo] = cache[block_table[first:last].long()].flatten(0, 1)[lo - first * bs : hi - first * bs]
+    out[: hi - lo] = gather_positions(cache, block_table, lo, hi)
     return out.transpose(0, 1).unsqueeze(0)
 
 
@@ -139,7 +139,6 @@ def warm(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, d
     cases = [(n, 1) for n in range(g - 1, max_rows + g, g)]  # the squares: d + n = 1 .. max_rows + g
     cases += [(n, p) for n in range(g, -(-max_rows // g) * g + 1, g) for p in range(g, max_len - n + 1, g)]
     for n, start in cases:
-        n = min(n, q.shape[0])
         attend_dense(q, cache, cache, table, [(0, 0, n, start)], head_dim**-0.5, torch.empty_like(q),
                      cudnn_lse_attention, g)  # fmt: skip
     return len(cases)

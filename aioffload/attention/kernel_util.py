@@ -25,3 +25,10 @@ def dot(a, b, DOT_F32: tl.constexpr):
 def dot_f32(t: torch.Tensor) -> bool:
     """Whether kernels reading `t` must upcast before tl.dot (bfloat16 under the interpreter)."""
     return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def splits_for(programs: int, num_sms: int, most: int) -> int:
+    """Splits of each program's keys so that programs x splits make ~2 waves over the SMs: a
+    power of two, at most `most`; 1 once `programs` alone fill the machine."""
+    want = 2 * num_sms // max(1, programs)
+    return 1 if want < 2 else min(most, 1 << (want.bit_length() - 1))

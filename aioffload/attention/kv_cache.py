@@ -169,6 +169,15 @@ def slot_mapping(block_table: Sequence[int], start: int, end: int, block_size: i
     return [block_table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
+def gather_positions(cache: torch.Tensor, block_table: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """[end - start, Hkv, D]: one sequence's keys (or values) at positions start .. end - 1, in
+    position order, from a [num_blocks + 1, block_size, Hkv, D] cache through its block table."""
+    bs = cache.shape[1]
+    first = start // bs
+    blocks = cache[block_table[first : -(-end // bs)].long()].flatten(0, 1)  # [blocks x block_size, Hkv, D]
+    return blocks[start - first * bs : end - first * bs]
+
+
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, elem_size: int) -> int:
     """Bytes of K and V for one block across all layers."""
     return 2 * num_layers * block_size * num_kv_heads * head_dim * elem_size

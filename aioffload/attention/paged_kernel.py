@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aioffload.attention.kernel_util import LOG2E, dot, dot_f32
+from aioffload.attention.kernel_util import LOG2E, dot, dot_f32, splits_for
 
 MAX_SPLITS = 32
 CPU_SMS = 4  # the interpreter has no SMs: a small figure, so CPU tests exercise several splits
@@ -222,8 +222,7 @@ def _combine_kernel(
 def num_splits(num_rows: int, num_kv_heads: int, num_sms: int) -> int:
     """Splits per (row, KV head): enough programs for ~2 waves over the SMs, a power of two,
     at most MAX_SPLITS; 1 once rows x heads alone fill the machine."""
-    want = 2 * num_sms // max(1, num_rows * num_kv_heads)
-    return 1 if want < 2 else min(MAX_SPLITS, 1 << (want.bit_length() - 1))
+    return splits_for(num_rows * num_kv_heads, num_sms, MAX_SPLITS)
 
 
 def paged_attention(

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aioffload.attention.kernel_util import LOG2E, dot, dot_f32
+from aioffload.attention.kernel_util import LOG2E, dot, dot_f32, splits_for
 from aioffload.attention.tiles import PREFILL_TILE
 
 
@@ -156,8 +156,7 @@ def num_splits(num_heads: int, num_tiles: int, num_sms: int) -> int:
     heads x tiles programs that each walk the whole prefix: measured on the H200, a 128-token chunk
     graph at position 8192 took 14.8 ms against 5.6 at position 0, 32 programs for 132 SMs
     (BENCHMARKS.md, third session, call 3)."""
-    want = 2 * num_sms // max(1, num_heads * num_tiles)
-    return 1 if want < 2 else min(MAX_SPLITS, 1 << (want.bit_length() - 1))
+    return splits_for(num_heads * num_tiles, num_sms, MAX_SPLITS)
 
 
 def launch_config(block_m: int, head_dim: int) -> dict[str, int]:

@@ -43,7 +43,7 @@ def step_logits(
             logits = chunk_graphs.run(chunks[rest[0]], dec_chunks)  # [D + 1, V]: decodes, then the chunk
             return _in_chunk_order(chunks, dec, rest, [logits[: len(dec)], logits[len(dec) :]])
         one = len(rest) == 1 and chunk_graphs is not None and chunk_graphs.can_run(chunks[rest[0]])
-        if (dec or one) and (not dec or graphs.can_run([chunks[i] for i in dec])):
+        if (dec or one) and (not dec or graphs.can_run(dec_chunks)):
             return _graphs_and_rest(chunks, dec, rest, model, kv, block_size, graphs, chunk_graphs if one else None)
     return _eager(chunks, model, kv, block_size)
 

@@ -60,10 +60,13 @@ def build_inputs(
     last: list[int] = []
     qlens: list[int] = []
     slens: list[int] = []
+    dense: list[tuple[int, int, int, int]] = []  # (sequence, first row, rows, first position)
     width = max(len(c.block_table) for c in chunks)
     tables = [list(c.block_table) + [0] * (width - len(c.block_table)) for c in chunks]
     for s, c in enumerate(chunks):
         n = len(c.token_ids)
+        if dense_min_rows is not None and n > 1 and n >= dense_min_rows:
+            dense.append((s, len(ids), n, c.start))
         ids.extend(c.token_ids)
         for p in range(c.start, c.start + n):
             pos.append(p)
@@ -91,17 +94,11 @@ def build_inputs(
         seq_lens_host=slens,
     )
     if any(n > 1 for n in qlens):  # a prefill chunk: the tiled kernel takes it (decode-only steps need nothing)
-        starts = [c.start for c in chunks]
-        tiles, decode_rows = plan_rows(qlens, starts)
-        if dense_min_rows is not None:
-            first = [0]
-            for n in qlens:
-                first.append(first[-1] + n)
-            dense = [(s, first[s], n, starts[s]) for s, n in enumerate(qlens) if n > 1 and n >= dense_min_rows]
-            if dense:
-                meta.dense_seqs = dense
-                taken = {s for s, *_ in dense}
-                tiles = [tile for tile in tiles if tile[0] not in taken]
+        tiles, decode_rows = plan_rows(qlens, [c.start for c in chunks])
+        if dense:
+            meta.dense_seqs = dense
+            taken = {s for s, *_ in dense}
+            tiles = [tile for tile in tiles if tile[0] not in taken]
         meta.prefill_tiles = t(tiles, torch.int32).reshape(-1, 4)
         meta.decode_rows = t(decode_rows, torch.int32)
     return StepInputs(t(ids, torch.int64), t(pos, torch.int64), meta)

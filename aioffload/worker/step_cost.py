@@ -161,8 +161,8 @@ def pair_cost(shallow_s: float, deep_s: float, rows: int, depth: int) -> float:
 
 def time_chunk_depths(
     worker: Worker, rows: int = 128, deepest: int = 8192, reps: int = 3
-) -> tuple[float, float, int] | None:
-    """(seconds at position 0, seconds at depth, depth) of a `rows`-token chunk graph replay, or
+) -> tuple[float, float, int, int] | None:
+    """(seconds at position 0, seconds at depth, rows, depth) of a `rows`-token chunk graph replay, or
     None without chunk graphs or room. A chunk deep in a prompt runs few attention programs (one per
     head and query tile) that each walk the whole prefix: measured on the H200, a 16-stream mixed
     step deep in an 8k prompt took 16-17 ms where the model's pair cost (attention at half the
@@ -187,4 +187,4 @@ def time_chunk_depths(
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    return timed(0), timed(depth), depth
+    return timed(0), timed(depth), rows, depth

@@ -128,9 +128,9 @@ class Worker:
         self.fill_masks: MaskFiller = fill_each
         self.graphs: CudaGraphRunner | None = None
         self.chunk_graphs: ChunkGraphRunner | None = None
-        # Steps mixing decode tokens with prefill chunks: the decode tokens through the graph, the
-        # chunks eager (True), or the whole step eager (False). scripts/gpu/profile_decode.py
-        # measures both on the GPU (BENCHMARKS.md, second session).
+        # Steps mixing decode tokens with prefill chunks: through the graphs where they take them
+        # (worker/graph_forward.py: a mixed graph, or the decode graph and the chunks behind it;
+        # True), or the whole step eager (False). scripts/gpu/profile_decode.py measures both.
         self.mixed_via_graph = True
         reason = self._graph_decision()
         if reason is None:
@@ -148,11 +148,12 @@ class Worker:
         if self.step_cost is not None and (self.tp is None or self.tp.leader):
             sizes = self.chunk_graphs.inputs.sizes if self.chunk_graphs is not None else ()
             self.step_cost = dataclasses.replace(self.step_cost, decode_s=time_decode_step(self), chunk_sizes=sizes)
-            depths = time_chunk_depths(self) if self.chunk_graphs is not None else None
+            depths = time_chunk_depths(self)
             if depths is not None:  # the attention of a graphed chunk deep in a prompt, as measured
-                pair = pair_cost(depths[0], depths[1], 128, depths[2])
-                log.info("chunk graph of 128 tokens: %.2f ms at position 0, %.2f ms at %d", depths[0] * 1e3,
-                         depths[1] * 1e3, depths[2])  # fmt: skip
+                shallow, deep, rows, depth = depths
+                pair = pair_cost(shallow, deep, rows, depth)
+                log.info("chunk graph of %d tokens: %.2f ms at position 0, %.2f ms at %d", rows, shallow * 1e3,
+                         deep * 1e3, depth)  # fmt: skip
                 self.step_cost = dataclasses.replace(self.step_cost, pair_s=max(self.step_cost.pair_s, pair))
             log.info("step cost: %s", self.step_cost.describe())
 
