@@ -151,16 +151,21 @@ class LlamaModel:
             w = self.layers.acquire(i)
             h = f.add_rms_norm(x, pending, w.input_norm, cfg.rms_norm_eps)
             qkv = F.linear(h, w.qkv_w, w.qkv_b)  # [T, q + 2kv]
-            q = f.rope_and_cache(
-                qkv, positions, self.rope, meta.slot_mapping, kv.k[i], kv.v[i], cfg.num_heads, cfg.num_kv_heads,
-                cfg.head_dim, w.q_norm, w.k_norm, cfg.rms_norm_eps,
-            )  # fmt: skip
-            o = self.attention.attend(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, Hq, D]
+            o = None  # [T, Hq, D]
+            if w.q_norm is None:  # one launch for rope, cache and attention where the backend has it
+                o = self.attention.rope_attend(qkv, positions, self.rope, kv.k[i], kv.v[i], meta, self.scale)
+            if o is None:
+                q = f.rope_and_cache(
+                    qkv, positions, self.rope, meta.slot_mapping, kv.k[i], kv.v[i], cfg.num_heads, cfg.num_kv_heads,
+                    cfg.head_dim, w.q_norm, w.k_norm, cfg.rms_norm_eps,
+                )  # fmt: skip
+                o = self.attention.attend(q, kv.k[i], kv.v[i], meta, self.scale)
             o = self._sum_ranks(F.linear(o.reshape(t, cfg.q_size), w.o_w))  # [T, H]
             h = f.add_rms_norm(x, o, w.post_norm, cfg.rms_norm_eps)
             pending = self._sum_ranks(self.mlp(i, h, w))  # [T, H]
             self.layers.release(i)
         assert pending is not None
-        x = x[meta.last_token_idx]  # [R, H]
-        h = f.add_rms_norm(x, pending[meta.last_token_idx], self.final_norm, cfg.rms_norm_eps)
+        if not meta.decode_only:  # there, every row is a logits row
+            x, pending = x[meta.last_token_idx], pending[meta.last_token_idx]  # [R, H]
+        h = f.add_rms_norm(x, pending, self.final_norm, cfg.rms_norm_eps)
         return F.linear(h, self.lm_head).float()

@@ -99,6 +99,7 @@ class CudaGraphRunner:
             last_token_idx=self.arange64[:bs],
             query_lens=[1] * bs,
             seq_lens_host=[1] * bs,
+            decode_only=True,
         )
 
     def _capture(self) -> None:

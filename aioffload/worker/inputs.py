@@ -92,6 +92,7 @@ def build_inputs(
         last_token_idx=t(last, torch.int64),
         query_lens=qlens,
         seq_lens_host=slens,
+        decode_only=len(last) == len(ids) and all(n == 1 for n in qlens),  # one token and logits row each
     )
     if any(n > 1 for n in qlens):  # a prefill chunk: the tiled kernel takes it (decode-only steps need nothing)
         tiles, decode_rows = plan_rows(qlens, [c.start for c in chunks])
