@@ -50,14 +50,15 @@ SCRIPT = textwrap.dedent(
         res[f"silu_mul_{dt}"] = (fused.silu_mul(gu) - F.silu(g) * u).float().abs().max().item()
     # rope + cache write, with and without q/k norm
     from aioffload.config import ModelConfig
-    for qk in (False, True):
-        hq, hkv, d, t = 4, 2, 16, 6
+    for qk, t in ((False, 6), (True, 6), (False, 70), (True, 70)):  # 70 rows: 16-token programs and a tail
+        hq, hkv, d = 4, 2, 16
         cfg = ModelConfig("LlamaForCausalLM", 32, 64, 64, 1, hq, hkv, d, 1e-6, 10000.0, 64, False, False, qk, "float32")
         rope = rope_cache(cfg, 64, torch.float32, torch.device("cpu"))
         qkv = torch.randn(t, (hq + 2 * hkv) * d)
-        pos = torch.tensor([0, 3, 7, 8, 20, 63])
-        slots = torch.tensor([5, 0, 9, 2, 7, 11])
-        kc = torch.zeros(4, 4, hkv, d); vc = torch.zeros(4, 4, hkv, d)
+        pos = torch.tensor([0, 3, 7, 8, 20, 63]) if t == 6 else torch.randint(0, 64, (t,))
+        slots = torch.tensor([5, 0, 9, 2, 7, 11]) if t == 6 else torch.randperm(80)[:t]
+        kc = torch.zeros(20, 4, hkv, d); vc = torch.zeros(20, 4, hkv, d)
+        key = f"{qk}" if t == 6 else f"{qk}_{t}"
         qn = torch.rand(d) + 0.5 if qk else None; kn = torch.rand(d) + 0.5 if qk else None
         q = fused.rope_and_cache(qkv, pos, rope, slots, kc, vc, hq, hkv, d, qn, kn, 1e-6)
         rq, rk, rv = qkv.split([hq * d, hkv * d, hkv * d], -1)
@@ -66,9 +67,9 @@ SCRIPT = textwrap.dedent(
             rq = rms_norm(rq, qn, 1e-6); rk = rms_norm(rk, kn, 1e-6)
         cs = rope[pos]; cos, sin = cs[:, 0:1], cs[:, 1:2]
         rq, rk = apply_rope(rq, cos, sin), apply_rope(rk, cos, sin)
-        res[f"rope_q_{qk}"] = (q - rq).abs().max().item()
-        res[f"rope_k_{qk}"] = (kc.view(-1, hkv, d)[slots] - rk).abs().max().item()
-        res[f"rope_v_{qk}"] = (vc.view(-1, hkv, d)[slots] - rv).abs().max().item()
+        res[f"rope_q_{key}"] = (q - rq).abs().max().item()
+        res[f"rope_k_{key}"] = (kc.view(-1, hkv, d)[slots] - rk).abs().max().item()
+        res[f"rope_v_{key}"] = (vc.view(-1, hkv, d)[slots] - rv).abs().max().item()
     # the whole fused forward (Triton attention + fused ops) against the CPU SDPA path
     from aioffload.attention.backends import SdpaBackend, TritonPagedBackend
     from aioffload.worker.inputs import SeqChunk, build_inputs
@@ -122,8 +123,8 @@ def test_silu_mul_matches_torch(results: dict) -> None:
     assert results["silu_mul_torch.float16"] < 4e-3
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_rope_and_cache_write_match_torch(results: dict, qk_norm: bool) -> None:
+@pytest.mark.parametrize("qk_norm", [False, True, "False_70", "True_70"])
+def test_rope_and_cache_write_match_torch(results: dict, qk_norm: bool | str) -> None:
     assert results[f"rope_q_{qk_norm}"] < 1e-5
     assert results[f"rope_k_{qk_norm}"] < 1e-5
     assert results[f"rope_v_{qk_norm}"] == 0.0

@@ -120,7 +120,8 @@ def test_interpreted_model_decode_step_is_the_same_fused_or_not(llama_path: Path
             kv = KVCache(cfg.num_layers, 10, 16, cfg.num_kv_heads, cfg.head_dim, torch.float32, CPU)
             prefill = build_inputs([SeqChunk(p, 0, t) for p, t in zip(prompts, tables)], 16, CPU)
             model.forward(prefill.input_ids, prefill.positions, prefill.meta, kv)
-            step = build_inputs([SeqChunk([9 + s], len(p), t) for s, (p, t) in enumerate(zip(prompts, tables))], 16, CPU)
+            decodes = [SeqChunk([9 + s], len(p), t) for s, (p, t) in enumerate(zip(prompts, tables))]
+            step = build_inputs(decodes, 16, CPU)
             assert step.meta.decode_only
             caches.append((model.forward(step.input_ids, step.positions, step.meta, kv), kv))
     (plain, kv_plain), (one_launch, kv_fused) = caches

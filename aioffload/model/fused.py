@@ -3,7 +3,8 @@
 A batch-1 decode step is a chain of GEMVs; between them, plain PyTorch launches ~30
 tiny kernels per layer (norm, rope, cache writes, SiLU), which cost 2.1 ms of an 8 ms
 step on an H100 even inside a CUDA graph (BENCHMARKS.md). These three kernels replace
-them: residual add + RMSNorm, q/k norm + rope + KV-cache write, and SiLU x up.
+them: residual add + RMSNorm, q/k norm + rope + KV-cache write, and SiLU x up. `linear` is
+model/gemv.py's (a Triton GEMV for one-row activations, F.linear otherwise).
 Arithmetic follows the HF order (norm in float32, cast, then scale) so bf16 results
 stay within rounding of the PyTorch path.
 """
@@ -13,6 +14,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from aioffload.model.gemv import linear  # noqa: F401  (the ops module's linear: a GEMV for one row)
+
+ROPE_BLOCK_T = 16  # tokens per rope program in chunks of at least 4x this many
 
 
 @triton.jit
@@ -46,18 +51,24 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 @triton.jit
 def _rope_cache_kernel(
     qkv_ptr, pos_ptr, rope_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, qn_ptr, kn_ptr,
-    eps, stride_qkv, stride_qo_t, stride_qo_h, stride_cache_slot, stride_cache_h,
+    t_total, eps, stride_qkv, stride_qo_t, stride_qo_h, stride_cache_slot, stride_cache_h,
     NUM_Q: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, QK_NORM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
+    """One head of BLOCK_T tokens per program (a 32k-token chunk: 512 x 40 programs, not 32768 x 40
+    programs of 128 elements each, which ran at ~0.9 TB/s on an H200)."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t_mask = offs_t < t_total
     h = tl.program_id(1)  # 0..NUM_Q-1: query heads; then NUM_KV key heads
     offs = tl.arange(0, HEAD_DIM // 2)
-    pos = tl.load(pos_ptr + t)
-    cos = tl.load(rope_ptr + pos * 2 * HEAD_DIM + offs).to(tl.float32)  # rope: [P, 2, D], halves are equal
-    sin = tl.load(rope_ptr + pos * 2 * HEAD_DIM + HEAD_DIM + offs).to(tl.float32)
-    base = qkv_ptr + t * stride_qkv + h * HEAD_DIM
-    x1 = tl.load(base + offs).to(tl.float32)
-    x2 = tl.load(base + HEAD_DIM // 2 + offs).to(tl.float32)
+    m2 = t_mask[:, None]
+    pos = tl.load(pos_ptr + offs_t, mask=t_mask, other=0)
+    rope_row = rope_ptr + pos[:, None] * 2 * HEAD_DIM + offs[None, :]  # rope: [P, 2, D], halves are equal
+    cos = tl.load(rope_row, mask=m2, other=0.0).to(tl.float32)
+    sin = tl.load(rope_row + HEAD_DIM, mask=m2, other=0.0).to(tl.float32)
+    base = qkv_ptr + offs_t.to(tl.int64)[:, None] * stride_qkv + h * HEAD_DIM + offs[None, :]
+    x1 = tl.load(base, mask=m2, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HEAD_DIM // 2, mask=m2, other=0.0).to(tl.float32)
     if QK_NORM:
         # q heads take q_norm's weight, k heads k_norm's: two masked loads, no pointer select.
         is_q = (offs * 0 + h) < NUM_Q  # a per-element mask: Triton wants vector masks
@@ -66,26 +77,26 @@ def _rope_cache_kernel(
         w2 = tl.load(qn_ptr + HEAD_DIM // 2 + offs, mask=is_q, other=0.0) + tl.load(
             kn_ptr + HEAD_DIM // 2 + offs, mask=is_k, other=0.0
         )
-        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / HEAD_DIM + eps)
+        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)  # [BLOCK_T]
         dt = qkv_ptr.dtype.element_ty
-        x1 = (x1 * rstd).to(dt).to(tl.float32) * w1.to(tl.float32)
-        x2 = (x2 * rstd).to(dt).to(tl.float32) * w2.to(tl.float32)
+        x1 = (x1 * rstd[:, None]).to(dt).to(tl.float32) * w1.to(tl.float32)[None, :]
+        x2 = (x2 * rstd[:, None]).to(dt).to(tl.float32) * w2.to(tl.float32)[None, :]
     o1 = x1 * cos - x2 * sin
     o2 = x2 * cos + x1 * sin
     if h < NUM_Q:
-        dst = q_out_ptr + t * stride_qo_t + h * stride_qo_h
-        tl.store(dst + offs, o1.to(q_out_ptr.dtype.element_ty))
-        tl.store(dst + HEAD_DIM // 2 + offs, o2.to(q_out_ptr.dtype.element_ty))
+        dst = q_out_ptr + offs_t.to(tl.int64)[:, None] * stride_qo_t + h * stride_qo_h + offs[None, :]
+        tl.store(dst, o1.to(q_out_ptr.dtype.element_ty), mask=m2)
+        tl.store(dst + HEAD_DIM // 2, o2.to(q_out_ptr.dtype.element_ty), mask=m2)
     else:
-        slot = tl.load(slot_ptr + t)
+        slot = tl.load(slot_ptr + offs_t, mask=t_mask, other=0).to(tl.int64)
         kh = h - NUM_Q
-        dst = k_cache_ptr + slot * stride_cache_slot + kh * stride_cache_h
-        tl.store(dst + offs, o1.to(k_cache_ptr.dtype.element_ty))
-        tl.store(dst + HEAD_DIM // 2 + offs, o2.to(k_cache_ptr.dtype.element_ty))
-        vsrc = qkv_ptr + t * stride_qkv + (NUM_Q + NUM_KV + kh) * HEAD_DIM
-        vdst = v_cache_ptr + slot * stride_cache_slot + kh * stride_cache_h
-        tl.store(vdst + offs, tl.load(vsrc + offs))
-        tl.store(vdst + HEAD_DIM // 2 + offs, tl.load(vsrc + HEAD_DIM // 2 + offs))
+        dst = k_cache_ptr + slot[:, None] * stride_cache_slot + kh * stride_cache_h + offs[None, :]
+        tl.store(dst, o1.to(k_cache_ptr.dtype.element_ty), mask=m2)
+        tl.store(dst + HEAD_DIM // 2, o2.to(k_cache_ptr.dtype.element_ty), mask=m2)
+        vsrc = qkv_ptr + offs_t.to(tl.int64)[:, None] * stride_qkv + (NUM_Q + NUM_KV + kh) * HEAD_DIM + offs[None, :]
+        vdst = v_cache_ptr + slot[:, None] * stride_cache_slot + kh * stride_cache_h + offs[None, :]
+        tl.store(vdst, tl.load(vsrc, mask=m2), mask=m2)
+        tl.store(vdst + HEAD_DIM // 2, tl.load(vsrc + HEAD_DIM // 2, mask=m2), mask=m2)
 
 
 def rope_and_cache(
@@ -104,11 +115,12 @@ def rope_and_cache(
 ) -> torch.Tensor:  # q after (norm and) rope: [T, Hq, D]
     t = qkv.shape[0]
     q = torch.empty(t, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
-    _rope_cache_kernel[(t, num_heads + num_kv_heads)](
+    block_t = ROPE_BLOCK_T if t >= 4 * ROPE_BLOCK_T else 1  # decode rows and short chunks: one token a program
+    _rope_cache_kernel[(triton.cdiv(t, block_t), num_heads + num_kv_heads)](
         qkv, positions, rope, slot_mapping, q, k_cache, v_cache,
         q_norm if q_norm is not None else qkv, k_norm if k_norm is not None else qkv,
-        eps, qkv.stride(0), q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2),
-        NUM_Q=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=q_norm is not None,
+        t, eps, qkv.stride(0), q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2),
+        NUM_Q=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=q_norm is not None, BLOCK_T=block_t,
     )  # fmt: skip
     return q
 

@@ -19,7 +19,6 @@ import types
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from aioffload.attention.backends import AttentionBackend, AttentionMetadata
 from aioffload.attention.kv_cache import KVCache
@@ -51,7 +50,7 @@ class DenseMlp:
         self.ops = ops
 
     def __call__(self, layer: int, h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
-        return F.linear(self.ops.silu_mul(F.linear(h, w.gate_up_w)), w.down_w)  # [T, H]
+        return self.ops.linear(self.ops.silu_mul(self.ops.linear(h, w.gate_up_w)), w.down_w)  # [T, H]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -150,7 +149,7 @@ class LlamaModel:
         for i in range(cfg.num_layers):
             w = self.layers.acquire(i)
             h = f.add_rms_norm(x, pending, w.input_norm, cfg.rms_norm_eps)
-            qkv = F.linear(h, w.qkv_w, w.qkv_b)  # [T, q + 2kv]
+            qkv = f.linear(h, w.qkv_w, w.qkv_b)  # [T, q + 2kv]
             o = None  # [T, Hq, D]
             if w.q_norm is None:  # one launch for rope, cache and attention where the backend has it
                 o = self.attention.rope_attend(qkv, positions, self.rope, kv.k[i], kv.v[i], meta, self.scale)
@@ -160,7 +159,7 @@ class LlamaModel:
                     cfg.head_dim, w.q_norm, w.k_norm, cfg.rms_norm_eps,
                 )  # fmt: skip
                 o = self.attention.attend(q, kv.k[i], kv.v[i], meta, self.scale)
-            o = self._sum_ranks(F.linear(o.reshape(t, cfg.q_size), w.o_w))  # [T, H]
+            o = self._sum_ranks(f.linear(o.reshape(t, cfg.q_size), w.o_w))  # [T, H]
             h = f.add_rms_norm(x, o, w.post_norm, cfg.rms_norm_eps)
             pending = self._sum_ranks(self.mlp(i, h, w))  # [T, H]
             self.layers.release(i)
@@ -168,4 +167,4 @@ class LlamaModel:
         if not meta.decode_only:  # there, every row is a logits row
             x, pending = x[meta.last_token_idx], pending[meta.last_token_idx]  # [R, H]
         h = f.add_rms_norm(x, pending, self.final_norm, cfg.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return f.linear(h, self.lm_head).float()

@@ -1,8 +1,8 @@
-"""The decoder's elementwise ops in plain PyTorch, with Hugging Face's arithmetic.
+"""The decoder's elementwise ops in plain PyTorch, with Hugging Face's arithmetic, and its matmul.
 
 `model/fused.py` implements the same three ops (`add_rms_norm`, `rope_and_cache`,
-`silu_mul`) as Triton kernels for CUDA; `LlamaModel` runs one layer structure over
-either module, so the CPU path in CI checks the composition the GPU runs.
+`silu_mul`) as Triton kernels for CUDA, and `linear` as a GEMV for one-row activations;
+`LlamaModel` runs one layer structure over either module, so the CPU path in CI checks the composition the GPU runs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from aioffload.attention.backends import write_kv
+
+linear = F.linear
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
