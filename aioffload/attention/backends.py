@@ -48,9 +48,8 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None = None  # [R] int32: rows of one-token sequences (with prefill_tiles)
     # Chunks for cuDNN (dense_prefill.py), left out of prefill_tiles: (sequence, first row, rows, first position).
     dense_seqs: list[tuple[int, int, int, int]] | None = None
-    # Every row is its sequence's one new token, at position row_ctx - 1, and its logits row
-    # (last_token_idx is every row in order): the backend may rope and cache K/V in its attention
-    # launch (`rope_attend`), and the model skips the last-row gathers.
+    # Every row is its sequence's one new token and its logits row (last_token_idx is every row in
+    # order): the model skips the last-row gathers.
     decode_only: bool = False
 
 
@@ -85,20 +84,6 @@ class AttentionBackend:
         scale: float,
     ) -> torch.Tensor:  # [T, Hq, D]
         raise NotImplementedError
-
-    def rope_attend(
-        self,
-        qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) * D]: the step's raw projection
-        positions: torch.Tensor,  # [T] int64
-        rope: torch.Tensor,  # [P, 2, D]
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor | None:  # [T, Hq, D], or None: the caller ropes and caches first, then calls attend
-        """Rope q and k, write this step's K/V, attend: in one launch where the backend can
-        (decode-only steps of the Triton backend); None elsewhere."""
-        return None
 
     def forward(
         self,
@@ -149,7 +134,6 @@ class TritonPagedBackend(AttentionBackend):
         self._prefill_splits = prefill_kernel.num_splits
         self._num_sms: int | None = None
         self.dense_grain = dense_prefill.DENSE_PAD  # shapes of the cuDNN calls: multiples of this (warm_dense)
-        self.fuse_rope = True  # decode-only steps rope and cache K/V in the decode launch (rope_attend)
 
     def warm_dense(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                    device: torch.device, max_rows: int, max_len: int) -> None:  # fmt: skip
@@ -184,15 +168,6 @@ class TritonPagedBackend(AttentionBackend):
 
     def _splits(self, num_rows: int, num_kv_heads: int, device: torch.device) -> int:
         return self._decode.num_splits(num_rows, num_kv_heads, self._sms(device))
-
-    def rope_attend(self, qkv, positions, rope, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
-        if not (self.fuse_rope and meta.decode_only):
-            return None
-        hkv, d = k_cache.shape[2], k_cache.shape[3]
-        q = self._decode.rope_view(qkv, hkv, d)
-        splits = self._splits(q.shape[0], hkv, q.device)
-        return self._decode.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.row_seq, meta.row_ctx, scale,
-                                            splits=splits, rope=(positions, rope, meta.slot_mapping))  # fmt: skip
 
     def attend(self, q, k_cache, v_cache, meta, scale):  # type: ignore[no-untyped-def]
         out = torch.empty_like(q)

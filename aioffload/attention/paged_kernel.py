@@ -34,13 +34,6 @@ The split count depends only on the number of rows and KV heads (`num_splits`), 
 the context, so a captured CUDA graph replays the same grid at any context length. It is a
 runtime argument: one compiled kernel serves every batch bucket.
 
-Rope (decode-only steps, `rope=`). A decode step would otherwise launch the rope + cache-write
-kernel before this one in every layer (~2.3 us each at batch 1 on an H200, plus a gap). With
-`rope`, q points at the step's raw qkv projection and every row is its sequence's one new token:
-each program ropes its GROUP query heads itself, walks the cached keys 0 .. ctx - 2 of its split,
-and the one split that holds position ctx - 1 ropes the new key, writes it and the new value into
-the cache (no other program reads that slot in this launch) and adds it to its softmax.
-
 Every row is computed correctly whatever its row_ctx (prefill rows too), but prefill chunks
 go to the tiled prefill kernel: a row here reads its whole context on its own. Imported
 lazily (CUDA only); tests run it on the CPU under TRITON_INTERPRET=1.
@@ -134,16 +127,16 @@ def _combine_group(o_ptr, stride_oh, part_acc_ptr, part_ml_ptr, slot0, num_split
 @triton.jit(do_not_specialize=["num_splits", "stride_bt"])  # per-step values: no recompiles
 def _paged_attn_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, row_seq_ptr, row_ctx_ptr, rows_ptr,
-    part_acc_ptr, part_ml_ptr, counter_ptr, pos_ptr, rope_ptr, slot_ptr,
+    part_acc_ptr, part_ml_ptr, counter_ptr,
     qk_scale, num_splits,
     stride_qt, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_ot, stride_oh,
-    stride_bt, stride_rope,
+    stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, HAS_ROWS: tl.constexpr,
     DOT_F32: tl.constexpr, FUSED_COMBINE: tl.constexpr, SPLITS_PAD: tl.constexpr,
-    GROUP_P2: tl.constexpr, CHUNK: tl.constexpr, ROPE: tl.constexpr,
+    GROUP_P2: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -159,17 +152,7 @@ def _paged_attn_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     g_mask = offs_g < GROUP
     heads = kvh * GROUP + offs_g
-    q_row = q_ptr + row * stride_qt
-    q = tl.load(q_row + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
-    if ROPE:  # q rows are raw projections (module docstring, "Rope"): rotate them here
-        offs_p = (offs_d + HEAD_DIM // 2) % HEAD_DIM  # each element's partner in the other half
-        pos = tl.load(pos_ptr + row)
-        cos = tl.load(rope_ptr + pos * stride_rope + offs_d).to(tl.float32)  # rope: [P, 2, D]
-        sin_signed = tl.load(rope_ptr + pos * stride_rope + HEAD_DIM + offs_d).to(tl.float32) * tl.where(
-            offs_d < HEAD_DIM // 2, -1.0, 1.0
-        )  # first half: x1 cos - x2 sin; second: x2 cos + x1 sin
-        q_p = tl.load(q_row + heads[:, None] * stride_qh + offs_p[None, :], mask=g_mask[:, None], other=0.0)
-        q = (q.to(tl.float32) * cos[None, :] + q_p.to(tl.float32) * sin_signed[None, :]).to(q_ptr.dtype.element_ty)
+    q = tl.load(q_ptr + row * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=g_mask[:, None], other=0.0)
     chunk = tl.cdiv(tl.cdiv(ctx, num_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, ctx)
@@ -177,12 +160,9 @@ def _paged_attn_kernel(
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     bt_row_ptr = bt_ptr + seq.to(tl.int64) * stride_bt
-    hi_cached = hi
-    if ROPE:
-        hi_cached = tl.minimum(hi, ctx - 1)  # the new key (position ctx - 1) is not in the cache yet
-    for start in range(lo, hi_cached, BLOCK_N):
+    for start in range(lo, hi, BLOCK_N):
         t = start + offs_n
-        valid = t < hi_cached
+        valid = t < hi
         blk = tl.load(bt_row_ptr + t // BLOCK_SIZE, mask=valid, other=0)
         base = blk.to(tl.int64) * stride_kb + (t % BLOCK_SIZE) * stride_ks + kvh * stride_kh
         k = tl.load(k_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
@@ -195,25 +175,6 @@ def _paged_attn_kernel(
         v = tl.load(v_ptr + base[:, None] + offs_d[None, :], mask=valid[:, None], other=0.0)  # [N, D]
         acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, DOT_F32).to(tl.float32)
         m_i = m_new
-    if ROPE:
-        if (hi == ctx) & (lo < ctx):  # this split holds the new key: rope it, cache it, attend to it
-            num_kv = tl.num_programs(1)
-            k_src = q_row + (GROUP * num_kv + kvh) * stride_qh  # qkv row: q heads, k heads, v heads
-            k_new = tl.load(k_src + offs_d).to(tl.float32) * cos + tl.load(k_src + offs_p).to(tl.float32) * sin_signed
-            k_new = k_new.to(k_ptr.dtype.element_ty)
-            v_new = tl.load(q_row + (GROUP * num_kv + num_kv + kvh) * stride_qh + offs_d)
-            slot = tl.load(slot_ptr + row)
-            dst = (slot // BLOCK_SIZE) * stride_kb + (slot % BLOCK_SIZE) * stride_ks + kvh * stride_kh
-            tl.store(k_ptr + dst + offs_d, k_new)
-            tl.store(v_ptr + dst + offs_d, v_new.to(v_ptr.dtype.element_ty))
-            s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale  # [G]
-            m_new = tl.maximum(m_i, s_new)
-            alpha = tl.exp2(m_i - m_new)
-            p_new = tl.exp2(s_new - m_new)
-            l_i = l_i * alpha + p_new
-            v_f = v_new.to(v_ptr.dtype.element_ty).to(tl.float32)
-            acc = acc * alpha[:, None] + p_new.to(v_ptr.dtype.element_ty).to(tl.float32)[:, None] * v_f[None, :]
-            m_i = m_new
     if not SPLIT:
         tl.store(
             o_ptr + row * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
@@ -277,19 +238,11 @@ def paged_attention(
     splits: int = 1,
     *,
     combine_kernel: bool = False,  # splits > 1: combine in a second launch (comparison only)
-    rope: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # (positions [T], rope [P, 2, D], slots [T])
 ) -> torch.Tensor:  # [T, Hq, D]
-    """With `rope`, q is the query part of the step's qkv projection (`rope_view`), each row its
-    sequence's one new token at position row_ctx - 1: the kernel ropes q and the new key, writes the
-    key and value into the cache at the row's slot, and attends (module docstring, "Rope")."""
     hq, d = q.shape[1], q.shape[2]
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device) if out is None else out
-    if rope is not None:
-        assert rows is None and q.stride(1) == d, "rope: every row, q a view of the qkv rows (rope_view)"
-        positions, rope_cache, slots = rope
-        assert rope_cache.stride(1) == d and rope_cache.stride(2) == 1
+    out = torch.empty_like(q) if out is None else out
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
     r = q.shape[0] if rows is None else rows.shape[0]
     if r == 0:
@@ -306,16 +259,15 @@ def paged_attention(
     _paged_attn_kernel[(r, hkv, splits)](
         q, k_cache, v_cache, out, block_tables, row_seq, row_ctx, rows if rows is not None else row_seq,
         part_acc, part_ml, counters,
-        *(rope if rope is not None else (row_seq, row_seq, row_seq)),  # unused without rope
         scale * LOG2E, splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1),
-        block_tables.stride(0), rope[1].stride(0) if rope is not None else 0,
+        block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
         BLOCK_SIZE=block_size, BLOCK_N=64, SPLIT=splits > 1, HAS_ROWS=rows is not None,
         DOT_F32=dot_f32(q), FUSED_COMBINE=fused, SPLITS_PAD=MAX_SPLITS,
-        GROUP_P2=group_p2, CHUNK=max(1, min(MAX_SPLITS, COMBINE_TILE // (group_p2 * d))), ROPE=rope is not None,
+        GROUP_P2=group_p2, CHUNK=max(1, min(MAX_SPLITS, COMBINE_TILE // (group_p2 * d))),
     )  # fmt: skip
     if splits > 1 and not fused:
         _combine_kernel[(r, hq)](
@@ -325,9 +277,3 @@ def paged_attention(
             HEAD_DIM=d, SPLITS_PAD=MAX_SPLITS, HAS_ROWS=rows is not None,
         )  # fmt: skip
     return out
-
-
-def rope_view(qkv: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
-    """[T, (Hq + 2 Hkv) * D] -> the query heads [T, Hq, D], a view (paged_attention's `rope` q)."""
-    t = qkv.shape[0]
-    return qkv.view(t, -1, head_dim)[:, : qkv.shape[1] // head_dim - 2 * num_kv_heads]

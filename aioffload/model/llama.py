@@ -150,15 +150,11 @@ class LlamaModel:
             w = self.layers.acquire(i)
             h = f.add_rms_norm(x, pending, w.input_norm, cfg.rms_norm_eps)
             qkv = f.linear(h, w.qkv_w, w.qkv_b)  # [T, q + 2kv]
-            o = None  # [T, Hq, D]
-            if w.q_norm is None:  # one launch for rope, cache and attention where the backend has it
-                o = self.attention.rope_attend(qkv, positions, self.rope, kv.k[i], kv.v[i], meta, self.scale)
-            if o is None:
-                q = f.rope_and_cache(
-                    qkv, positions, self.rope, meta.slot_mapping, kv.k[i], kv.v[i], cfg.num_heads, cfg.num_kv_heads,
-                    cfg.head_dim, w.q_norm, w.k_norm, cfg.rms_norm_eps,
-                )  # fmt: skip
-                o = self.attention.attend(q, kv.k[i], kv.v[i], meta, self.scale)
+            q = f.rope_and_cache(
+                qkv, positions, self.rope, meta.slot_mapping, kv.k[i], kv.v[i], cfg.num_heads, cfg.num_kv_heads,
+                cfg.head_dim, w.q_norm, w.k_norm, cfg.rms_norm_eps,
+            )  # fmt: skip
+            o = self.attention.attend(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, Hq, D]
             o = self._sum_ranks(f.linear(o.reshape(t, cfg.q_size), w.o_w))  # [T, H]
             h = f.add_rms_norm(x, o, w.post_norm, cfg.rms_norm_eps)
             pending = self._sum_ranks(self.mlp(i, h, w))  # [T, H]

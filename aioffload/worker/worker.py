@@ -134,6 +134,7 @@ class Worker:
         self.mixed_via_graph = True
         reason = self._graph_decision()
         if reason is None:
+            self._choose_gemv_shapes()
             t = time.perf_counter()
             max_blocks = -(-self.max_model_len // self.block_size)
             self.graphs = CudaGraphRunner(self.model, self.kv, sched.max_num_seqs, max_blocks)
@@ -156,6 +157,25 @@ class Worker:
                          deep * 1e3, depth)  # fmt: skip
                 self.step_cost = dataclasses.replace(self.step_cost, pair_s=max(self.step_cost.pair_s, pair))
             log.info("step cost: %s", self.step_cost.describe())
+
+    def _choose_gemv_shapes(self) -> None:
+        """Which weight shapes one-row steps run through the Triton GEMV (model/gemv.py), timed on
+        the resident layers' own weights; logged."""
+        if self.model.ops.__name__ != "aioffload.model.fused" or not self.placement.resident_layers:
+            return
+        from aioffload.model import gemv
+
+        kinds: dict[str, list[torch.Tensor]] = {"qkv": [], "o": [], "gate_up": [], "down": []}
+        for i in self.placement.resident_layers:
+            w = self.layers.acquire(i)
+            for kind in kinds:
+                if getattr(w, f"{kind}_w", None) is not None:
+                    kinds[kind].append(getattr(w, f"{kind}_w"))
+            self.layers.release(i)
+        times = gemv.choose_shapes(kinds)
+        chosen = [k for k, ws in kinds.items() if ws and (ws[0].shape[0], ws[0].shape[1]) in gemv.SHAPES]
+        log.info("one-row matmuls: Triton GEMV for %s, cuBLAS for the rest (us per matrix, cuBLAS / GEMV: %s)",
+                 ", ".join(chosen) or "none", ", ".join(f"{k} {c} / {g}" for k, (c, g) in times.items()))  # fmt: skip
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy-on-write: block src's K/V (the draft's too) to block dst, for each (src, dst) the block
