@@ -49,7 +49,7 @@ def test_interpreted_linear_routes_one_half_precision_row_of_a_chosen_shape(inte
     calls = []
     real, saved = interpreted.gemv, interpreted.SHAPES
     interpreted.gemv = lambda *a, **k: calls.append(a[1].shape) or real(*a, **k)
-    interpreted.SHAPES = frozenset({(32, 64)})
+    interpreted.route([(32, 64)])
     try:
         one = interpreted.linear(torch.randn(1, 64, generator=g).to(torch.bfloat16), w)
         interpreted.linear(torch.randn(2, 64, generator=g).to(torch.bfloat16), w)
@@ -80,24 +80,3 @@ def test_cuda_gemv_matches_cublas_bf16(n, k):
     # bf16 output: half an ulp of |y| <~ 5 is 1.6e-2; both round the same float32 sum (orders differ).
     assert (got.float() - exact).abs().max().item() < 2e-2
     assert (got.float() - cublas.float()).abs().max().item() < 4e-2
-
-
-@gpu_only
-def test_cuda_choose_shapes_times_both_and_routes_only_winners():
-    from aioffload.model import gemv
-
-    dev = torch.device("cuda")
-    def mats(n: int) -> list[torch.Tensor]:
-        return [(torch.randn(n, 4096, device=dev) / 64).to(torch.bfloat16) for _ in range(4)]
-
-    ws = {"o": mats(4096), "qkv": mats(6144), "none": []}
-    saved = gemv.SHAPES
-    try:
-        times = gemv.choose_shapes(ws)
-        assert set(times) == {"o", "qkv"} and all(c > 0 and g > 0 for c, g in times.values())
-        won = {(4096, 4096) if k == "o" else (6144, 4096) for k, (c, g) in times.items() if g < c * (1 - gemv.MIN_GAIN)}
-        assert gemv.SHAPES == won
-        x = torch.randn(1, 4096, device=dev, dtype=torch.bfloat16)
-        assert (gemv.linear(x, ws["o"][0]).float() - F.linear(x, ws["o"][0]).float()).abs().max().item() < 4e-2
-    finally:
-        gemv.SHAPES = saved

@@ -4,19 +4,18 @@ Measured on an H200 inside CUDA graphs (BENCHMARKS.md, fourth session, call 2), 
 batch 1: cuBLAS runs the o projection (N 4096, K 4096) as a split-K kernel plus a reduce launch,
 13.5 us; this kernel, every program streaming BLOCK_N output rows' whole K in float32, 11.4 us.
 On the other projections cuBLAS was as fast or faster (qkv 16.0 against 17.9 us, lm_head 240
-against 253). So which shapes take the GEMV is measured, not assumed: `choose_shapes` times both
-on the model's own weights at start-up (every layer's, distinct memory, as a step reads them) and
-routes the shapes where the GEMV wins by at least MIN_GAIN. The products accumulate in float32, as
-cuBLAS's do; only the summation order differs.
+against 253). So which shapes take the GEMV is measured, not assumed: the worker times both on
+the model's own weights at start-up (worker/gemv_choice.py) and `route`s the shapes where the GEMV
+wins. The products accumulate in float32, as cuBLAS's do; only the summation order differs.
 
 `linear(x, w, b)` takes the GEMV for one row of a bf16/fp16 activation whose weight shape was
-chosen, F.linear otherwise. SHAPES is process-wide (like torch.backends flags): empty until a
-worker on CUDA chooses. Imported lazily with model/fused.py.
+routed, F.linear otherwise. SHAPES is process-wide (like torch.backends flags): empty until a
+worker on CUDA routes some. Imported lazily with model/fused.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +23,6 @@ import triton
 import triton.language as tl
 
 BLOCK_N, BLOCK_K, WARPS, STAGES = 4, 1024, 4, 3  # the fastest of 8 configurations (fourth session, call 2)
-MIN_GAIN = 0.03  # a shape takes the GEMV when it is at least this much faster than cuBLAS
 SHAPES: frozenset[tuple[int, int]] = frozenset()  # (N, K) of the weights routed to the GEMV
 
 
@@ -68,43 +66,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> t
     return F.linear(x, w, b)
 
 
-def _graph_us(calls: list[Callable[[], object]]) -> float:
-    """Microseconds per call of `calls`, captured in one CUDA graph, replayed (median of 5)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return sorted(times)[2]
-
-
-def choose_shapes(weights: dict[str, Sequence[torch.Tensor]]) -> dict[str, tuple[float, float]]:
-    """weights: per kind (qkv, o, ...) the model's matrices of that shape, one per layer. Times one
-    row through all of them with cuBLAS and with the GEMV, sets SHAPES to the shapes where the GEMV
-    wins by MIN_GAIN, and returns {kind: (cuBLAS us, GEMV us)} per matrix."""
+def route(shapes: Iterable[tuple[int, int]]) -> None:
+    """Send one-row matmuls with these (N, K) weight shapes to the GEMV (worker/gemv_choice.py picks them)."""
     global SHAPES
-    chosen, times = set(), {}
-    for kind, ws in weights.items():
-        if not ws:
-            continue
-        x = torch.randn(1, ws[0].shape[1], dtype=ws[0].dtype, device=ws[0].device)
-        cublas = _graph_us([lambda w=w, x=x: F.linear(x, w) for w in ws])
-        ours = _graph_us([lambda w=w, x=x: gemv(x, w) for w in ws])
-        times[kind] = (round(cublas, 2), round(ours, 2))
-        if ours < cublas * (1 - MIN_GAIN):
-            chosen.add((ws[0].shape[0], ws[0].shape[1]))
-    SHAPES = frozenset(chosen)
-    return times
+    SHAPES = frozenset(shapes)

@@ -27,7 +27,7 @@ from aioffload.attention.backends import AttentionMetadata
 from aioffload.attention.kv_cache import KVCache, slot_mapping
 from aioffload.attention.tiles import PREFILL_TILE, plan_rows
 from aioffload.model.llama import LlamaModel
-from aioffload.worker.capture import no_gc
+from aioffload.worker.capture import capture_graphs
 from aioffload.worker.inputs import SeqChunk
 
 log = logging.getLogger("aioffload.cuda_graphs")
@@ -77,6 +77,8 @@ class ChunkInputs:
         # Flat ctypes views (numpy is not a runtime dependency): rows[k, i] is _rows[k * total + i].
         self._rows = (ctypes.c_int64 * (4 * total)).from_address(self.host_rows.data_ptr())
         self._table = (ctypes.c_int32 * ((1 + b) * max_blocks)).from_address(self.host_table.data_ptr())
+        self._tiles = (ctypes.c_int32 * (4 * t)).from_address(self.host_tiles.data_ptr())
+        self._last = (ctypes.c_int64 * (1 + b)).from_address(self.host_last.data_ptr())
         self.rows = torch.zeros(4, total, dtype=i64, device=device)
         self.rows[2].fill_(trash_slot)
         self.rows[3].fill_(1)
@@ -115,18 +117,16 @@ class ChunkInputs:
             ids, pos, slots, ctx,
         )  # fmt: skip
         tiles, _ = plan_rows([n], [p0])
-        tiles = [[0, b + row, count, first] for _, row, count, first in tiles]
-        tiles += [[0, 0, 0, 0]] * (num_tiles(size) - len(tiles))
-        self.host_tiles[: len(tiles)].copy_(torch.tensor(tiles, dtype=torch.int32))
-        self.host_table[0].zero_()
+        nt = num_tiles(size)
+        flat = [v for _, row, count, first in tiles for v in (0, b + row, count, first)]
+        self._tiles[0 : 4 * nt] = flat + [0] * (4 * nt - len(flat))  # empty tiles fill the graph's grid
         tab = self._table
-        tab[0 : len(table)] = list(table)
+        tab[0:m] = [*table, *[0] * (m - len(table))]
         for i, c in enumerate(decodes):  # entries past a sequence's own blocks are never read
             tab[(1 + i) * m : (1 + i) * m + len(c.block_table)] = list(c.block_table)
-        self.host_last[:b] = torch.arange(b)
-        self.host_last[b] = b + n - 1
+        self._last[0 : b + 1] = [*range(b), b + n - 1]
         self.rows.copy_(self.host_rows, non_blocking=True)
-        self.tiles[: len(tiles)].copy_(self.host_tiles[: len(tiles)], non_blocking=True)
+        self.tiles[:nt].copy_(self.host_tiles[:nt], non_blocking=True)
         self.table[: 1 + b].copy_(self.host_table[: 1 + b], non_blocking=True)
         self.last[: 1 + b].copy_(self.host_last[: 1 + b], non_blocking=True)
 
@@ -159,29 +159,14 @@ class ChunkGraphRunner:
         self.model, self.kv = model, kv
         self.inputs = ChunkInputs(sizes, max_blocks_per_seq, kv.trash_slot, kv.block_size, model.device,
                                   decode_buckets)  # fmt: skip
-        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self._capture()
 
     def _capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        with no_gc():
-            self._capture_in(pool, stream)
+        def forward(key: tuple[int, int]) -> torch.Tensor:
+            return self.model.forward(*self.inputs.args(key[1], key[0]), self.kv)
 
-    def _capture_in(self, pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
         keys = sorted(((b, c) for b in self.inputs.buckets for c in self.inputs.sizes), key=lambda k: -sum(k))
-        for key in keys:  # largest first, so smaller graphs reuse its pool memory
-            ids, pos, meta = self.inputs.args(key[1], key[0])
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.model.forward(ids, pos, meta, self.kv)  # warm-up: Triton compile, cuBLAS handles
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[key] = self.model.forward(ids, pos, meta, self.kv)
-            self.graphs[key] = graph
-        torch.cuda.synchronize()
+        self.graphs, self.outputs = capture_graphs(keys, forward)  # largest first
         log.info("CUDA graphs captured for prefill chunks of up to %s tokens beside %s decode tokens (%d graphs)",
                  list(self.inputs.sizes), list(self.inputs.buckets), len(keys))  # fmt: skip
 

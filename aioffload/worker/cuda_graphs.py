@@ -19,7 +19,7 @@ import torch
 from aioffload.attention.backends import AttentionMetadata
 from aioffload.attention.kv_cache import KVCache
 from aioffload.model.llama import LlamaModel
-from aioffload.worker.capture import no_gc
+from aioffload.worker.capture import capture_graphs
 from aioffload.worker.inputs import SeqChunk
 
 log = logging.getLogger("aioffload.cuda_graphs")
@@ -86,8 +86,6 @@ class CudaGraphRunner:
         self.block_tables = torch.zeros(n, max_blocks_per_seq, dtype=i32, device=dev)
         self.arange32 = torch.arange(n, dtype=i32, device=dev)
         self.arange64 = torch.arange(n, dtype=i64, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
         self._capture()
 
     def _meta(self, bs: int) -> AttentionMetadata:
@@ -103,24 +101,10 @@ class CudaGraphRunner:
         )
 
     def _capture(self) -> None:
-        pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        with no_gc():
-            self._capture_in(pool, stream)
+        def forward(bs: int) -> torch.Tensor:
+            return self.model.forward(self.input_ids[:bs], self.positions[:bs], self._meta(bs), self.kv)
 
-    def _capture_in(self, pool: tuple[int, int], stream: torch.cuda.Stream) -> None:
-        for bs in reversed(self.sizes):  # largest first, so smaller graphs reuse its pool memory
-            meta = self._meta(bs)
-            args = (self.input_ids[:bs], self.positions[:bs], meta, self.kv)
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.model.forward(*args)  # warm-up: Triton compile, cuBLAS handles
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = self.model.forward(*args)
-            self.graphs[bs] = graph
-        torch.cuda.synchronize()
+        self.graphs, self.outputs = capture_graphs(reversed(self.sizes), forward)  # largest first
         log.info("CUDA graphs captured for decode batch sizes %s", self.sizes)
 
     def can_run(self, chunks: Sequence[SeqChunk]) -> bool:

@@ -159,23 +159,22 @@ class Worker:
             log.info("step cost: %s", self.step_cost.describe())
 
     def _choose_gemv_shapes(self) -> None:
-        """Which weight shapes one-row steps run through the Triton GEMV (model/gemv.py), timed on
-        the resident layers' own weights; logged."""
-        if self.model.ops.__name__ != "aioffload.model.fused" or not self.placement.resident_layers:
+        """Which weight shapes one-row steps run through the Triton GEMV (worker/gemv_choice.py), timed
+        on the resident layers' own weights, where the model's ops route through it; logged."""
+        if self.device.type != "cuda":
             return
         from aioffload.model import gemv
+        from aioffload.worker.gemv_choice import choose_gemv_shapes, layer_matrices
 
-        kinds: dict[str, list[torch.Tensor]] = {"qkv": [], "o": [], "gate_up": [], "down": []}
+        if getattr(self.model.ops, "linear", None) is not gemv.linear:  # the plain ops (another backend)
+            return
+        layers = [self.layers.acquire(i) for i in self.placement.resident_layers]
+        times = choose_gemv_shapes(layer_matrices(layers))
         for i in self.placement.resident_layers:
-            w = self.layers.acquire(i)
-            for kind in kinds:
-                if getattr(w, f"{kind}_w", None) is not None:
-                    kinds[kind].append(getattr(w, f"{kind}_w"))
             self.layers.release(i)
-        times = gemv.choose_shapes(kinds)
-        chosen = [k for k, ws in kinds.items() if ws and (ws[0].shape[0], ws[0].shape[1]) in gemv.SHAPES]
         log.info("one-row matmuls: Triton GEMV for %s, cuBLAS for the rest (us per matrix, cuBLAS / GEMV: %s)",
-                 ", ".join(chosen) or "none", ", ".join(f"{k} {c} / {g}" for k, (c, g) in times.items()))  # fmt: skip
+                 ", ".join(k for k, (_, _, g) in times.items() if g) or "none",
+                 ", ".join(f"{k} {c} / {g}" for k, (c, g, _) in times.items()))  # fmt: skip
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy-on-write: block src's K/V (the draft's too) to block dst, for each (src, dst) the block

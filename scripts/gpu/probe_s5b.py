@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from probe_s5 import part_r  # this folder: the same 32k rope timing as call 1
 
 from aioffload.bench.attention_kernels import time_cuda
 
@@ -123,22 +124,6 @@ def part_d(dev: torch.device, args: argparse.Namespace, R: dict, best: tuple[int
     out["argmax_ours_us"] = round(time_cuda(lambda: argmax_rows(logits), 20) * 1e6, 1)
     R["decode"] = out
     print("D:", {k: v for k, v in out.items() if not isinstance(v, dict)}, flush=True)
-
-
-def part_r(dev: torch.device, R: dict) -> None:
-    from aioffload.model import fused
-
-    t, hq, hkv, d = 32768, 32, 8, 128
-    qkv = torch.randn(t, (hq + 2 * hkv) * d, device=dev, dtype=torch.bfloat16)
-    pos = torch.arange(t, device=dev)
-    rope = torch.randn(t, 2, d, device=dev, dtype=torch.bfloat16)
-    cache = torch.zeros(t // 16 + 1, 16, hkv, d, device=dev, dtype=torch.bfloat16)
-    vcache = torch.zeros_like(cache)
-    slots = torch.randperm(t, device=dev)
-    s = time_cuda(lambda: fused.rope_and_cache(qkv, pos, rope, slots, cache, vcache, hq, hkv, d), 5)
-    nbytes = qkv.numel() * 2 + t * (hq + 2 * hkv) * d * 2
-    R["rope_32k"] = {"ms": round(s * 1e3, 3), "GBps": round(nbytes / s / 1e9)}
-    print("R: rope+cache at 32k", R["rope_32k"], flush=True)
 
 
 def main() -> int:
