@@ -16,6 +16,7 @@ from aioffload.config import (
     DEMO_MODEL,
     DTYPES,
     HYBRID_MODES,
+    LOOKAHEAD_MODES,
     SPECULATIVE_METHODS,
     CacheConfig,
     ConfigError,
@@ -93,6 +94,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget per step (default: %(default)s; raised while offload is active)")
     g.add_argument("--max-queue", type=_positive(int), default=d[2].max_queue,
                    help="waiting requests before new ones get 503 (default: %(default)s)")
+    g.add_argument("--lookahead", choices=LOOKAHEAD_MODES, default=d[2].lookahead,
+                   help="launch each decode step before the last one's tokens reach the host; auto: where "
+                        "decode runs as a CUDA graph (default: %(default)s)")
     g.add_argument("--block-size", type=_positive(int), default=d[1].block_size,
                    help="KV cache block size in tokens (default: %(default)s)")
     g.add_argument("--gpu-memory-utilization", type=_fraction, default=d[1].gpu_memory_utilization,
@@ -160,7 +164,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len, max_queue=args.max_queue,
+            max_model_len=args.max_model_len, max_queue=args.max_queue, lookahead=args.lookahead,
         ),
         offload=OffloadConfig(
             trigger=args.trigger, cpu_offload_gb=args.cpu_offload_gb, prefetch=args.offload_prefetch,

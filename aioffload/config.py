@@ -27,6 +27,7 @@ EXPERT_STREAM_MODES = ("auto", "routed", "full")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTION_BACKENDS = ("auto", "torch", "xformers", "sdpa")
 HYBRID_MODES = ("auto", "on", "off")
+LOOKAHEAD_MODES = ("auto", "on", "off")
 SPECULATIVE_METHODS = ("auto", "off", "ngram", "draft")
 MAX_SPECULATIVE_TOKENS = 64
 
@@ -186,6 +187,9 @@ class SchedulerConfig:
     max_model_len: int | None = None  # None = min(model max positions, 4096)
     max_queue: int = 1024  # waiting requests beyond this are refused
     offload_hold_ms: float = 3.0  # how long an offloaded step may wait for more arrivals
+    # Decode lookahead (engine/lookahead.py): launch the next decode step before this one's token ids
+    # reach the host. auto = where the step runs as a CUDA graph (every weight resident) | on | off.
+    lookahead: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -285,6 +289,8 @@ class EngineConfig:
             raise ConfigError(f"--max-model-len must be >= 1, got {s.max_model_len}")
         if s.max_queue < 1:
             raise ConfigError(f"--max-queue must be >= 1, got {s.max_queue}")
+        if s.lookahead not in LOOKAHEAD_MODES:
+            raise ConfigError(f"--lookahead must be one of {', '.join(LOOKAHEAD_MODES)}, got {s.lookahead!r}")
         if isinstance(o.trigger, str):
             if o.trigger != "auto":
                 raise ConfigError(f"--trigger must be a number in [0, 1] or 'auto', got {o.trigger!r}")

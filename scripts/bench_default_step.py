@@ -54,9 +54,9 @@ def timed_steps(engine: Engine, batch: int, params: SamplingParams) -> tuple[lis
     cpu: list[float] = []
     run_step = engine._run_step
 
-    def timed(plan):  # noqa: ANN001, ANN202
+    def timed(plan, *more):  # noqa: ANN001, ANN002, ANN202
         t, c = time.perf_counter(), time.thread_time()
-        out = run_step(plan)
+        out = run_step(plan, *more)
         if plan.total_tokens == batch and len(plan.requests) == batch:
             times.append(time.perf_counter() - t)
             cpu.append(time.thread_time() - c)

@@ -69,7 +69,7 @@ def test_the_prompt_is_prefilled_once_and_the_shared_partial_block_is_copied(
     engine = make(tiny)
     tokens, pairs = [], []
     run_step, copy = engine._run_step, engine.worker.copy_blocks
-    engine._run_step = lambda plan: (tokens.append(plan.total_tokens), run_step(plan))[1]  # type: ignore[method-assign]
+    engine._run_step = lambda plan, *more: (tokens.append(plan.total_tokens), run_step(plan, *more))[1]  # type: ignore[method-assign]
     engine.worker.copy_blocks = lambda ps: (pairs.extend(ps), copy(ps))[1]  # type: ignore[method-assign]
     p = SamplingParams(max_tokens=5, temperature=0.0, n=4, ignore_eos=True)
     outs = run(engine, [(prompt, p)])[0]

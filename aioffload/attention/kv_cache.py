@@ -220,7 +220,8 @@ class KVCache:
         import torch
 
         device = self.k[0].device
-        src = torch.tensor([p[0] for p in pairs], dtype=torch.int64).to(device, non_blocking=True)
-        dst = torch.tensor([p[1] for p in pairs], dtype=torch.int64).to(device, non_blocking=True)
+        pin = device.type == "cuda"  # a copy from pageable memory may wait for the stream
+        src = torch.tensor([p[0] for p in pairs], dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
+        dst = torch.tensor([p[1] for p in pairs], dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
         for t in (*self.k, *self.v):
             t.index_copy_(0, dst, t.index_select(0, src))  # [N + 1, bs, Hkv, D]

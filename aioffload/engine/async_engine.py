@@ -26,6 +26,7 @@ from aioffload.checkpoint.tokenizer import Tokenizer
 from aioffload.config import EngineConfig
 from aioffload.engine.choices import choice_ids, make_choices, stream_choices
 from aioffload.engine.delivery import deliver_step
+from aioffload.engine.lookahead import LaunchStep, launch_step, resolve_mode
 from aioffload.engine.outputs import (
     EngineDeadError,
     InvalidRequestError,
@@ -39,6 +40,7 @@ from aioffload.engine.scheduler import Scheduler, StepPlan, should_hold
 from aioffload.engine.speculative import Speculation, resolve_method
 from aioffload.engine.stats import StepStats
 from aioffload.engine.worker_step import StepResult, build_worker_step, collect
+from aioffload.worker.pending import PendingStep
 from aioffload.worker.sampling import SamplingParams
 from aioffload.worker.worker import Worker
 
@@ -71,6 +73,17 @@ class Engine:
         self._rng = random.Random(config.seed)
         self._configure_offload_batching()
         self._placement_map = describe_placement(worker, split=self._hybrid is not None)  # fixed for its life
+        self._lookahead = resolve_mode(config.scheduler.lookahead, worker.graphs is not None)
+        log.info("decode lookahead: %s", self._lookahead_reason())
+
+    def _lookahead_reason(self) -> str:
+        mode = self.config.scheduler.lookahead
+        if not self._lookahead:
+            return "off (--lookahead off)" if mode == "off" else "off (auto: decode does not run as a CUDA graph)"
+        if not self.worker.can_launch(1):
+            return "off (this worker waits on every step: tensor parallel, a draft model, the host split or offload)"
+        return "on (each decode step launched before the last one's tokens are read)" + (
+            "" if mode == "auto" else " (--lookahead on)")
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
@@ -244,28 +257,39 @@ class Engine:
     # ---- the loop ---------------------------------------------------------------------
 
     async def _loop(self) -> None:
+        # A lookahead step already launched (engine/lookahead.py): its plan and its pending ids.
+        inflight: tuple[StepPlan, PendingStep] | None = None
+        done_at = 0.0  # when the last step's tokens arrived
         try:
             while True:
                 self._apply_aborts()
-                if not self.scheduler.has_unfinished:
-                    self._wake.clear()
-                    self._maybe_log()
-                    await self._wake.wait()
-                    continue
-                if self.hold_s and self._should_hold():
-                    await asyncio.sleep(self.hold_s)
-                    self._apply_aborts()
-                plan = self.scheduler.schedule()
-                if plan.is_empty:
-                    await asyncio.sleep(0.001)
-                    continue
-                t0 = time.perf_counter()
-                sampled = await asyncio.to_thread(self._run_step, plan)
-                self._record_step(plan, time.perf_counter() - t0)
+                if inflight is not None and all(r.is_finished for r in inflight[0].requests):
+                    inflight = None  # every sequence it computes has ended: its rows are dropped unread
+                if inflight is None:
+                    if not self.scheduler.has_unfinished:
+                        self._wake.clear()
+                        self._maybe_log()
+                        await self._wake.wait()
+                        continue
+                    if self.hold_s and self._should_hold():
+                        await asyncio.sleep(self.hold_s)
+                        self._apply_aborts()
+                    plan, pending = self.scheduler.schedule(), None
+                    if plan.is_empty:
+                        await asyncio.sleep(0.001)
+                        continue
+                else:
+                    plan, pending = inflight
+                nxt = self._plan_lookahead(plan, pending is not None)
+                t0 = time.perf_counter() if pending is None else done_at  # a launched step ran since then
+                sampled, launched = await asyncio.to_thread(self._run_step, plan, pending, nxt)
+                done_at = time.perf_counter()
+                self._record_step(plan, done_at - t0)
                 if self.speculation is not None:
                     self.speculation.step_s = self.stats_.step_time_ema
                 self._apply_aborts()  # aborts that arrived during the step
                 deliver_step(plan, sampled, self.scheduler, self._states, self.stats_)
+                inflight = (nxt[0], launched) if nxt is not None and launched is not None else None
                 self._maybe_log()
         except asyncio.CancelledError:
             raise
@@ -288,13 +312,44 @@ class Engine:
         newest = s.waiting[-1].arrival_time if s.waiting else None
         return should_hold(time.monotonic(), newest, s.num_running, self.config.scheduler.max_num_seqs, self.hold_s)
 
-    def _run_step(self, plan: StepPlan) -> StepResult:
+    def _plan_lookahead(
+        self, plan: StepPlan, launched: bool
+    ) -> tuple[StepPlan, LaunchStep, LaunchStep | None] | None:
+        """The lookahead step after `plan` (engine/lookahead.py) and its launch, with plan's own unless
+        it is `launched` already; None where the engine waits for plan's tokens first."""
+        if not self._lookahead or self._pending_aborts or not self.worker.can_launch(len(plan.requests)):
+            return None
+        nxt = self.scheduler.lookahead(plan)
+        if nxt is None:
+            return None
+        own = None if launched else launch_step(plan, self.block_manager)
+        return nxt, launch_step(nxt, self.block_manager, feeding=plan), own
+
+    def _run_step(
+        self, plan: StepPlan, pending: PendingStep | None,
+        nxt: tuple[StepPlan, LaunchStep, LaunchStep | None] | None,
+    ) -> tuple[StepResult, PendingStep | None]:  # fmt: skip
         """On the step thread: copy-on-write copies, then the worker's step; per request, its tokens
-        (accepted proposals, then the target's next token) and the logprobs asked for."""
+        (accepted proposals, then the target's next token) and the logprobs asked for. With `nxt`, the
+        lookahead step is launched behind `plan` (launched here too unless `pending` is its launch)
+        before plan's tokens are read; it comes back pending."""
+        if pending is None and nxt is None:
+            if plan.block_copies:
+                self.worker.copy_blocks(plan.block_copies)
+            ws = build_worker_step(plan, self.block_manager)
+            out = self.worker.execute(ws.chunks, ws.params, ws.seeds, ws.steps, ws.num_draft, ws.extras)
+            return collect(plan, out), None
+        if pending is None:
+            assert nxt is not None and nxt[2] is not None
+            pending = self._launch(plan, nxt[2], None)
+        launched = self._launch(nxt[0], nxt[1], pending) if nxt is not None else None
+        tokens = pending.wait()
+        return StepResult({r.request_id: [t] for r, t in zip(plan.requests, tokens, strict=True)}), launched
+
+    def _launch(self, plan: StepPlan, step: LaunchStep, feed: PendingStep | None) -> PendingStep:
         if plan.block_copies:
             self.worker.copy_blocks(plan.block_copies)
-        ws = build_worker_step(plan, self.block_manager)
-        return collect(plan, self.worker.execute(ws.chunks, ws.params, ws.seeds, ws.steps, ws.num_draft, ws.extras))
+        return self.worker.launch(step.chunks, step.params, step.seeds, step.steps, feed, step.feed_rows)
 
     def _apply_aborts(self) -> None:
         while self._pending_aborts:

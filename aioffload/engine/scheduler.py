@@ -162,6 +162,44 @@ class Scheduler:
         plan.block_copies.extend(self.block_manager.take_copies())  # every allocation of this step is done
         return plan
 
+    def lookahead(self, plan: StepPlan) -> StepPlan | None:
+        """The step after `plan`, planned while `plan` runs, before its tokens are known (decode
+        lookahead, engine/lookahead.py): each of its decoding requests one token further, that token
+        being `plan`'s output. It is what `schedule()` would return after `update(plan)` unless that
+        depends on what the step yields, so None where it could differ:
+        - a request of `plan` mid-prefill, with proposals or logits extras (logprobs, penalties,
+          masks), or a running request `plan` left out;
+        - a request waiting that could be admitted; `plan` preempted; speculation is on;
+        - the KV blocks for the extra token are not free (a lookahead never preempts).
+        A request whose token from `plan` surely ends it (max_tokens, max_model_len) is left out; one
+        ended by a stop token or an abort is computed and dropped (`update` skips it). Allocates the
+        slots (and queues any copy-on-write) as `schedule()` would."""
+        if self.speculation is not None or plan.preempted_ids or plan.num_spec_tokens:
+            return None
+        live = [r for r in plan.requests if r.status is RequestStatus.RUNNING]
+        if len(live) != len(self.running):
+            return None
+        if self.waiting and len(self.running) + self.waiting[0].num_seats <= self.config.max_num_seqs:
+            return None
+        nxt: list[Request] = []
+        for r in live:
+            if plan.num_scheduled_tokens[r.request_id] != 1 or r.num_computed_tokens + 1 != r.num_tokens:
+                return None
+            if r.needs_extras or r.followers:
+                return None
+            if len(r.output_token_ids) + 1 >= r.sampling.max_tokens or r.num_tokens + 1 >= self.max_model_len:
+                continue  # plan's token is its last
+            nxt.append(r)
+        bm = self.block_manager
+        if not nxt or sum(bm.blocks_needed(r.request_id, r.num_tokens + 1) for r in nxt) > bm.pool.num_free:
+            return None
+        for r in nxt:
+            if not bm.allocate_slots(r.request_id, r.num_tokens + 1, first_write=r.num_tokens):
+                return None  # copy-on-write took the last blocks; what was allocated is needed next anyway
+        lookahead = StepPlan({r.request_id: 1 for r in nxt}, nxt, [])
+        lookahead.block_copies.extend(bm.take_copies())
+        return lookahead
+
     def _add_proposals(self, plan: StepPlan, budget: int) -> None:
         """Give decoding requests proposed tokens from what the step has left: `budget` tokens, and
         logits rows up to max_num_seqs (the logits memory the placement reserved). Oldest first, each

@@ -6,6 +6,11 @@ smallest bucket >= S; padding rows write their K/V to the cache's trash slot and
 one key, so they change nothing. Each replay's inputs are written into pinned host
 buffers through ctypes arrays over their memory (`GraphInputs`; numpy is not a runtime
 dependency), then copied to the device whole.
+
+Two sets of host buffers take turns, so a step can be filled while the one before it is still
+queued (decode lookahead, engine/lookahead.py); a set is refilled only after the copies that read
+it last are done. A lookahead step's token ids come from the step before it, on the device
+(`run`'s `feed`): a copy after the inputs' copy, before the replay.
 """
 
 from __future__ import annotations
@@ -77,8 +82,13 @@ class CudaGraphRunner:
         n, dev = self.sizes[-1], model.device
         i32, i64 = torch.int32, torch.int64
         self.block_size = kv.block_size
-        # One pinned host buffer per input kind, copied whole each step (8 KB + the tables).
-        self.host = GraphInputs(n, max_blocks_per_seq, pin_memory=True)
+        # Pinned host buffers, copied whole each step (8 KB + the tables): two sets taking turns,
+        # each with the event of its last copies.
+        self.hosts = [GraphInputs(n, max_blocks_per_seq, pin_memory=True) for _ in range(2)]
+        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
+        self.feed_rows = torch.zeros(n, dtype=i64, device=dev)  # rows of the feeding step's ids
+        self._feed_host = torch.zeros(2, n, dtype=i64, pin_memory=True)
         self.rows = torch.zeros(4, n, dtype=i64, device=dev)
         self.rows[2].fill_(kv.trash_slot)
         self.rows[3].fill_(1)
@@ -111,11 +121,32 @@ class CudaGraphRunner:
         """Decode-only steps (one token per sequence) of at most the largest bucket."""
         return len(chunks) <= self.sizes[-1] and all(len(c.token_ids) == 1 for c in chunks)
 
-    def run(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:  # logits [S, V]
+    def run(
+        self, chunks: Sequence[SeqChunk], feed: torch.Tensor | None = None, feed_rows: Sequence[int] | None = None
+    ) -> torch.Tensor:  # logits [S, V]
+        """Replay the bucket's graph. `feed` (ids [R] int64 on the device, from the step queued
+        before): chunk i's token is feed[feed_rows[i]], and its own token_ids[0] is a placeholder."""
         s = len(chunks)
         bs = next(b for b in self.sizes if b >= s)
-        self.host.fill(chunks, bs, self.block_size, self.kv.trash_slot)
-        self.rows.copy_(self.host.rows, non_blocking=True)
-        self.block_tables[:bs].copy_(self.host.tables[:bs], non_blocking=True)
+        turn = self._turn
+        self._turn ^= 1
+        host, copied = self.hosts[turn], self._copied[turn]
+        if copied is not None:
+            copied.synchronize()  # the copies that read this set last (two steps back: long done)
+        host.fill(chunks, bs, self.block_size, self.kv.trash_slot)
+        self.rows.copy_(host.rows, non_blocking=True)
+        self.block_tables[:bs].copy_(host.tables[:bs], non_blocking=True)
+        if feed is not None:
+            assert feed_rows is not None and len(feed_rows) == s
+            if list(feed_rows) == list(range(s)):  # the same sequences in the same order: one copy
+                self.input_ids[:s].copy_(feed[:s])
+            else:
+                staged = self._feed_host[turn]
+                staged[:s] = torch.tensor(feed_rows, dtype=torch.int64)
+                self.feed_rows[:s].copy_(staged[:s], non_blocking=True)
+                torch.index_select(feed, 0, self.feed_rows[:s], out=self.input_ids[:s])
+        event = copied if copied is not None else torch.cuda.Event()
+        event.record()
+        self._copied[turn] = event
         self.graphs[bs].replay()
         return self.outputs[bs][:s]

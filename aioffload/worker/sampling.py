@@ -150,10 +150,13 @@ class SamplingTensors:
         steps: Sequence[int],
         device: torch.device | str,
     ) -> SamplingTensors:
-        """Build on the host (one tensor per field), then copy to `device` without blocking."""
+        """Build on the host (one tensor per field), then copy to `device` without blocking: from
+        pinned memory on CUDA, since a copy from pageable memory may wait for the stream (a
+        lookahead step would wait for the step before it)."""
+        pin = torch.device(device).type == "cuda"
 
         def put(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
 
         return cls(
             temperature=put([p.temperature for p in params], torch.float32),
@@ -219,15 +222,22 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, token_ids: torch.Tenso
 def sample_tokens(
     logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]
 ) -> list[int]:
-    """One step's token ids (a host sync). An all-greedy batch is a plain argmax: no
-    sampling tensors are built, which matters for a 6 ms decode step."""
+    """One step's token ids (a host sync): `sample_ids`, read back."""
+    return sample_ids(logits, params, seeds, steps).tolist()
+
+
+def sample_ids(
+    logits: torch.Tensor, params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int]
+) -> torch.Tensor:
+    """One step's token ids [S] int64 on logits' device, without waiting for them. An all-greedy
+    batch is a plain argmax: no sampling tensors are built, which matters for a 5 ms decode step."""
     if all(p.is_greedy for p in params):
         if logits.is_cuda:  # two short Triton launches instead of torch's one long reduction
             from aioffload.worker.argmax import argmax_rows
 
-            return argmax_rows(logits).tolist()
-        return logits.argmax(dim=-1).tolist()
-    return sample(logits, SamplingTensors.build(params, seeds, steps, logits.device)).tolist()
+            return argmax_rows(logits)
+        return logits.argmax(dim=-1)
+    return sample(logits, SamplingTensors.build(params, seeds, steps, logits.device))
 
 
 def _filtered_sorted(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,8 +37,9 @@ from aioffload.worker.inputs import SeqChunk, build_inputs
 from aioffload.worker.masks import MaskFiller, fill_each
 from aioffload.worker.model_loader import build_model
 from aioffload.worker.outputs import StepOutput
+from aioffload.worker.pending import PendingStep
 from aioffload.worker.rejection import verify
-from aioffload.worker.sampling import SamplingParams, sample_tokens
+from aioffload.worker.sampling import SamplingParams, sample_ids, sample_tokens
 from aioffload.worker.shard_loader import build_sharded_model
 from aioffload.worker.step_cost import (
     StepCost,
@@ -317,6 +318,40 @@ class Worker:
         if self.draft is not None and any(out.num_proposed):
             self.draft.complete(chunks, out.token_ids)
         return out
+
+    def can_launch(self, num_seqs: int) -> bool:
+        """Whether `launch` takes a decode step of num_seqs sequences. On CUDA only the decode graphs
+        do (every weight resident): an eager or offloaded step would wait on the host anyway. On the
+        CPU any plain worker does, synchronously (so the engine's lookahead runs in CPU tests)."""
+        if self.tp is not None or self.draft is not None or self.hybrid is not None:
+            return False
+        if self.device.type != "cuda":
+            return not isinstance(self.layers, TransferQueue | MoeLayers)
+        return self.graphs is not None and num_seqs <= self.graphs.sizes[-1]
+
+    def launch(
+        self,
+        chunks: Sequence[SeqChunk],
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        steps: Sequence[int],
+        feed: PendingStep | None = None,
+        feed_rows: Sequence[int] | None = None,
+    ) -> PendingStep:
+        """Queue a plain decode step (one token and one logits row per chunk; `can_launch`) and return
+        without waiting for it. With `feed`, chunk i's token is row feed_rows[i] of that earlier
+        step's ids, read on the device; the chunk's token_ids[0] is a placeholder. Sampling is as in
+        `execute`, so the ids equal a plain step's."""
+        assert all(len(c.token_ids) == 1 and c.num_logits == 1 for c in chunks), "launch takes decode steps"
+        if self.graphs is not None and self.graphs.can_run(chunks):
+            logits = self.graphs.run(chunks, feed.ids if feed is not None else None, feed_rows)
+        else:  # the CPU: the feed's ids are on the host already
+            if feed is not None:
+                assert feed_rows is not None
+                ids = feed.wait()
+                chunks = [SeqChunk([ids[r]], c.start, c.block_table) for c, r in zip(chunks, feed_rows, strict=True)]
+            logits = self._forward(chunks)
+        return PendingStep(sample_ids(logits, params, seeds, steps))
 
     def follow(self, step: RunStep) -> None:
         """A rank other than 0: rank 0's step on this rank's shard (its logits go to rank 0)."""
