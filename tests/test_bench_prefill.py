@@ -49,6 +49,7 @@ def test_prefill_bench_on_the_cpu(synth_dir: Path, tmp_path: Path, monkeypatch: 
         assert [e["context"] for e in W["decode"]] == [10, 30]
         assert all(e["step_ms"] > 0 and e["floor_ms"] > 0 for e in W["decode"])
         itl = W["itl"]
+        assert W["itl_cold"]["streams"] == 2 and W["itl_cold"]["gaps_during"] >= 1  # the untimed-shape round
         assert itl["streams"] == 2 and itl["ttft_ms"] > 0 and itl["gaps_during"] >= 1 and itl["gaps_alone"] >= 2
         assert itl["p99_ratio"] == pytest.approx(itl["during_ms"]["p99"] / itl["alone_ms"]["p99"], rel=1e-2, abs=1e-3)
 

@@ -26,6 +26,7 @@ import torch
 from aioffload.bench import common
 from aioffload.bench.common import phase, say
 from aioffload.bench.itl_under_prefill import STREAM_PROMPT, STREAM_ROOM, itl_under_prefill
+from aioffload.bench.served_decode import served_decode
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.config import EngineConfig, ModelConfig
 from aioffload.model.layout import layer_layout
@@ -44,6 +45,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--itl-streams", type=int, default=16, help="requests decoding when the long prompt arrives")
     p.add_argument("--itl-prompt-len", type=int, default=8000, help="the long prompt of the ITL run")
     p.add_argument("--itl-tokens", type=int, default=24, help="tokens per stream timed before it arrives")
+    p.add_argument("--served-tokens", type=int, default=96,
+                   help="timed tokens of the served batch-1 decode (lookahead off and on; 0: skip)")  # fmt: skip
     p.add_argument("--resident-gb", type=float, default=6.0,
                    help="offloaded phase: GB of weights kept on the GPU, as in `bench offload`")  # fmt: skip
     p.add_argument("--resident-layers", type=int, default=None, help="offloaded phase: keep exactly this many layers")
@@ -192,8 +195,22 @@ def _worker_phases(worker: Worker, key: str, args: argparse.Namespace, R: dict) 
     for ctx in args.decode_contexts:
         with phase(R, f"{key}_decode_{ctx}"):
             W["decode"].append(_decode(worker, ctx, args.decode_steps, rates.get("d2d_GBps"), W.get("copy_floor_ms")))
+    if worker.graphs is not None and args.served_tokens > 0:  # decode lookahead's case (engine/lookahead.py)
+        with phase(R, f"{key}_served_decode"):
+            ctx = min(args.decode_contexts)
+            W["served_decode"] = sv = served_decode(worker, ctx, args.served_tokens)
+            floor = next((e.get("floor_ms") for e in W["decode"] if e["context"] == ctx), None)
+            for mode in ("off", "auto"):
+                if floor:
+                    sv[mode]["x_floor"] = round(sv[mode]["gaps_ms"]["p50"] / floor, 3)
+                say(f"{key} served decode ctx {ctx}, lookahead {mode} ({'on' if sv[mode]['lookahead'] else 'off'}): "
+                    f"ITL p50 {sv[mode]['gaps_ms']['p50']} ms, mean {sv[mode]['mean_ms']} ms "
+                    f"({sv[mode].get('x_floor')}x the HBM floor)")  # fmt: skip
     with phase(R, f"{key}_itl"):
         tokens = args.itl_tokens if not worker.offload_active else max(4, args.itl_tokens // 2)
+        # A cold round first: a fresh process's first mixed step of this shape compiles Triton kernels
+        # the warm-up did not reach (a 1.1-2.0 s step on the H200, fifth session); a server pays it once.
+        W["itl_cold"] = asyncio.run(itl_under_prefill(worker, args.itl_streams, args.itl_prompt_len, 4))
         W["itl"] = asyncio.run(itl_under_prefill(worker, args.itl_streams, args.itl_prompt_len, tokens))
         i = W["itl"]
         say(f"{key}: {args.itl_streams} streams' ITL p99 {i['alone_ms']['p99']} ms alone, "
@@ -287,6 +304,17 @@ def _table(R: dict) -> None:
                 rows.append(["  copy floors", W.get("copy_floor_ms"), None, e["copy_floors"]])
         for e in W.get("decode", []):
             rows.append([f"{key} decode ctx {e['context']} ms", e["step_ms"], e.get("floor_ms"), e.get("x_floor")])
+        sv = W.get("served_decode")
+        if sv:
+            floor = next((e.get("floor_ms") for e in W["decode"] if e["context"] == sv["context"]), None)
+            for mode in ("off", "auto"):
+                on = "on" if sv[mode]["lookahead"] else "off"
+                rows.append([f"{key} served decode ctx {sv['context']} ITL p50 ms, lookahead {on}",
+                             sv[mode]["gaps_ms"]["p50"], floor, sv[mode].get("x_floor")])  # fmt: skip
+        c = W.get("itl_cold")
+        if c:
+            rows.append([f"{key} ITL p99 during prefill ms, cold round", c["during_ms"]["p99"], c["alone_ms"]["p99"],
+                         c["p99_ratio"]])  # fmt: skip
         i = W.get("itl")
         if i:
             rows.append([f"{key} ITL p99 during prefill ms", i["during_ms"]["p99"], i["alone_ms"]["p99"],
