@@ -48,6 +48,11 @@ class HybridPlan:
         obs = self.host.observed
         self.chooser.observe_step([obs.popleft() for _ in range(len(obs))])
 
+    def discard_step(self) -> None:
+        """after_step for a warm-up step: failures raise, its (cold) host times are not learnt from."""
+        self.host.check()
+        self.host.observed.clear()
+
 
 def plan_hybrid(
     offload: OffloadConfig,

@@ -35,6 +35,7 @@ from aioffload.worker.graph_forward import step_logits
 from aioffload.worker.hybrid import HybridPlan, plan_hybrid_ranks
 from aioffload.worker.inputs import SeqChunk, build_inputs
 from aioffload.worker.masks import MaskFiller, fill_each
+from aioffload.worker.mixed_warmup import warmup_steps
 from aioffload.worker.model_loader import build_model
 from aioffload.worker.outputs import StepOutput
 from aioffload.worker.pending import PendingStep
@@ -145,6 +146,8 @@ class Worker:
             log.info("CUDA graphs: on (every weight resident; captured in %.1f s)", time.perf_counter() - t)
         else:
             log.info("CUDA graphs: off (%s)", reason)
+            if cuda and self.tp is None:
+                self._warm_mixed_steps()
         # Rank 0 alone times a step: each of its steps is posted to the other ranks, which run it
         # from their command loop; steps timed on their own here would pair with rank 0's next ones.
         if self.step_cost is not None and (self.tp is None or self.tp.leader):
@@ -158,6 +161,23 @@ class Worker:
                          deep * 1e3, depth)  # fmt: skip
                 self.step_cost = dataclasses.replace(self.step_cost, pair_s=max(self.step_cost.pair_s, pair))
             log.info("step cost: %s", self.step_cost.describe())
+
+    def _warm_mixed_steps(self) -> None:
+        """Compile the eager mixed step's kernel variants now, not under the first long prompt that
+        arrives beside decoding requests (worker/mixed_warmup.py); logged."""
+        t = time.perf_counter()
+        steps = warmup_steps(self.config.scheduler.max_num_seqs, self.token_budget,
+                             self.attention.dense_min_rows or 1024, self.block_size, self.num_blocks)  # fmt: skip
+        for chunks in steps:
+            share = None
+            if self.hybrid is not None and isinstance(self.layers, TransferQueue):
+                share = self.hybrid.before_step(sum(len(c.token_ids) for c in chunks))
+            self._step(chunks, share, False)
+            torch.cuda.synchronize(self.device)  # the host's share, if any, is done too
+            if self.hybrid is not None:
+                self.hybrid.discard_step()
+        log.info("warm-up: %d mixed steps (%s decode rows beside a prefill chunk) in %.2f s", len(steps),
+                 " and ".join(str(len(c) - 1) for c in steps) or "no", time.perf_counter() - t)  # fmt: skip
 
     def _choose_gemv_shapes(self) -> None:
         """Which weight shapes one-row steps run through the Triton GEMV (worker/gemv_choice.py), timed
