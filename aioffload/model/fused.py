@@ -48,7 +48,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t_total"])  # one variant for every row count (eager steps vary it)
 def _rope_cache_kernel(
     qkv_ptr, pos_ptr, rope_ptr, slot_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr, qn_ptr, kn_ptr,
     t_total, eps, stride_qkv, stride_qo_t, stride_qo_h, stride_cache_slot, stride_cache_h,
