@@ -23,7 +23,7 @@ def test_serve_help_documents_every_flag_with_default() -> None:
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     for flag in ("--model", "--trigger", "--cpu-offload-gb", "--host", "--port", "--served-model-name", "--api-key",
                  "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--gpu-memory-utilization",
-                 "--dtype", "--enforce-eager", "--max-queue", "--gpu-memory-gb", "--offload-prefetch"):  # fmt: skip
+                 "--dtype", "--enforce-eager", "--max-queue", "--gpu-memory-gb", "--offload-prefetch", "--lookahead"):  # fmt: skip
         assert flag in text, flag
     assert "(default: 127.0.0.1)" in text and "(default: 8000)" in text
 
@@ -38,6 +38,7 @@ def test_serve_help_documents_every_flag_with_default() -> None:
         (["--max-num-seqs", "0"], "--max-num-seqs: must be an integer > 0, got 0"),
         (["--gpu-memory-gb", "-3"], "--gpu-memory-gb: must be a number > 0, got -3"),
         (["--dtype", "int3"], "--dtype: invalid choice"),
+        (["--lookahead", "maybe"], "--lookahead: invalid choice"),
         (["--trigger", "0.95", "--gpu-memory-utilization", "0.9"], "above --gpu-memory-utilization"),
         (["--trigger", "0.5", "--cpu-offload-gb", "3"], "give only one"),
     ],
@@ -84,3 +85,11 @@ def test_bench_offload_without_a_gpu_refuses_before_writing(tmp_path: Path, caps
         "seconds\n"
     )
     assert not synth.exists()  # nothing written
+
+
+def test_lookahead_flag_reaches_the_scheduler_config() -> None:
+    from aioffload.cli import build_parser, engine_config
+
+    parse = build_parser().parse_args
+    assert engine_config(parse(["serve", "--model", "m"])).scheduler.lookahead == "auto"
+    assert engine_config(parse(["serve", "--model", "m", "--lookahead", "off"])).scheduler.lookahead == "off"
