@@ -23,7 +23,8 @@ def test_serve_help_documents_every_flag_with_default() -> None:
     text = " ".join(proc.stdout.split())  # argparse wraps lines
     for flag in ("--model", "--trigger", "--cpu-offload-gb", "--host", "--port", "--served-model-name", "--api-key",
                  "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--gpu-memory-utilization",
-                 "--dtype", "--enforce-eager", "--max-queue", "--gpu-memory-gb", "--offload-prefetch", "--lookahead"):  # fmt: skip
+                 "--dtype", "--enforce-eager", "--max-queue", "--gpu-memory-gb", "--offload-prefetch",
+                 "--lookahead"):  # fmt: skip
         assert flag in text, flag
     assert "(default: 127.0.0.1)" in text and "(default: 8000)" in text
 

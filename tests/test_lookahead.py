@@ -190,8 +190,14 @@ def test_fed_launch_equals_execute_of_the_known_tokens(tiny: str) -> None:
 
 def run_engine(model: str, lookahead: str, jobs: list[tuple[list[int], SamplingParams]],
                abort_after: dict[int, int] | None = None) -> tuple[list[list[int]], int]:  # fmt: skip
-    """Each job's output ids, and how many steps the worker launched ahead."""
-    engine = Engine.from_config(engine_config(model, lookahead))
+    """Each job's output ids on the CPU, and how many steps the worker launched ahead."""
+    return run_config(engine_config(model, lookahead), jobs, abort_after)
+
+
+def run_config(config: EngineConfig, jobs: list[tuple[list[int], SamplingParams]],
+               abort_after: dict[int, int] | None = None) -> tuple[list[list[int]], int]:  # fmt: skip
+    """run_engine for any engine config (tests/test_lookahead_gpu.py's on the GPU)."""
+    engine = Engine.from_config(config)
     launches = 0
     real = engine.worker.launch
 

@@ -6,18 +6,16 @@ Marked `gpu` and skipped without CUDA; run on the GPU machine with `pytest -m gp
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
 
 from aioffload.checkpoint.checkpoint import Checkpoint
 from aioffload.config import CacheConfig, EngineConfig, SchedulerConfig
-from aioffload.engine.async_engine import Engine
 from aioffload.engine.lookahead import PLACEHOLDER
 from aioffload.worker.inputs import SeqChunk
 from aioffload.worker.sampling import SamplingParams
 from aioffload.worker.worker import Worker
+from tests.test_lookahead import run_config
 from tests.tiny_models import add_word_tokenizer, make_checkpoint
 
 pytestmark = [
@@ -59,7 +57,8 @@ def test_fed_graph_steps_queued_back_to_back_equal_plain_steps(tiny: str) -> Non
                 pending = w.launch(chunks, [GREEDY] * 2, [0, 0], [step + 1] * 2, feed=pending, feed_rows=rows)
                 got.append(pending)
             else:
-                o = w.execute([SeqChunk([last[s]], pos[s], tables[s]) for s in nxt], [GREEDY] * 2, [0, 0], [step + 1] * 2)
+                plain = [SeqChunk([last[s]], pos[s], tables[s]) for s in nxt]
+                o = w.execute(plain, [GREEDY] * 2, [0, 0], [step + 1] * 2)
                 tok = [t[0] for t in o.token_ids]
                 for r, s in enumerate(nxt):
                     last[s] = tok[r]
@@ -72,30 +71,7 @@ def test_fed_graph_steps_queued_back_to_back_equal_plain_steps(tiny: str) -> Non
 
 
 def run_engine(model: str, lookahead: str, jobs: list[tuple[list[int], SamplingParams]]) -> tuple[list, int]:
-    engine = Engine.from_config(config(model, lookahead))
-    launches = 0
-    real = engine.worker.launch
-
-    def counting(*a, **k):  # type: ignore[no-untyped-def]
-        nonlocal launches
-        launches += 1
-        return real(*a, **k)
-
-    engine.worker.launch = counting  # type: ignore[method-assign]
-
-    async def one(i: int, prompt: list[int], params: SamplingParams) -> list[int]:
-        ids: list[int] = []
-        async for out in engine.generate(prompt, params, f"g{i}"):
-            ids.extend(out.token_ids)
-        return ids
-
-    async def main() -> list[list[int]]:
-        try:
-            return list(await asyncio.gather(*(one(i, p, sp) for i, (p, sp) in enumerate(jobs))))
-        finally:
-            await engine.shutdown(2.0)
-
-    return asyncio.run(main()), launches
+    return run_config(config(model, lookahead), jobs)
 
 
 def test_engine_outputs_equal_with_lookahead_auto_and_off(tiny: str) -> None:
