@@ -268,6 +268,6 @@ def test_served_decode_times_tokens_with_lookahead_off_and_on(tiny: str) -> None
 def test_lookahead_auto_is_off_on_the_cpu(tiny: str, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level("INFO", logger="aioffload.engine"):
         engine = Engine.from_config(engine_config(tiny, "auto"))
-    assert not engine._lookahead
+    assert not engine.lookahead
     assert "decode lookahead: off (auto: decode does not run as a CUDA graph)" in caplog.text
     assert torch.get_default_device().type == "cpu"

@@ -199,7 +199,7 @@ def _worker_phases(worker: Worker, key: str, args: argparse.Namespace, R: dict) 
         with phase(R, f"{key}_served_decode"):
             ctx = min(args.decode_contexts)
             W["served_decode"] = sv = served_decode(worker, ctx, args.served_tokens)
-            floor = next((e.get("floor_ms") for e in W["decode"] if e["context"] == ctx), None)
+            sv["floor_ms"] = floor = next((e.get("floor_ms") for e in W["decode"] if e["context"] == ctx), None)
             for mode in ("off", "auto"):
                 if floor:
                     sv[mode]["x_floor"] = round(sv[mode]["gaps_ms"]["p50"] / floor, 3)
@@ -306,11 +306,10 @@ def _table(R: dict) -> None:
             rows.append([f"{key} decode ctx {e['context']} ms", e["step_ms"], e.get("floor_ms"), e.get("x_floor")])
         sv = W.get("served_decode")
         if sv:
-            floor = next((e.get("floor_ms") for e in W["decode"] if e["context"] == sv["context"]), None)
             for mode in ("off", "auto"):
                 on = "on" if sv[mode]["lookahead"] else "off"
                 rows.append([f"{key} served decode ctx {sv['context']} ITL p50 ms, lookahead {on}",
-                             sv[mode]["gaps_ms"]["p50"], floor, sv[mode].get("x_floor")])  # fmt: skip
+                             sv[mode]["gaps_ms"]["p50"], sv.get("floor_ms"), sv[mode].get("x_floor")])  # fmt: skip
         c = W.get("itl_cold")
         if c:
             rows.append([f"{key} ITL p99 during prefill ms, cold round", c["during_ms"]["p99"], c["alone_ms"]["p99"],

@@ -34,7 +34,7 @@ async def _one(worker: Worker, mode: str, prompt: list[int], tokens: int) -> dic
     timed = [(t, n) for t, n in arrivals if n >= SKIP_TOKENS]
     gaps = [(b[0] - a[0]) / (b[1] - a[1]) for a, b in zip(timed, timed[1:])]  # per token, merged outputs split
     span = (timed[-1][0] - timed[0][0]) / (timed[-1][1] - timed[0][1])
-    return {"lookahead": engine._lookahead, "tokens": timed[-1][1] - timed[0][1], "mean_ms": round(span * 1e3, 4),
+    return {"lookahead": engine.lookahead, "tokens": timed[-1][1] - timed[0][1], "mean_ms": round(span * 1e3, 4),
             "gaps_ms": common.summarize(gaps, 1e3)}  # fmt: skip
 
 

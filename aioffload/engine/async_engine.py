@@ -85,6 +85,11 @@ class Engine:
         return "on (each decode step launched before the last one's tokens are read)" + (
             "" if mode == "auto" else " (--lookahead on)")
 
+    @property
+    def lookahead(self) -> bool:
+        """Whether decode lookahead is on (engine/lookahead.py; --lookahead and the worker decide)."""
+        return self._lookahead
+
     @classmethod
     def from_config(cls, config: EngineConfig) -> Engine:
         ckpt = Checkpoint.open(config.model)
@@ -280,7 +285,7 @@ class Engine:
                         continue
                 else:
                     plan, pending = inflight
-                nxt = self._plan_lookahead(plan, pending is not None)
+                nxt = self._plan_lookahead(plan)
                 t0 = time.perf_counter() if pending is None else done_at  # a launched step ran since then
                 sampled, launched = await asyncio.to_thread(self._run_step, plan, pending, nxt)
                 done_at = time.perf_counter()
@@ -289,7 +294,7 @@ class Engine:
                     self.speculation.step_s = self.stats_.step_time_ema
                 self._apply_aborts()  # aborts that arrived during the step
                 deliver_step(plan, sampled, self.scheduler, self._states, self.stats_)
-                inflight = (nxt[0], launched) if nxt is not None and launched is not None else None
+                inflight = (nxt, launched) if nxt is not None and launched is not None else None
                 self._maybe_log()
         except asyncio.CancelledError:
             raise
@@ -312,23 +317,16 @@ class Engine:
         newest = s.waiting[-1].arrival_time if s.waiting else None
         return should_hold(time.monotonic(), newest, s.num_running, self.config.scheduler.max_num_seqs, self.hold_s)
 
-    def _plan_lookahead(
-        self, plan: StepPlan, launched: bool
-    ) -> tuple[StepPlan, LaunchStep, LaunchStep | None] | None:
-        """The lookahead step after `plan` (engine/lookahead.py) and its launch, with plan's own unless
-        it is `launched` already; None where the engine waits for plan's tokens first."""
+    def _plan_lookahead(self, plan: StepPlan) -> StepPlan | None:
+        """The lookahead step after `plan` (engine/lookahead.py); None where the engine waits for
+        plan's tokens first."""
         if not self._lookahead or self._pending_aborts or not self.worker.can_launch(len(plan.requests)):
             return None
-        nxt = self.scheduler.lookahead(plan)
-        if nxt is None:
-            return None
-        own = None if launched else launch_step(plan, self.block_manager)
-        return nxt, launch_step(nxt, self.block_manager, feeding=plan), own
+        return self.scheduler.lookahead(plan)
 
     def _run_step(
-        self, plan: StepPlan, pending: PendingStep | None,
-        nxt: tuple[StepPlan, LaunchStep, LaunchStep | None] | None,
-    ) -> tuple[StepResult, PendingStep | None]:  # fmt: skip
+        self, plan: StepPlan, pending: PendingStep | None, nxt: StepPlan | None
+    ) -> tuple[StepResult, PendingStep | None]:
         """On the step thread: copy-on-write copies, then the worker's step; per request, its tokens
         (accepted proposals, then the target's next token) and the logprobs asked for. With `nxt`, the
         lookahead step is launched behind `plan` (launched here too unless `pending` is its launch)
@@ -340,9 +338,10 @@ class Engine:
             out = self.worker.execute(ws.chunks, ws.params, ws.seeds, ws.steps, ws.num_draft, ws.extras)
             return collect(plan, out), None
         if pending is None:
-            assert nxt is not None and nxt[2] is not None
-            pending = self._launch(plan, nxt[2], None)
-        launched = self._launch(nxt[0], nxt[1], pending) if nxt is not None else None
+            pending = self._launch(plan, launch_step(plan, self.block_manager), None)
+        launched = None
+        if nxt is not None:
+            launched = self._launch(nxt, launch_step(nxt, self.block_manager, feeding=plan), pending)
         tokens = pending.wait()
         return StepResult({r.request_id: [t] for r, t in zip(plan.requests, tokens, strict=True)}), launched
 

@@ -46,9 +46,9 @@ def launch_step(plan: StepPlan, block_manager: BlockManager, feeding: StepPlan |
     request one position past what it has computed, its token the feeding step's row for it; without,
     a plain decode step of the requests' last known tokens."""
     rows = {r.request_id: i for i, r in enumerate(feeding.requests)} if feeding is not None else None
+    pending = 1 if rows is not None else 0  # the feeding step's token, not yet in output_token_ids
     chunks, params, seeds, steps = [], [], [], []
     for req in plan.requests:
-        pending = 1 if rows is not None else 0  # the feeding step's token, not yet in output_token_ids
         start = req.num_computed_tokens + pending
         token = PLACEHOLDER if pending else req.token_ids(start, start + 1)[0]
         chunks.append(SeqChunk([token], start, block_manager.block_table(req.request_id)))

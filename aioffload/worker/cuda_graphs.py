@@ -39,16 +39,22 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 
 
 class GraphInputs:
-    """Host staging buffers of one replay: `rows` [4, n] int64 (ids, positions, slots, ctx) and
-    `tables` [n, max_blocks] int32, written in place through ctypes views of their memory."""
+    """Host staging buffers of one replay: `rows` [4, n] int64 (ids, positions, slots, ctx),
+    `tables` [n, max_blocks] int32 and `feed` [n] int64 (a lookahead step's rows of the feeding
+    step's ids), written in place through ctypes views of their memory."""
 
     def __init__(self, n: int, max_blocks_per_seq: int, pin_memory: bool) -> None:
         self.n, self.max_blocks = n, max_blocks_per_seq
         self.rows = torch.zeros(4, n, dtype=torch.int64, pin_memory=pin_memory)
         self.tables = torch.zeros(n, max_blocks_per_seq, dtype=torch.int32, pin_memory=pin_memory)
+        self.feed = torch.zeros(n, dtype=torch.int64, pin_memory=pin_memory)
         # Flat views: rows[k, i] is _rows[k * n + i], tables[i, j] is _tables[i * max_blocks + j].
         self._rows = (ctypes.c_int64 * (4 * n)).from_address(self.rows.data_ptr())
         self._tables = (ctypes.c_int32 * (n * max_blocks_per_seq)).from_address(self.tables.data_ptr())
+        self._feed = (ctypes.c_int64 * n).from_address(self.feed.data_ptr())
+
+    def fill_feed(self, feed_rows: Sequence[int]) -> None:
+        self._feed[0 : len(feed_rows)] = list(feed_rows)
 
     def fill(self, chunks: Sequence[SeqChunk], bs: int, block_size: int, trash_slot: int) -> None:
         """Write one decode token per chunk into rows [0, len(chunks)), padding rows up to `bs`
@@ -85,10 +91,9 @@ class CudaGraphRunner:
         # Pinned host buffers, copied whole each step (8 KB + the tables): two sets taking turns,
         # each with the event of its last copies.
         self.hosts = [GraphInputs(n, max_blocks_per_seq, pin_memory=True) for _ in range(2)]
-        self._copied: list[torch.cuda.Event | None] = [None, None]
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()]  # never recorded: synchronize returns at once
         self._turn = 0
         self.feed_rows = torch.zeros(n, dtype=i64, device=dev)  # rows of the feeding step's ids
-        self._feed_host = torch.zeros(2, n, dtype=i64, pin_memory=True)
         self.rows = torch.zeros(4, n, dtype=i64, device=dev)
         self.rows[2].fill_(kv.trash_slot)
         self.rows[3].fill_(1)
@@ -128,11 +133,9 @@ class CudaGraphRunner:
         before): chunk i's token is feed[feed_rows[i]], and its own token_ids[0] is a placeholder."""
         s = len(chunks)
         bs = next(b for b in self.sizes if b >= s)
-        turn = self._turn
+        host, copied = self.hosts[self._turn], self._copied[self._turn]
         self._turn ^= 1
-        host, copied = self.hosts[turn], self._copied[turn]
-        if copied is not None:
-            copied.synchronize()  # the copies that read this set last (two steps back: long done)
+        copied.synchronize()  # the copies that read this set last (two steps back: long done)
         host.fill(chunks, bs, self.block_size, self.kv.trash_slot)
         self.rows.copy_(host.rows, non_blocking=True)
         self.block_tables[:bs].copy_(host.tables[:bs], non_blocking=True)
@@ -141,12 +144,9 @@ class CudaGraphRunner:
             if list(feed_rows) == list(range(s)):  # the same sequences in the same order: one copy
                 self.input_ids[:s].copy_(feed[:s])
             else:
-                staged = self._feed_host[turn]
-                staged[:s] = torch.tensor(feed_rows, dtype=torch.int64)
-                self.feed_rows[:s].copy_(staged[:s], non_blocking=True)
+                host.fill_feed(feed_rows)
+                self.feed_rows[:s].copy_(host.feed[:s], non_blocking=True)
                 torch.index_select(feed, 0, self.feed_rows[:s], out=self.input_ids[:s])
-        event = copied if copied is not None else torch.cuda.Event()
-        event.record()
-        self._copied[turn] = event
+        copied.record()
         self.graphs[bs].replay()
         return self.outputs[bs][:s]

@@ -169,10 +169,7 @@ class Worker:
         steps = warmup_steps(self.config.scheduler.max_num_seqs, self.token_budget,
                              self.attention.dense_min_rows or 1024, self.block_size, self.num_blocks)  # fmt: skip
         for chunks in steps:
-            share = None
-            if self.hybrid is not None and isinstance(self.layers, TransferQueue):
-                share = self.hybrid.before_step(sum(len(c.token_ids) for c in chunks))
-            self._step(chunks, share, False)
+            self._step(chunks, self._host_share(chunks), False)
             torch.cuda.synchronize(self.device)  # the host's share, if any, is done too
             if self.hybrid is not None:
                 self.hybrid.discard_step()
@@ -316,9 +313,7 @@ class Worker:
                     for c, d in zip(chunks, prop.token_ids, strict=True)
                 ]
                 draft_probs, full = prop.probs, prop.full
-        share = None
-        if self.hybrid is not None and isinstance(self.layers, TransferQueue):  # proposals counted in
-            share = self.hybrid.before_step(sum(len(c.token_ids) for c in chunks))
+        share = self._host_share(chunks)  # proposals counted in
         plain = all(c.num_logits == 1 for c in chunks)
         argmax = extras is None and plain and all(p.is_greedy for p in params)
         logits = self._step(chunks, share, argmax)
@@ -372,6 +367,12 @@ class Worker:
                 chunks = [SeqChunk([ids[r]], c.start, c.block_table) for c, r in zip(chunks, feed_rows, strict=True)]
             logits = self._forward(chunks)
         return PendingStep(sample_ids(logits, params, seeds, steps))
+
+    def _host_share(self, chunks: Sequence[SeqChunk]) -> int | None:
+        """The hybrid split's host share (chunks of each offloaded layer) for this step; None without one."""
+        if self.hybrid is None or not isinstance(self.layers, TransferQueue):
+            return None
+        return self.hybrid.before_step(sum(len(c.token_ids) for c in chunks))
 
     def follow(self, step: RunStep) -> None:
         """A rank other than 0: rank 0's step on this rank's shard (its logits go to rank 0)."""
