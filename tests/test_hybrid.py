@@ -199,3 +199,29 @@ def test_demo_model_greedy_text_identical_with_hybrid_on_and_off():
     assert ks - {0}, f"the CPU calibration gave the host no share at all: {ks}"
     assert on == off
     assert all(len(t) > 20 for t in on)
+
+
+def test_plan_caps_the_host_share_at_its_down_copies_and_the_memory_budget(path, monkeypatch):
+    from aioffload.worker import hybrid as hyb
+
+    ckpt = Checkpoint.open(path)
+    cfg = ckpt.model_config
+    on = OffloadConfig(hybrid="on", host_threads=1)
+    plan = hyb.plan_hybrid(on, cfg, ckpt.layout, 3, torch.float32, CPU, 25e9)
+    assert plan is not None
+    try:
+        cap = plan.host.max_chunks
+        assert cap is not None and 0 < cap <= plan.split.num_chunks
+        assert plan.cost.max_host_chunks == cap and plan.chooser.largest_share <= cap
+    finally:
+        plan.host.close()
+    # No memory left beside the pinned layers: no room for the host's down copies, so no split.
+    monkeypatch.setattr(hyb, "host_memory_available", lambda: 3 * plan.split.numel * 4)
+    assert hyb.plan_hybrid(on, cfg, ckpt.layout, 3, torch.float32, CPU, 25e9) is None
+    # A tensor-parallel follower runs rank 0's shares: its copies hold every chunk, whatever the budget.
+    follower = hyb.plan_hybrid(on, cfg, ckpt.layout, 3, torch.float32, CPU, 25e9, follower=True)
+    assert follower is not None
+    try:
+        assert follower.host.max_chunks == follower.split.num_chunks
+    finally:
+        follower.host.close()

@@ -3,11 +3,12 @@ streaming, and the calibration's fit on a synthetic timer."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 
-from aioffload.offload.split_cost import HostRates, SplitChooser, SplitCostModel, format_table
+from aioffload.offload.split_cost import HostRates, SplitChooser, SplitCostModel, format_table, host_chunk_cap
 
 C = 112  # Llama-3-8B: 14336 / 128
 CHUNK_BYTES = 3 * 128 * 4096 * 2  # 3.1 MB
@@ -75,3 +76,25 @@ def test_chooser_table_and_format() -> None:
     assert "batch    1:" in text and "batch  256:" in text and "x the copy floor" in text
     rows = m.table((1, 256))
     assert rows[0]["layer_ms"] < rows[0]["stream_ms"] and rows[1]["host_chunks"] == ch(256)
+
+
+def test_host_share_never_passes_the_cap_of_its_down_copies() -> None:
+    per1 = CHUNK_BYTES / 55e9 * 1e3 / 2  # the host twice the link's speed: it wants most of the layer
+    free = model({1: per1, 256: 1000 * per1})
+    capped = dataclasses.replace(free, max_host_chunks=40)
+    assert free.best_k(1) > 40
+    assert capped.best_k(1) == 40  # the best share the copies allow
+    assert capped.best_k(256) == free.best_k(256) == 0
+    ch = SplitChooser(capped)
+    assert ch.largest_share == 40
+    ch.factor[1] = 0.1  # the host measured ten times faster than calibrated: still no more than the cap
+    ch.rechoose(1)
+    assert ch(1) == 40
+
+
+def test_host_chunk_cap_adds_headroom_within_the_memory_budget() -> None:
+    assert host_chunk_cap(56, C, 1 << 20, None) == 70  # 1.25 x 56
+    assert host_chunk_cap(100, C, 1 << 20, None) == C  # never more than the layer has
+    assert host_chunk_cap(56, C, 1 << 20, 30 << 20) == 30  # only 30 chunks' copies fit
+    assert host_chunk_cap(56, C, 1 << 20, 0) == 0
+    assert host_chunk_cap(0, C, 1 << 20, None) == 0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from aioffload.config import ModelConfig
 from aioffload.model.layout import layer_layout
 from aioffload.offload.split_layout import SplitWeights, fill_mlp, pick_chunk, split_layout
-from aioffload.offload.split_mlp import mlp_share, silu_mul_chunks
+from aioffload.offload.split_mlp import host_down_columns, host_share, mlp_share, silu_mul_chunks
 
 H, INTER = 64, 128
 
@@ -65,7 +65,8 @@ def test_host_and_gpu_partials_add_up_to_the_dense_mlp(chunk: int) -> None:
         if k < sp.num_chunks:
             parts.append(mlp_share(h, w.gate_up, w.down_t, chunk))
         if k:
-            parts.append(mlp_share(h, w.host_gate_up, w.host_down_t, chunk))
+            down = host_down_columns(sp, flat, sp.num_chunks)[:, : k * chunk]  # the host's copy, a strided view
+            parts.append(host_share(h, w.host_gate_up, down, chunk))
         total = sum(parts)
         assert torch.allclose(total, dense, rtol=1e-4, atol=1e-4), (k, (total - dense).abs().max())
 
@@ -80,6 +81,26 @@ def test_silu_mul_chunks_reverses_the_chunk_order() -> None:
         assert torch.equal(out[:, (n - 1 - c) * ch : (n - c) * ch], expect)
 
 
+def test_silu_mul_chunks_keeps_the_order_when_ascending() -> None:
+    t, n, ch = 2, 3, 4
+    gate_up = torch.randn(t, n * 2 * ch)
+    y = gate_up.view(t, n, 2, ch)
+    expect = torch.cat([F.silu(y[:, c, 0]) * y[:, c, 1] for c in range(n)], dim=1)
+    assert torch.equal(silu_mul_chunks(gate_up, ch, descending=False), expect)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_host_down_columns_are_the_down_matrix_first_columns(k: int) -> None:
+    sp = split_layout(layer_layout(cfg()), H, INTER, 32)
+    gate, up, down = torch.randn(INTER, H), torch.randn(INTER, H), torch.randn(H, INTER)
+    flat = torch.zeros(sp.numel)
+    fill_mlp(sp, flat, gate, up, down)
+    cols = host_down_columns(sp, flat, k)
+    assert cols.shape == (H, k * 32) and cols.is_contiguous()
+    assert torch.equal(cols, down[:, : k * 32])
+    assert cols.data_ptr() != flat.data_ptr()  # a copy: the pinned buffer keeps its split layout
+
+
 def test_split_weights_views_cover_exactly_their_chunks() -> None:
     sp = split_layout(layer_layout(cfg()), H, INTER, 32)
     flat = torch.arange(sp.numel, dtype=torch.float64)
@@ -87,5 +108,5 @@ def test_split_weights_views_cover_exactly_their_chunks() -> None:
     lo, hi = sp.streamed_range(1)
     assert w.gate_up.data_ptr() == flat[lo:].data_ptr()
     assert w.down_t.data_ptr() + w.down_t.numel() * 8 == flat[hi:].data_ptr()
-    assert w.host_gate_up.shape == (2 * 32, H) and w.host_down_t.shape == (32, H)
+    assert w.host_gate_up.shape == (2 * 32, H) and w.host_gate_up.data_ptr() == flat.data_ptr()
     assert w.qkv_w.shape == (16 * 4 + 2 * 16 * 2, H) and w.qkv_b is not None and w.q_norm is not None

@@ -23,7 +23,7 @@ import torch
 
 from aioffload.offload.split_cost import HostRates
 from aioffload.offload.split_layout import SplitLayout
-from aioffload.offload.split_mlp import mlp_share
+from aioffload.offload.split_mlp import host_share
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -106,19 +106,19 @@ def calibrate_host(
         weights = []
         for _ in range(copies):
             gate_up = torch.empty(k_hi * 2 * split.chunk, split.hidden, dtype=dtype).normal_(0, 0.02, generator=gen)
-            down_t = torch.empty(k_hi * split.chunk, split.hidden, dtype=dtype).normal_(0, 0.02, generator=gen)
-            weights.append((gate_up, down_t))
+            down = torch.empty(split.hidden, k_hi * split.chunk, dtype=dtype).normal_(0, 0.02, generator=gen)
+            weights.append((gate_up, down))  # as the host reads them: gate|up rows, down columns
 
         def timed(x: torch.Tensor, k: int) -> float:
             if k == 0:
                 return 0.0
-            views = [(gu[: k * 2 * split.chunk], dt[: k * split.chunk]) for gu, dt in weights]
-            mlp_share(x, *views[-1], split.chunk)  # warm-up (allocator, oneDNN primitive)
+            views = [(gu[: k * 2 * split.chunk], dn[:, : k * split.chunk]) for gu, dn in weights]
+            host_share(x, *views[-1], split.chunk)  # warm-up (allocator, oneDNN primitive)
             times = []
             for r in range(max(reps, len(views))):
-                gu, dt = views[r % len(views)]
+                gu, dn = views[r % len(views)]
                 t = time.perf_counter()
-                mlp_share(x, gu, dt, split.chunk)
+                host_share(x, gu, dn, split.chunk)
                 times.append(time.perf_counter() - t)
             return statistics.median(times)
 

@@ -75,6 +75,7 @@ class SplitCostModel:
     gpu_flops: float = 300e12  # dense rate counted on for the GPU share
     gpu_is_host: bool = False  # CPU device: the "GPU" share runs on the host too (same rates)
     host_scale: float = 1.0  # measured / calibrated host time (SplitChooser.observe)
+    max_host_chunks: int | None = None  # the most chunks a host share may have (its down copies); None: all
 
     @classmethod
     def for_layout(cls, split: SplitLayout, elem: int, h2d: float, rates: HostRates,
@@ -102,7 +103,8 @@ class SplitCostModel:
         if tokens > self.host.max_tokens:
             return 0
         best, best_s = 0, self.layer_s(tokens, 0)
-        for k in range(1, self.num_chunks + 1):
+        top = self.num_chunks if self.max_host_chunks is None else min(self.max_host_chunks, self.num_chunks)
+        for k in range(1, top + 1):
             s = self.layer_s(tokens, k)
             if s < best_s * (1 - 1e-9):
                 best, best_s = k, s
@@ -175,9 +177,25 @@ class SplitChooser:
         return dataclasses.replace(self.model, host_scale=f)
 
     @property
+    def largest_share(self) -> int:
+        """The most chunks any step size's host share has now."""
+        return max(self._k)
+
+    @property
     def pays(self) -> bool:
         """True when some calibrated step size gets a host share."""
         return any(self._k)
+
+
+def host_chunk_cap(largest: int, num_chunks: int, copy_bytes_per_chunk: int, budget_bytes: int | None,
+                   headroom: float = 1.25) -> int:  # fmt: skip
+    """How many chunks the host's down copies hold: the largest share the calibration chooses, with
+    headroom for the chooser to grow it from measured steps, within `budget_bytes` of host memory
+    (copy_bytes_per_chunk: one chunk's down columns over every offloaded layer)."""
+    cap = min(num_chunks, math.ceil(largest * headroom))
+    if budget_bytes is not None and copy_bytes_per_chunk > 0:
+        cap = min(cap, max(0, budget_bytes // copy_bytes_per_chunk))
+    return cap
 
 
 def format_table(model: SplitCostModel, batch_sizes: Sequence[int], num_layers: int) -> str:

@@ -94,8 +94,9 @@ def split_layout(base: LayerLayout, hidden: int, intermediate: int, chunk: int |
 
 class SplitWeights(LayerWeights):
     """A split layer's views for one step: the attention weights (as LayerWeights names) and
-    the GPU share of the MLP, chunks [k, C). `host_gate_up`/`host_down_t` view the host buffer's
-    share, chunks [0, k) (None when k = 0)."""
+    the GPU share of the MLP, chunks [k, C). `host_gate_up` views the host buffer's gate|up rows
+    of chunks [0, k) (None when k = 0); the host reads that share's down projection from a copy of
+    its own (offload/split_mlp.py)."""
 
     def __init__(self, flat: torch.Tensor, split: SplitLayout, k: int, host: torch.Tensor) -> None:
         super().__init__(flat, split.attn)
@@ -104,7 +105,6 @@ class SplitWeights(LayerWeights):
         self.gate_up = split.gate_up_rows(flat, k, c)  # [(C-k) 2 ch, H]
         self.down_t = split.down_t_rows(flat, k, c)  # [(C-k) ch, H], chunk C-1 first
         self.host_gate_up = split.gate_up_rows(host, 0, k) if k else None  # [k 2 ch, H]
-        self.host_down_t = split.down_t_rows(host, 0, k) if k else None  # [k ch, H], chunk k-1 first
 
 
 def fill_mlp(split: SplitLayout, flat: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:

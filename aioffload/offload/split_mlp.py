@@ -2,6 +2,11 @@
 buffer while the GPU computes chunks [k, C) from the streamed share; the partial outputs meet on
 the GPU (DESIGN.md section 8, lever 1; the layout is offload/split_layout.py).
 
+The host reads its share's down projection from a copy of its own: the down matrix's first
+`max_chunks` chunks of columns, [H, K] (`host_down_columns`), so that `F.linear` takes it as a
+K-contiguous weight. From the split layout's down^T rows ([K, H]) oneDNN read the share at ~29 GB/s
+on the H200 host beside the weight stream, from the copy at ~53 (BENCHMARKS.md, sixth session).
+
 Per offloaded layer, with the share k chosen for the step (offload/split_cost.py):
 
     GPU:   attention -> h -> (D2H h, record event) -> its MLP share ----------> wait host -> add
@@ -29,17 +34,19 @@ import torch.nn.functional as F
 from aioffload.model.layout import LayerWeights
 from aioffload.model.llama import Mlp
 from aioffload.offload.pinned import mapped_pinned, pinned_empty
-from aioffload.offload.split_layout import SplitWeights
+from aioffload.offload.split_layout import SplitLayout, SplitWeights
 
 log = logging.getLogger("aioffload.hybrid")
 
 
-def silu_mul_chunks(gate_up: torch.Tensor, chunk: int) -> torch.Tensor:
-    """[T, n x 2 x chunk] (gate|up per chunk, chunks ascending) -> [T, n x chunk] with the chunks
-    in descending order, the order of the down^T rows in the split layout."""
+def silu_mul_chunks(gate_up: torch.Tensor, chunk: int, descending: bool = True) -> torch.Tensor:
+    """[T, n x 2 x chunk] (gate|up per chunk, chunks ascending) -> [T, n x chunk], the chunks in
+    descending order (the order of the down^T rows in the split layout) or ascending (the host's
+    down columns)."""
     t = gate_up.shape[0]
     y = gate_up.view(t, -1, 2, chunk)  # [T, n, 2, ch]
-    return (F.silu(y[:, :, 0]) * y[:, :, 1]).flip(1).reshape(t, -1)  # silu rounds, then the mul (as HF)
+    act = F.silu(y[:, :, 0]) * y[:, :, 1]  # silu rounds, then the mul (as HF)
+    return (act.flip(1) if descending else act).reshape(t, -1)
 
 
 def mlp_share(h: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, chunk: int,
@@ -47,6 +54,30 @@ def mlp_share(h: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, chun
     """One side's MLP partial. h: [T, H]; gate_up: [n 2 ch, H]; down_t: [n ch, H] -> [T, H]."""
     act = silu_mul_chunks(F.linear(h, gate_up), chunk)  # [T, n ch]
     return torch.matmul(act, down_t, out=out)
+
+
+def host_share(h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, chunk: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The host's MLP partial. h: [T, H]; gate_up: [k 2 ch, H]; down: [H, k ch], the down matrix's
+    columns of chunks [0, k) (a view of the host's copy, rows strided) -> [T, H]."""
+    act = silu_mul_chunks(F.linear(h, gate_up), chunk, descending=False)  # [T, k ch]
+    return torch.matmul(act, down.t(), out=out)  # = F.linear(act, down): no copy of the strided view
+
+
+def host_down_columns(split: SplitLayout, flat: torch.Tensor, k: int) -> torch.Tensor:
+    """[H, k ch]: the down matrix's columns of chunks [0, k), contiguous, from a split-layout buffer."""
+    rows = split.down_t_rows(flat, 0, k).view(k, split.chunk, split.hidden)  # memory order: chunk k-1 first
+    return rows.flip(0).reshape(k * split.chunk, split.hidden).t().contiguous()
+
+
+def host_down_copies(host: dict[int, torch.Tensor], split: SplitLayout, k: int) -> dict[int, torch.Tensor]:
+    """Per offloaded layer, the host's down columns of chunks [0, k) (plain memory: only the host reads them)."""
+    t = time.perf_counter()
+    copies = {layer: host_down_columns(split, flat, k) for layer, flat in host.items()} if k else {}
+    n = sum(c.numel() * c.element_size() for c in copies.values())
+    log.info("hybrid: the host's down columns of chunks [0, %d) of %d copied for %d layers: %.2f GB in %.1f s",
+             k, split.num_chunks, len(copies), n / 1e9, time.perf_counter() - t)  # fmt: skip
+    return copies
 
 
 Ticket = tuple[int, Future[None]]  # (sequence number, job)
@@ -84,8 +115,9 @@ class HostCompute:
     """
 
     def __init__(self, max_tokens: int, hidden: int, dtype: torch.dtype, device: torch.device, threads: int,
-                 max_in_flight: int = 64) -> None:  # fmt: skip
+                 max_in_flight: int = 64, max_chunks: int | None = None) -> None:  # fmt: skip
         self.max_tokens, self.device, self.threads = max_tokens, device, threads
+        self.max_chunks = max_chunks  # the most chunks of a share (the host's down copies hold that many); None: all
         self.cuda = device.type == "cuda"
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="aioffload-host", initializer=torch.set_num_threads,
                                        initargs=(threads,))  # fmt: skip
@@ -112,8 +144,9 @@ class HostCompute:
     def asynchronous(self) -> bool:
         return self.stream_wait is not None
 
-    def start(self, h: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, chunk: int) -> Ticket:
-        """Queue the host share for layer input h [T, H] (T <= max_tokens); returns a ticket for `finish`."""
+    def start(self, h: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, chunk: int) -> Ticket:
+        """Queue the host share for layer input h [T, H] (T <= max_tokens), weights as `host_share`
+        takes them; returns a ticket for `finish`."""
         self._seq += 1
         seq, b, t = self._seq, self._seq % 2, h.shape[0]
         t0 = time.perf_counter() if self.trace is not None else 0.0
@@ -121,9 +154,9 @@ class HostCompute:
             self.h_host[b][:t].copy_(h, non_blocking=True)
             ev = self.events[seq % len(self.events)]
             ev.record()
-            fut = self.pool.submit(self._job, seq, self.h_host[b][:t], gate_up, down_t, chunk, ev, t0)
+            fut = self.pool.submit(self._job, seq, self.h_host[b][:t], gate_up, down, chunk, ev, t0)
         else:
-            fut = self.pool.submit(self._job, seq, h, gate_up, down_t, chunk, None, t0)
+            fut = self.pool.submit(self._job, seq, h, gate_up, down, chunk, None, t0)
         return seq, fut
 
     def finish(self, ticket: Ticket, tokens: int) -> torch.Tensor:
@@ -136,7 +169,7 @@ class HostCompute:
             self.check()
         return self.out_dev[seq % 2][:tokens]
 
-    def _job(self, seq: int, x: torch.Tensor, gate_up: torch.Tensor, down_t: torch.Tensor, chunk: int,
+    def _job(self, seq: int, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, chunk: int,
              ready: torch.cuda.Event | None, t_submit: float) -> None:  # fmt: skip
         t_start = time.perf_counter()
         try:
@@ -144,7 +177,7 @@ class HostCompute:
                 _wait_event(ready)
             t_ready = time.perf_counter()
             t = x.shape[0]
-            mlp_share(x, gate_up, down_t, chunk, out=self.out_host[seq % 2][:t])
+            host_share(x, gate_up, down, chunk, out=self.out_host[seq % 2][:t])
             t_done = time.perf_counter()
             self.observed.append((t, gate_up.shape[0] // (2 * chunk), t_done - t_ready))
             if self.trace is not None:
@@ -195,11 +228,13 @@ class StreamWait:
 
 class SplitMlp:
     """The decoder's Mlp for a model with split offloaded layers: a layer handed out as
-    SplitWeights (by the transfer queue) is computed by both sides; any other layer by `dense`."""
+    SplitWeights (by the transfer queue) is computed by both sides; any other layer by `dense`.
+    `down`: per offloaded layer, the host's down columns (`host_down_copies`)."""
 
-    def __init__(self, dense: Mlp, host: HostCompute) -> None:
+    def __init__(self, dense: Mlp, host: HostCompute, down: dict[int, torch.Tensor]) -> None:
         self.dense = dense
         self.host = host
+        self.down = down
 
     def __call__(self, layer: int, h: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         if not isinstance(w, SplitWeights):
@@ -207,8 +242,9 @@ class SplitMlp:
         ch, k, c = w.split.chunk, w.k, w.split.num_chunks
         if k == 0:
             return mlp_share(h, w.gate_up, w.down_t, ch)
-        assert w.host_gate_up is not None and w.host_down_t is not None
-        ticket = self.host.start(h, w.host_gate_up, w.host_down_t, ch)
+        down = self.down[layer]
+        assert w.host_gate_up is not None and k * ch <= down.shape[1], f"host share {k} past its down copy"
+        ticket = self.host.start(h, w.host_gate_up, down[:, : k * ch], ch)
         gpu = mlp_share(h, w.gate_up, w.down_t, ch) if k < c else None  # runs while the host computes
         host = self.host.finish(ticket, h.shape[0])
         return gpu.add_(host) if gpu is not None else host.clone()

@@ -19,7 +19,13 @@ from aioffload.config import ModelConfig, OffloadConfig
 from aioffload.distributed.group import TPGroup
 from aioffload.model.layout import LayerLayout, layer_layout
 from aioffload.offload.calibrate import calibrate_host, default_host_threads
-from aioffload.offload.split_cost import SplitChooser, SplitCostModel, format_table, hybrid_off_reason
+from aioffload.offload.split_cost import (
+    SplitChooser,
+    SplitCostModel,
+    format_table,
+    host_chunk_cap,
+    hybrid_off_reason,
+)
 from aioffload.offload.split_layout import SplitLayout, split_layout
 from aioffload.offload.split_mlp import HostCompute
 
@@ -62,8 +68,10 @@ def plan_hybrid(
     dtype: torch.dtype,
     device: torch.device,
     h2d_bytes_per_s: float,
+    follower: bool = False,
 ) -> HybridPlan | None:
-    """The split to run with, or None (every offloaded layer streams whole); logs why."""
+    """The split to run with, or None (every offloaded layer streams whole); logs why. A `follower`
+    (a tensor-parallel rank other than 0) runs the shares rank 0 chooses: its down copies hold every chunk."""
     if not num_offloaded:
         return None
     reason = hybrid_off_reason(offload.hybrid, mcfg.is_moe, device.type == "cuda")
@@ -77,17 +85,47 @@ def plan_hybrid(
     elem = torch.empty((), dtype=dtype).element_size()
     cost = SplitCostModel.for_layout(split, elem, h2d_bytes_per_s, rates, gpu_is_host=device.type != "cuda")
     chooser = SplitChooser(cost)
-    log.info("hybrid: host calibrated in %.1f s\n%s", time.perf_counter() - t,
-             format_table(cost, LOG_BATCHES, num_offloaded))  # fmt: skip
     if offload.hybrid == "auto" and not chooser.pays:
+        log.info("hybrid: host calibrated in %.1f s\n%s", time.perf_counter() - t,
+                 format_table(cost, LOG_BATCHES, num_offloaded))  # fmt: skip
         log.info("hybrid: off (auto: the host is slower than streaming at every batch size)")
         return None
+    # The host reads its share's down projection from a copy of its own (split_mlp.host_down_columns):
+    # as many chunks as the largest share needs, with headroom, within half the host memory left
+    # once the offloaded layers are pinned.
+    per_chunk = num_offloaded * split.chunk * split.hidden * elem
+    avail = host_memory_available()
+    budget = None if avail is None else max(0, avail - num_offloaded * split.numel * elem) // 2
+    want = chooser.largest_share if chooser.pays and not follower else split.num_chunks  # on: the chooser may grow it
+    cap = host_chunk_cap(want, split.num_chunks, per_chunk, None if follower else budget)
+    if cap == 0:
+        log.info("hybrid: off (no host memory for the host's down copies: %.1f GB available)", (avail or 0) / 1e9)
+        return None
+    cost = dataclasses.replace(cost, max_host_chunks=cap)
+    chooser = SplitChooser(cost)
+    log.info("hybrid: host calibrated in %.1f s\n%s", time.perf_counter() - t,
+             format_table(cost, LOG_BATCHES, num_offloaded))  # fmt: skip
+    log.info("hybrid: host shares of at most %d of %d chunks (the largest chosen is %d): the host's down copies "
+             "take %.2f GB of host memory", cap, split.num_chunks, chooser.largest_share, cap * per_chunk / 1e9)
     log.info("hybrid: on (%s): the host computes a share of each of the %d offloaded layers' MLP, chosen per step",
              offload.hybrid, num_offloaded)  # fmt: skip
-    host = HostCompute(rates.max_tokens, mcfg.hidden_size, dtype, device, threads, max_in_flight=num_offloaded)
+    host = HostCompute(rates.max_tokens, mcfg.hidden_size, dtype, device, threads, max_in_flight=num_offloaded,
+                       max_chunks=cap)  # fmt: skip
     log.info("hybrid: the GPU waits for host shares %s", "on a word in mapped memory (cuStreamWaitValue32)"
              if host.asynchronous else "through the step thread (no stream wait available)")  # fmt: skip
     return HybridPlan(split, cost, chooser, host)
+
+
+def host_memory_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def plan_hybrid_ranks(
@@ -103,8 +141,8 @@ def plan_hybrid_ranks(
     rank 0 decides for every rank, since it chooses each step's host share; the others then
     calibrate their own host, each with its share of the host's cores."""
 
-    def plan(o: OffloadConfig) -> HybridPlan | None:
-        return plan_hybrid(o, mcfg, layer_layout(mcfg), num_offloaded, dtype, device, h2d_bytes_per_s)
+    def plan(o: OffloadConfig, follower: bool = False) -> HybridPlan | None:
+        return plan_hybrid(o, mcfg, layer_layout(mcfg), num_offloaded, dtype, device, h2d_bytes_per_s, follower)
 
     if group is None:
         return plan(offload)
@@ -114,4 +152,4 @@ def plan_hybrid_ranks(
     on = group.leader_flag(mine is not None)
     if group.leader or not on:
         return mine
-    return plan(dataclasses.replace(offload, hybrid="on"))
+    return plan(dataclasses.replace(offload, hybrid="on"), follower=True)

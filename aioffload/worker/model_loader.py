@@ -23,7 +23,7 @@ from aioffload.model.llama import LayerSource, LlamaModel
 from aioffload.offload.expert_placement import ExpertPlan
 from aioffload.offload.pinned import pinned_empty
 from aioffload.offload.split_layout import SplitLayout, fill_mlp
-from aioffload.offload.split_mlp import HostCompute, SplitMlp
+from aioffload.offload.split_mlp import HostCompute, SplitMlp, host_down_copies
 from aioffload.offload.transfer_queue import ResidentLayers, TransferQueue
 from aioffload.progress import Progress
 
@@ -77,7 +77,8 @@ def assemble(
                        parallel=parallel)  # fmt: skip
     if split is not None and w.host:
         assert host_compute is not None, "a split layout needs a HostCompute"
-        model.mlp = SplitMlp(model.mlp, host_compute)
+        k = split.num_chunks if host_compute.max_chunks is None else host_compute.max_chunks
+        model.mlp = SplitMlp(model.mlp, host_compute, host_down_copies(w.host, split, k))
     return model, layers
 
 
