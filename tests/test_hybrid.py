@@ -149,22 +149,41 @@ def test_chooser_learns_the_host_time_of_real_steps(path, host):
     assert ch(8) == k8
 
 
-def test_a_steps_host_shares_update_every_ratio_and_rechoose_once_per_step_size() -> None:
+def test_a_step_moves_each_ratio_once_by_its_shares_median_and_rechooses_once() -> None:
     from aioffload.offload.split_cost import HostRates, SplitChooser, SplitCostModel
 
     rates = HostRates((1, 8), (1e-4, 2e-4), (0.0, 0.0), threads=1)
     model = SplitCostModel(num_chunks=8, chunk_bytes=int(5.5e6), chunk_params=1, layer_bytes=int(50e6),
                            layer_params=1, h2d_bytes_per_s=55e9, host=rates, sync_s=0.0)  # fmt: skip
-    one, many = SplitChooser(model), SplitChooser(model)
-    k0 = one(1)
-    for _ in range(30):  # 30 layers' shares of one step, three times slower than calibrated
-        one.observe(1, k0, 3 * rates.seconds(1, k0))
+    ch = SplitChooser(model, step_smoothing=0.5)
+    k0 = ch(1)
     calls: list[int] = []
-    rechoose = many.rechoose
-    many.rechoose = lambda t: calls.append(t) or rechoose(t)  # type: ignore[method-assign]
-    many.observe_step([(1, k0, 3 * rates.seconds(1, k0))] * 30 + [(8, 0, 1.0)])  # k = 0: no share, no choice
+    rechoose = ch.rechoose
+    ch.rechoose = lambda t: calls.append(t) or rechoose(t)  # type: ignore[method-assign]
+    slow = [(1, k0, 3 * rates.seconds(1, k0))] * 30
+    ch.observe_step(slow + [(8, 0, 1.0)])  # k = 0: no share, no choice
     assert calls == [1]
-    assert many.factor[1] == pytest.approx(one.factor[1]) and many(1) == one(1) < k0
+    assert ch.factor[1] == pytest.approx(2.0)  # halfway from 1 to the step's median, 3
+    for _ in range(8):
+        ch.observe_step(slow)
+    assert ch.factor[1] == pytest.approx(3.0, rel=0.01) and 0 < ch(1) < k0
+
+
+def test_a_few_slow_shares_in_a_step_do_not_move_the_ratio() -> None:
+    """The H200's real steps: most shares at their calibrated time, a few at 3-4x (call 4)."""
+    from aioffload.offload.split_cost import HostRates, SplitChooser, SplitCostModel
+
+    rates = HostRates((1, 8), (1e-4, 2e-4), (0.0, 0.0), threads=1)
+    model = SplitCostModel(num_chunks=8, chunk_bytes=int(5.5e6), chunk_params=1, layer_bytes=int(50e6),
+                           layer_params=1, h2d_bytes_per_s=55e9, host=rates, sync_s=0.0)  # fmt: skip
+    ch = SplitChooser(model)
+    k0 = ch(1)
+    t = rates.seconds(1, k0)
+    step = [(1, k0, t * (1.02 if i % 2 else 0.98)) for i in range(21)] + [(1, k0, 3.8 * t)] * 3
+    for _ in range(20):
+        ch.observe_step(step)
+    assert ch.factor[1] == pytest.approx(1.0, abs=0.03)
+    assert ch(1) == k0
 
 
 def engine_text(hybrid: str, prompts: list[str], tokens: int = 24) -> tuple[list[str], Engine]:

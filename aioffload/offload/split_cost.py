@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -126,13 +127,18 @@ class SplitCostModel:
 
 class SplitChooser:
     """best_k for every step size up to the calibrated maximum, computed once, then corrected by
-    what the host really takes in steps: `observe` keeps, per step size, a running ratio of
-    measured to calibrated host time (the calibration cannot reproduce a real step's memory
-    traffic exactly) and re-chooses that size's share with it."""
+    what the host really takes in steps: per step size, a running ratio of measured to calibrated
+    host time (the calibration cannot reproduce a real step's memory traffic exactly), with which
+    that size's share is re-chosen. A step's shares move the ratio by their median: on the H200 a
+    few shares of a step took 3-4x the others (15 ms against 4), and a running ratio over single
+    shares, read at the step's end, had learnt 1.67x from them and cut the batch-1 share from 63
+    chunks to 45 (BENCHMARKS.md, sixth session)."""
 
-    def __init__(self, model: SplitCostModel, smoothing: float = 0.2, hysteresis: float = 0.03) -> None:
+    def __init__(self, model: SplitCostModel, smoothing: float = 0.2, hysteresis: float = 0.03,
+                 step_smoothing: float = 0.5) -> None:  # fmt: skip
         self.model = model
-        self.smoothing = smoothing
+        self.smoothing = smoothing  # per single observation (`observe`)
+        self.step_smoothing = step_smoothing  # per step, towards the median of its shares (`observe_step`)
         self.hysteresis = hysteresis  # re-choose only for a predicted gain above this fraction
         self._k = [0] + [model.best_k(t) for t in range(1, model.host.max_tokens + 1)]
         self.factor = [1.0] * len(self._k)  # measured / calibrated host time, per step size
@@ -142,27 +148,30 @@ class SplitChooser:
 
     def observe(self, tokens: int, k: int, host_s: float) -> None:
         """One host share of k chunks for a step of `tokens` tokens took host_s seconds."""
-        if self.record(tokens, k, host_s):
+        r = self.ratio(tokens, k, host_s)
+        if r is not None:
+            self.factor[tokens] += self.smoothing * (r - self.factor[tokens])
             self.rechoose(tokens)
 
     def observe_step(self, shares: Iterable[tuple[int, int, float]]) -> None:
-        """A step's host shares (tokens, k, seconds), one per offloaded layer: every measurement
-        updates its running ratio, and each step size is re-chosen once, after all of them (a
-        choice costs a scan over every chunk count; per layer that was ~3 ms a step at 8B)."""
-        sizes = {tokens for tokens, k, host_s in shares if self.record(tokens, k, host_s)}
-        for tokens in sizes:
+        """A step's host shares (tokens, k, seconds), one per offloaded layer: per step size, the
+        ratio moves once towards the median of the shares' ratios, and that size is re-chosen once
+        (a choice costs a scan over every chunk count; per layer that was ~3 ms a step at 8B)."""
+        by_size: dict[int, list[float]] = {}
+        for tokens, k, host_s in shares:
+            r = self.ratio(tokens, k, host_s)
+            if r is not None:
+                by_size.setdefault(tokens, []).append(r)
+        for tokens, ratios in by_size.items():
+            self.factor[tokens] += self.step_smoothing * (statistics.median(ratios) - self.factor[tokens])
             self.rechoose(tokens)
 
-    def record(self, tokens: int, k: int, host_s: float) -> bool:
-        """Fold one measurement into the step size's ratio; False when it says nothing (no share)."""
+    def ratio(self, tokens: int, k: int, host_s: float) -> float | None:
+        """Measured over calibrated host time of one share; None when it says nothing (no share)."""
         if not 0 < tokens < len(self._k) or k <= 0:
-            return False
+            return None
         predicted = self.model.host.seconds(tokens, k)
-        if predicted <= 0:
-            return False
-        f = self.factor[tokens]
-        self.factor[tokens] = f + self.smoothing * (host_s / predicted - f)
-        return True
+        return host_s / predicted if predicted > 0 else None
 
     def rechoose(self, tokens: int) -> None:
         scaled = self.scaled(tokens)
