@@ -37,7 +37,14 @@ def main() -> None:
 
     bw = common.measure_h2d(torch.device("cuda"), 436 << 20)
 
+    def machine() -> dict[str, float]:
+        """Background the host is under: dirty/writeback page cache (MB) and the 1-minute load."""
+        info = {ln.split(":")[0]: int(ln.split()[1]) for ln in open("/proc/meminfo")}
+        return {"dirty_mb": info["Dirty"] // 1024, "writeback_mb": info["Writeback"] // 1024,
+                "load1": float(open("/proc/loadavg").read().split()[0])}
+
     def measure(tag: str, batches: tuple[int, ...]) -> None:
+        before = machine()
         w = common.build_worker(cfg)
         floor = w.offload_bytes_per_step / bw
         hp = w.hybrid
@@ -46,7 +53,8 @@ def main() -> None:
             s = common.summarize(common.time_steps(w, b, 128, 6, 4), 1e3)
             print(json.dumps({"label": label, "run": tag, "package": os.path.dirname(aioffload.__file__), "batch": b,
                               "p50_ms": s["p50"], "floor_ms": round(floor * 1e3, 2), "ratio": round(s["p50"] / 1e3 / floor, 3),
-                              "k_start": k0, "k_end": hp.chooser(b), "factor": round(hp.chooser.factor[b], 3)}), flush=True)
+                              "k_start": k0, "k_end": hp.chooser(b), "factor": round(hp.chooser.factor[b], 3),
+                              "host_per_chunk_us_b1": round(hp.cost.host.per_chunk_s[0] * 1e6, 1), **before}), flush=True)
         del w, hp
         common.free_device_memory()
 
