@@ -216,3 +216,15 @@ def test_agreeing_proposals_are_found_by_probing_and_probes_commit_nothing(synth
     assert props == [w[1:5] for w in want] and 2 <= probes <= 5
     _, out = d.spec_step(props)
     assert out == [w[1:6] for w in want]  # k accepted plus the bonus token
+
+
+def test_synthetic_checkpoint_is_synced_to_disk_once_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    import aioffload.bench.synthetic as synthetic
+
+    calls: list[int] = []
+    monkeypatch.setattr(synthetic.os, "sync", lambda: calls.append(1))
+    make_synthetic_checkpoint(tmp_path / "t", "tiny", num_layers=1)
+    assert calls == [1] and "synced to disk" in capsys.readouterr().out
+    make_synthetic_checkpoint(tmp_path / "t", "tiny", num_layers=1)  # reused: nothing written, nothing synced
+    assert calls == [1]

@@ -16,6 +16,7 @@ fit a benchmark machine's disk or time budget; its per-layer figures do).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -208,7 +209,13 @@ def make_synthetic_checkpoint(
     (root / "generation_config.json").write_text(json.dumps(gen_cfg, indent=1))
     _write_tokenizer(root, cfg)
     marker_path.write_text(json.dumps({**marker, "complete": True}, indent=1))
-    print(f"synthetic checkpoint: done in {time.perf_counter() - t0:.1f} s", flush=True)
+    # Flush the written pages to disk before anything is timed: on the H200 machine the kernel wrote
+    # 12-16 GB of dirty pages back while the next minute's host shares ran, and they took 1.3-1.8x
+    # their quiet time (BENCHMARKS.md, sixth session). A sync there took 5 s.
+    t1 = time.perf_counter()
+    os.sync()
+    print(f"synthetic checkpoint: done in {time.perf_counter() - t0:.1f} s (synced to disk in "
+          f"{time.perf_counter() - t1:.1f} s)", flush=True)  # fmt: skip
     return root
 
 
