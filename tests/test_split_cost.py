@@ -98,3 +98,34 @@ def test_host_chunk_cap_adds_headroom_within_the_memory_budget() -> None:
     assert host_chunk_cap(56, C, 1 << 20, 30 << 20) == 30  # only 30 chunks' copies fit
     assert host_chunk_cap(56, C, 1 << 20, 0) == 0
     assert host_chunk_cap(0, C, 1 << 20, None) == 0
+
+
+def test_aioffload_plan_prints_the_split_and_the_host_down_copies(tmp_path, capsys) -> None:
+    import re
+
+    from aioffload.bench.synthetic import make_synthetic_checkpoint
+    from aioffload.cli import main
+
+    path = make_synthetic_checkpoint(tmp_path / "d", "tiny", device="cpu")  # bf16, 4 layers
+    rc = main(["plan", "--model", str(path), "--dtype", "bfloat16", "--gpu-memory-gb", "80", "--cpu-offload-gb",
+               "0.0001", "--hybrid", "on", "--host-threads", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "host cores of this machine calibrated" in out
+    m = re.search(r"host down copies: shares of at most (\d+) of (\d+) chunks, ([0-9.]+) GB", out)
+    assert m is not None, out
+    cap, chunks = int(m.group(1)), int(m.group(2))
+    assert 0 < cap <= chunks  # --hybrid on with no paying share: copies of every chunk, as the worker keeps
+
+
+def test_host_copy_chunks_follows_the_chooser_where_the_split_pays() -> None:
+    from aioffload.offload.split_cost import host_copy_chunks
+
+    per1 = CHUNK_BYTES / 55e9 * 1e3 / 2
+    paying = SplitChooser(model({1: per1, 256: 1000 * per1}))
+    assert host_copy_chunks(paying, 1 << 20, None) == min(C, math.ceil(1.25 * paying.largest_share))
+    assert host_copy_chunks(paying, 1 << 20, 10 << 20) == 10  # the memory budget
+    assert host_copy_chunks(paying, 1 << 20, 0, follower=True) == C  # rank 0's shares: every chunk
+    copy_ms = LAYER_BYTES / 55e9 * 1e3
+    idle = SplitChooser(model({1: CHUNK_BYTES / 55e9 * 1e3}, sync_ms=copy_ms * 1.01))
+    assert not idle.pays and host_copy_chunks(idle, 1 << 20, None) == C  # --hybrid on: room to grow

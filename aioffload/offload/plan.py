@@ -97,11 +97,17 @@ def hybrid_report(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, h
     """The host/GPU split per batch size, from a calibration of this machine's host cores."""
     from aioffload.model.layout import layer_layout
     from aioffload.offload.calibrate import calibrate_host, default_host_threads
-    from aioffload.offload.split_cost import SplitCostModel, format_table
+    from aioffload.offload.split_cost import SplitChooser, SplitCostModel, format_table, host_copy_chunks
     from aioffload.offload.split_layout import split_layout
 
     split = split_layout(layer_layout(mcfg), mcfg.hidden_size, mcfg.intermediate_size)
     rates = calibrate_host(split, dtype, config.offload.host_threads or default_host_threads())
-    cost = SplitCostModel.for_layout(split, torch.empty((), dtype=dtype).element_size(), h2d, rates)
+    elem = torch.empty((), dtype=dtype).element_size()
+    cost = SplitCostModel.for_layout(split, elem, h2d, rates)
     head = f"hybrid {config.offload.hybrid}: host cores of this machine calibrated (no copy load during it)"
-    return head + "\n" + format_table(cost, (1, 8, 64, 256), num_offloaded)
+    per_chunk = num_offloaded * split.chunk * split.hidden * elem
+    cap = host_copy_chunks(SplitChooser(cost), per_chunk, None)
+    copies = cap * per_chunk
+    tail = (f"host down copies: shares of at most {cap} of {split.num_chunks} chunks, {copies / 1e9:.2f} GB of host "
+            "memory beside the pinned layers (the server caps them at half the memory left)")
+    return head + "\n" + format_table(cost, (1, 8, 64, 256), num_offloaded) + "\n" + tail

@@ -207,6 +207,17 @@ def host_chunk_cap(largest: int, num_chunks: int, copy_bytes_per_chunk: int, bud
     return cap
 
 
+def host_copy_chunks(chooser: SplitChooser, copy_bytes_per_chunk: int, budget_bytes: int | None,
+                     follower: bool = False) -> int:  # fmt: skip
+    """The chunks the host's down copies hold, one rule for the worker and `aioffload plan`: the
+    chosen shares with headroom where the split pays; every chunk where it does not (`--hybrid on`:
+    the chooser may still grow a share from measured steps) and on a tensor-parallel follower, which
+    runs rank 0's shares (no memory budget there: the shares are not its to choose)."""
+    n = chooser.model.num_chunks
+    want = chooser.largest_share if chooser.pays and not follower else n
+    return host_chunk_cap(want, n, copy_bytes_per_chunk, None if follower else budget_bytes)
+
+
 def format_table(model: SplitCostModel, batch_sizes: Sequence[int], num_layers: int) -> str:
     """The chosen split per batch size, one line each (start-up log, `aioffload plan`)."""
     lines = [

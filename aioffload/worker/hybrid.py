@@ -23,7 +23,7 @@ from aioffload.offload.split_cost import (
     SplitChooser,
     SplitCostModel,
     format_table,
-    host_chunk_cap,
+    host_copy_chunks,
     hybrid_off_reason,
 )
 from aioffload.offload.split_layout import SplitLayout, split_layout
@@ -96,8 +96,7 @@ def plan_hybrid(
     per_chunk = num_offloaded * split.chunk * split.hidden * elem
     avail = host_memory_available()
     budget = None if avail is None else max(0, avail - num_offloaded * split.numel * elem) // 2
-    want = chooser.largest_share if chooser.pays and not follower else split.num_chunks  # on: the chooser may grow it
-    cap = host_chunk_cap(want, split.num_chunks, per_chunk, None if follower else budget)
+    cap = host_copy_chunks(chooser, per_chunk, budget, follower)
     if cap == 0:
         log.info("hybrid: off (no host memory for the host's down copies: %.1f GB available)", (avail or 0) / 1e9)
         return None
