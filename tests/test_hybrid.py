@@ -139,13 +139,13 @@ def test_chooser_learns_the_host_time_of_real_steps(path, host):
     k0 = ch(1)
     assert 0 < k0 <= 8
     for _ in range(30):
-        ch.observe(1, k0, 3 * rates.seconds(1, k0))  # three times slower than calibrated
+        ch.observe_step([(1, k0, 3 * rates.seconds(1, k0))])  # three times slower than calibrated
     assert ch.factor[1] == pytest.approx(3.0, rel=0.01)
     assert 0 < ch(1) < k0
     assert ch(8) == model.best_k(8)  # other step sizes keep their own estimate
     k8 = ch(8)
     for i in range(40):  # +-2% noise around the calibration: no flapping
-        ch.observe(8, k8, rates.seconds(8, k8) * (1.02 if i % 2 else 0.98))
+        ch.observe_step([(8, k8, rates.seconds(8, k8) * (1.02 if i % 2 else 0.98))])
     assert ch(8) == k8
 
 
@@ -155,7 +155,7 @@ def test_a_step_moves_each_ratio_once_by_its_shares_median_and_rechooses_once() 
     rates = HostRates((1, 8), (1e-4, 2e-4), (0.0, 0.0), threads=1)
     model = SplitCostModel(num_chunks=8, chunk_bytes=int(5.5e6), chunk_params=1, layer_bytes=int(50e6),
                            layer_params=1, h2d_bytes_per_s=55e9, host=rates, sync_s=0.0)  # fmt: skip
-    ch = SplitChooser(model, step_smoothing=0.5)
+    ch = SplitChooser(model, smoothing=0.5)
     k0 = ch(1)
     calls: list[int] = []
     rechoose = ch.rechoose

@@ -134,24 +134,15 @@ class SplitChooser:
     shares, read at the step's end, had learnt 1.67x from them and cut the batch-1 share from 63
     chunks to 45 (BENCHMARKS.md, sixth session)."""
 
-    def __init__(self, model: SplitCostModel, smoothing: float = 0.2, hysteresis: float = 0.03,
-                 step_smoothing: float = 0.5) -> None:  # fmt: skip
+    def __init__(self, model: SplitCostModel, smoothing: float = 0.5, hysteresis: float = 0.03) -> None:
         self.model = model
-        self.smoothing = smoothing  # per single observation (`observe`)
-        self.step_smoothing = step_smoothing  # per step, towards the median of its shares (`observe_step`)
+        self.smoothing = smoothing  # per step, towards the median of its shares
         self.hysteresis = hysteresis  # re-choose only for a predicted gain above this fraction
         self._k = [0] + [model.best_k(t) for t in range(1, model.host.max_tokens + 1)]
         self.factor = [1.0] * len(self._k)  # measured / calibrated host time, per step size
 
     def __call__(self, tokens: int) -> int:
         return self._k[tokens] if tokens < len(self._k) else 0
-
-    def observe(self, tokens: int, k: int, host_s: float) -> None:
-        """One host share of k chunks for a step of `tokens` tokens took host_s seconds."""
-        r = self.ratio(tokens, k, host_s)
-        if r is not None:
-            self.factor[tokens] += self.smoothing * (r - self.factor[tokens])
-            self.rechoose(tokens)
 
     def observe_step(self, shares: Iterable[tuple[int, int, float]]) -> None:
         """A step's host shares (tokens, k, seconds), one per offloaded layer: per step size, the
@@ -163,7 +154,7 @@ class SplitChooser:
             if r is not None:
                 by_size.setdefault(tokens, []).append(r)
         for tokens, ratios in by_size.items():
-            self.factor[tokens] += self.step_smoothing * (statistics.median(ratios) - self.factor[tokens])
+            self.factor[tokens] += self.smoothing * (statistics.median(ratios) - self.factor[tokens])
             self.rechoose(tokens)
 
     def ratio(self, tokens: int, k: int, host_s: float) -> float | None:
