@@ -229,11 +229,28 @@ def test_plan_caps_the_host_share_at_its_down_copies_and_the_memory_budget(path,
     plan = hyb.plan_hybrid(on, cfg, ckpt.layout, 3, torch.float32, CPU, 25e9)
     assert plan is not None
     try:
-        cap = plan.host.max_chunks
-        assert cap is not None and 0 < cap <= plan.split.num_chunks
-        assert plan.cost.max_host_chunks == cap and plan.chooser.largest_share <= cap
+        # This machine's memory holds copies of every chunk of the tiny model.
+        assert plan.host.max_chunks == plan.cost.max_host_chunks == plan.split.num_chunks
+        assert plan.chooser.largest_share <= plan.split.num_chunks
     finally:
         plan.host.close()
+    # A model of four 128-wide chunks, with memory for the pinned layers and twice two chunks' copies:
+    # the budget (half) holds two.
+    import dataclasses
+
+    from aioffload.model.layout import layer_layout
+
+    wide = dataclasses.replace(cfg, intermediate_size=512)
+    split = split_layout(layer_layout(wide), wide.hidden_size, wide.intermediate_size)
+    per_chunk, pinned = 3 * split.chunk * split.hidden * 4, 3 * split.numel * 4  # 3 offloaded layers, fp32
+    monkeypatch.setattr(hyb, "host_memory_available", lambda: pinned + 2 * 2 * per_chunk)
+    two = hyb.plan_hybrid(on, wide, layer_layout(wide), 3, torch.float32, CPU, 25e9)
+    assert two is not None and two.split.num_chunks == 4
+    try:
+        assert two.host.max_chunks == two.cost.max_host_chunks == 2
+        assert max(two.chooser(t) for t in range(1, 17)) <= 2
+    finally:
+        two.host.close()
     # No memory left beside the pinned layers: no room for the host's down copies, so no split.
     monkeypatch.setattr(hyb, "host_memory_available", lambda: 3 * plan.split.numel * 4)
     assert hyb.plan_hybrid(on, cfg, ckpt.layout, 3, torch.float32, CPU, 25e9) is None

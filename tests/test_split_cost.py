@@ -8,7 +8,14 @@ import math
 
 import pytest
 
-from aioffload.offload.split_cost import HostRates, SplitChooser, SplitCostModel, format_table, host_chunk_cap
+from aioffload.offload.split_cost import (
+    HostRates,
+    SplitChooser,
+    SplitCostModel,
+    down_copy_budget,
+    format_table,
+    host_copy_chunks,
+)
 
 C = 112  # Llama-3-8B: 14336 / 128
 CHUNK_BYTES = 3 * 128 * 4096 * 2  # 3.1 MB
@@ -92,12 +99,26 @@ def test_host_share_never_passes_the_cap_of_its_down_copies() -> None:
     assert ch(1) == 40
 
 
-def test_host_chunk_cap_adds_headroom_within_the_memory_budget() -> None:
-    assert host_chunk_cap(56, C, 1 << 20, None) == 70  # 1.25 x 56
-    assert host_chunk_cap(100, C, 1 << 20, None) == C  # never more than the layer has
-    assert host_chunk_cap(56, C, 1 << 20, 30 << 20) == 30  # only 30 chunks' copies fit
-    assert host_chunk_cap(56, C, 1 << 20, 0) == 0
-    assert host_chunk_cap(0, C, 1 << 20, None) == 0
+def test_host_down_copies_hold_every_chunk_the_memory_budget_allows() -> None:
+    assert host_copy_chunks(C, 1 << 20, None) == C  # no budget (a tensor-parallel follower): every chunk
+    assert host_copy_chunks(C, 1 << 20, 10 * C << 20) == C  # never more than the layer has
+    assert host_copy_chunks(C, 1 << 20, (30 << 20) + 5) == 30  # only 30 chunks' copies fit
+    assert host_copy_chunks(C, 1 << 20, 0) == 0
+
+
+def test_the_down_copy_budget_is_half_the_memory_left_beside_the_pinned_layers() -> None:
+    assert down_copy_budget(100 << 30, 60 << 30) == 20 << 30
+    assert down_copy_budget(50 << 30, 60 << 30) == 0  # the pinned layers alone do not fit
+    assert down_copy_budget(None, 60 << 30) is None
+
+
+def test_the_host_memory_available_is_read_from_meminfo() -> None:
+    from aioffload.offload.split_cost import host_memory_available
+
+    n = host_memory_available()
+    with open("/proc/meminfo") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    assert n is not None and abs(n - kb * 1024) < 1 << 30  # read moments apart
 
 
 def test_aioffload_plan_prints_the_split_and_the_host_down_copies(tmp_path, capsys) -> None:
@@ -115,17 +136,4 @@ def test_aioffload_plan_prints_the_split_and_the_host_down_copies(tmp_path, caps
     m = re.search(r"host down copies: shares of at most (\d+) of (\d+) chunks, ([0-9.]+) GB", out)
     assert m is not None, out
     cap, chunks = int(m.group(1)), int(m.group(2))
-    assert 0 < cap <= chunks  # --hybrid on with no paying share: copies of every chunk, as the worker keeps
-
-
-def test_host_copy_chunks_follows_the_chooser_where_the_split_pays() -> None:
-    from aioffload.offload.split_cost import host_copy_chunks
-
-    per1 = CHUNK_BYTES / 55e9 * 1e3 / 2
-    paying = SplitChooser(model({1: per1, 256: 1000 * per1}))
-    assert host_copy_chunks(paying, 1 << 20, None) == min(C, math.ceil(1.25 * paying.largest_share))
-    assert host_copy_chunks(paying, 1 << 20, 10 << 20) == 10  # the memory budget
-    assert host_copy_chunks(paying, 1 << 20, 0, follower=True) == C  # rank 0's shares: every chunk
-    copy_ms = LAYER_BYTES / 55e9 * 1e3
-    idle = SplitChooser(model({1: CHUNK_BYTES / 55e9 * 1e3}, sync_ms=copy_ms * 1.01))
-    assert not idle.pays and host_copy_chunks(idle, 1 << 20, None) == C  # --hybrid on: room to grow
+    assert cap == chunks  # this machine's memory holds the tiny model's copies of every chunk

@@ -11,6 +11,8 @@ plan stands for all of them; the ranks stream their shards over their own links 
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from aioffload.config import EngineConfig, ModelConfig
@@ -97,7 +99,13 @@ def hybrid_report(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, h
     """The host/GPU split per batch size, from a calibration of this machine's host cores."""
     from aioffload.model.layout import layer_layout
     from aioffload.offload.calibrate import calibrate_host, default_host_threads
-    from aioffload.offload.split_cost import SplitChooser, SplitCostModel, format_table, host_copy_chunks
+    from aioffload.offload.split_cost import (
+        SplitCostModel,
+        down_copy_budget,
+        format_table,
+        host_copy_chunks,
+        host_memory_available,
+    )
     from aioffload.offload.split_layout import split_layout
 
     split = split_layout(layer_layout(mcfg), mcfg.hidden_size, mcfg.intermediate_size)
@@ -106,8 +114,10 @@ def hybrid_report(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, h
     cost = SplitCostModel.for_layout(split, elem, h2d, rates)
     head = f"hybrid {config.offload.hybrid}: host cores of this machine calibrated (no copy load during it)"
     per_chunk = num_offloaded * split.chunk * split.hidden * elem
-    cap = host_copy_chunks(SplitChooser(cost), per_chunk, None)
-    copies = cap * per_chunk
-    tail = (f"host down copies: shares of at most {cap} of {split.num_chunks} chunks, {copies / 1e9:.2f} GB of host "
-            "memory beside the pinned layers (the server caps them at half the memory left)")
+    avail = host_memory_available()
+    cap = host_copy_chunks(split.num_chunks, per_chunk, down_copy_budget(avail, num_offloaded * split.numel * elem))
+    cost = dataclasses.replace(cost, max_host_chunks=cap)
+    memory = "unknown host memory" if avail is None else f"half of {avail / 1e9:.1f} GB available, less the pinned"
+    tail = (f"host down copies: shares of at most {cap} of {split.num_chunks} chunks, {cap * per_chunk / 1e9:.2f} GB "
+            f"of host memory beside the pinned layers (every chunk that fits in {memory})")
     return head + "\n" + format_table(cost, (1, 8, 64, 256), num_offloaded) + "\n" + tail

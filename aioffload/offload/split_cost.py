@@ -187,26 +187,36 @@ class SplitChooser:
         return any(self._k)
 
 
-def host_chunk_cap(largest: int, num_chunks: int, copy_bytes_per_chunk: int, budget_bytes: int | None,
-                   headroom: float = 1.25) -> int:  # fmt: skip
-    """How many chunks the host's down copies hold: the largest share the calibration chooses, with
-    headroom for the chooser to grow it from measured steps, within `budget_bytes` of host memory
-    (copy_bytes_per_chunk: one chunk's down columns over every offloaded layer)."""
-    cap = min(num_chunks, math.ceil(largest * headroom))
-    if budget_bytes is not None and copy_bytes_per_chunk > 0:
-        cap = min(cap, max(0, budget_bytes // copy_bytes_per_chunk))
-    return cap
+def host_memory_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
-def host_copy_chunks(chooser: SplitChooser, copy_bytes_per_chunk: int, budget_bytes: int | None,
-                     follower: bool = False) -> int:  # fmt: skip
-    """The chunks the host's down copies hold, one rule for the worker and `aioffload plan`: the
-    chosen shares with headroom where the split pays; every chunk where it does not (`--hybrid on`:
-    the chooser may still grow a share from measured steps) and on a tensor-parallel follower, which
-    runs rank 0's shares (no memory budget there: the shares are not its to choose)."""
-    n = chooser.model.num_chunks
-    want = chooser.largest_share if chooser.pays and not follower else n
-    return host_chunk_cap(want, n, copy_bytes_per_chunk, None if follower else budget_bytes)
+def down_copy_budget(available_bytes: int | None, pinned_bytes: int) -> int | None:
+    """The host memory the host's down copies may take: half of what is left once the offloaded
+    layers are pinned (None where the memory available is unknown)."""
+    return None if available_bytes is None else max(0, available_bytes - pinned_bytes) // 2
+
+
+def host_copy_chunks(num_chunks: int, copy_bytes_per_chunk: int, budget_bytes: int | None) -> int:
+    """How many chunks the host's down copies hold, one rule for the worker and `aioffload plan`:
+    every chunk the memory budget allows (copy_bytes_per_chunk: one chunk's down columns over every
+    offloaded layer; None: no budget, as on a tensor-parallel follower, which runs rank 0's shares).
+
+    Not the calibrated shares with headroom: a calibration taken while the host was busy chose
+    shares of 42 chunks where the same host's steps then ran at half the calibrated time, and the
+    chooser, which learns that from the steps, stopped at the copies' 53 chunks (1.25 x 42) where
+    a quiet calibration had chosen 68 (BENCHMARKS.md, sixth session, call 8)."""
+    if budget_bytes is None or copy_bytes_per_chunk <= 0:
+        return num_chunks
+    return min(num_chunks, max(0, budget_bytes // copy_bytes_per_chunk))
 
 
 def format_table(model: SplitCostModel, batch_sizes: Sequence[int], num_layers: int) -> str:

@@ -22,8 +22,10 @@ from aioffload.offload.calibrate import calibrate_host, default_host_threads
 from aioffload.offload.split_cost import (
     SplitChooser,
     SplitCostModel,
+    down_copy_budget,
     format_table,
     host_copy_chunks,
+    host_memory_available,
     hybrid_off_reason,
 )
 from aioffload.offload.split_layout import SplitLayout, split_layout
@@ -84,28 +86,27 @@ def plan_hybrid(
     rates = calibrate_host(split, dtype, threads, device=device)
     elem = torch.empty((), dtype=dtype).element_size()
     cost = SplitCostModel.for_layout(split, elem, h2d_bytes_per_s, rates, gpu_is_host=device.type != "cuda")
-    chooser = SplitChooser(cost)
-    if offload.hybrid == "auto" and not chooser.pays:
-        log.info("hybrid: host calibrated in %.1f s\n%s", time.perf_counter() - t,
-                 format_table(cost, LOG_BATCHES, num_offloaded))  # fmt: skip
-        log.info("hybrid: off (auto: the host is slower than streaming at every batch size)")
-        return None
     # The host reads its share's down projection from a copy of its own (split_mlp.host_down_columns):
-    # as many chunks as the largest share needs, with headroom, within half the host memory left
-    # once the offloaded layers are pinned.
+    # every chunk that fits in half the host memory left once the offloaded layers are pinned, so the
+    # chooser can grow a share the calibration underrated (split_cost.host_copy_chunks).
     per_chunk = num_offloaded * split.chunk * split.hidden * elem
     avail = host_memory_available()
-    budget = None if avail is None else max(0, avail - num_offloaded * split.numel * elem) // 2
-    cap = host_copy_chunks(chooser, per_chunk, budget, follower)
+    budget = None if follower else down_copy_budget(avail, num_offloaded * split.numel * elem)
+    cap = host_copy_chunks(split.num_chunks, per_chunk, budget)
+    table = format_table(dataclasses.replace(cost, max_host_chunks=cap or None), LOG_BATCHES, num_offloaded)
+    log.info("hybrid: host calibrated in %.1f s\n%s", time.perf_counter() - t, table)
     if cap == 0:
         log.info("hybrid: off (no host memory for the host's down copies: %.1f GB available)", (avail or 0) / 1e9)
         return None
     cost = dataclasses.replace(cost, max_host_chunks=cap)
     chooser = SplitChooser(cost)
-    log.info("hybrid: host calibrated in %.1f s\n%s", time.perf_counter() - t,
-             format_table(cost, LOG_BATCHES, num_offloaded))  # fmt: skip
-    log.info("hybrid: host shares of at most %d of %d chunks (the largest chosen is %d): the host's down copies "
-             "take %.2f GB of host memory", cap, split.num_chunks, chooser.largest_share, cap * per_chunk / 1e9)
+    if offload.hybrid == "auto" and not chooser.pays:
+        log.info("hybrid: off (auto: the host is slower than streaming at every batch size)")
+        return None
+    why = "every chunk" if cap == split.num_chunks else "all that fit in half the host memory left"
+    log.info("hybrid: host shares of at most %d of %d chunks (%s; the largest chosen now is %d): the host's down "
+             "copies take %.2f GB of host memory", cap, split.num_chunks, why, chooser.largest_share,
+             cap * per_chunk / 1e9)  # fmt: skip
     log.info("hybrid: on (%s): the host computes a share of each of the %d offloaded layers' MLP, chosen per step",
              offload.hybrid, num_offloaded)  # fmt: skip
     host = HostCompute(rates.max_tokens, mcfg.hidden_size, dtype, device, threads, max_in_flight=num_offloaded,
@@ -113,18 +114,6 @@ def plan_hybrid(
     log.info("hybrid: the GPU waits for host shares %s", "on a word in mapped memory (cuStreamWaitValue32)"
              if host.asynchronous else "through the step thread (no stream wait available)")  # fmt: skip
     return HybridPlan(split, cost, chooser, host)
-
-
-def host_memory_available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def plan_hybrid_ranks(
