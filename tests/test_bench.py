@@ -154,6 +154,27 @@ def test_offload_bench_hybrid_phase(synth_dir: Path, tmp_path: Path, monkeypatch
         assert d["predicted_split_ms"] > 0 and d["host_only_floor_ms"] > 0 and 0 <= d["host_share"] <= 1
     assert h["greedy"]["identical"] is True and h["greedy"]["tokens"] == 6
     assert "engine" not in data and "trigger_1_step_ms" not in data["fit_vs_trigger1"]
+    # The hybrid worker came first in the process, and each worker's peak RSS is its own.
+    assert data["hybrid_order"] == "first"
+    phases = list(data["phase_s"])
+    assert phases.index("hybrid_worker") < phases.index("offload_worker")
+    m = h["host_memory"]
+    assert m["down_copies_bytes"] > 0 and h["max_host_chunks"] == h["num_chunks"]  # every chunk fits here
+    assert m["rss_limit_gb"] == pytest.approx(1.1 * m["offloaded_gb"] + m["down_copies_gb"] + 2, abs=2e-3)
+    assert 0 < m["peak_rss_gb"] < m["rss_limit_gb"] and 0 < data["host_memory"]["peak_rss_gb"]
+
+
+def test_offload_bench_hybrid_order_last(synth_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = _bench("offload", synth_dir, tmp_path, monkeypatch, "--gpu-memory-gb", "1", "--resident-layers", "2",
+                  "--offload-prefetch", "1", "--batch-sizes", "1", "--context-len", "6", "--steps", "1",
+                  "--warmup", "0", "--check-prompts", "2", "--check-tokens", "4", "--hybrid", "on",
+                  "--host-threads", "1", "--hybrid-order", "last", "--skip-engine", "--skip-resident",
+                  "--skip-accelerate")  # fmt: skip
+    assert data["errors"] == {} and data["hybrid_order"] == "last"
+    phases = list(data["phase_s"])
+    assert phases.index("offload_worker") < phases.index("hybrid_worker")
+    h = data["hybrid"]
+    assert h["decode"][0]["ratio_to_off"] > 0 and h["greedy"]["identical"] is True
 
 
 def test_offload_bench_records_a_failed_phase_and_goes_on(

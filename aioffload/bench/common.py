@@ -98,6 +98,21 @@ def free_device_memory() -> None:
             torch._C._host_emptyCache()  # return cached pinned host blocks too
 
 
+def peak_rss_bytes() -> int:
+    """The process's peak resident set (VmHWM, the kernel's high-water mark) in bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux: 5 to clear_refs), so the next worker's peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

@@ -4,8 +4,9 @@ greedy equality with the all-resident model, no cost when everything fits, and H
 One run on one GPU. A Llama-3-8B-shaped synthetic checkpoint (16 GB bf16) on an emulated
 24 GB card (--gpu-memory-gb) with a trigger that keeps --resident-gb of weights on the
 GPU (embedding, lm_head and norm count first) and streams the rest. Phases run in the
-order that fits memory: the offloaded worker, then all-resident workers, then Accelerate
-(model in host RAM). A failed phase is recorded in the JSON and the others go on.
+order that fits memory: the offloaded workers (with the host computing a share of each
+offloaded layer, then streaming only; `--hybrid-order last` swaps them), then all-resident
+workers, then Accelerate (model in host RAM). A failed phase is recorded in the JSON and the others go on.
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emulate-layers", type=int, default=None,
                    help="MoE models: plan for the shape's full layer count (default: the synthetic shape's) and "
                         "scale the expert split to the layers written")
+    p.add_argument("--hybrid-order", choices=("first", "last"), default="first",
+                   help="build the --hybrid worker before the --hybrid off one (first: as a server, a fresh "
+                        "process) or after it (default: %(default)s)")
     common.add_synthetic_args(p, default="llama3-8b")
 
 
@@ -145,7 +149,8 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
     gpu_gb = config.offload.gpu_memory_gb or 24.0
     R.update(model=config.model, device=common.device_name(dev), dtype=str(dtype), emulated_gpu_gb=gpu_gb,
              max_num_seqs=seqs, model_gb=round(_weight_bytes(mcfg, dtype.itemsize) / 1e9, 2))  # fmt: skip
-    # The streaming baseline is --hybrid off; the hybrid phase then runs the --hybrid given (default auto).
+    # The streaming baseline is --hybrid off; the hybrid phase runs the --hybrid given (default auto),
+    # by default first in the process (--hybrid-order; bench/hybrid.py says why).
     hybrid_mode = config.offload.hybrid
     off_cfg: EngineConfig | None = common.with_offload(base, gpu_memory_gb=gpu_gb, hybrid="off")
     if config.offload.trigger == 1.0 and config.offload.cpu_offload_gb is None:
@@ -162,10 +167,17 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
     bw = None
     with phase(R, "h2d"):  # on an idle card, with copies the size of one layer (what the ring moves)
         bw = common.measure_h2d(dev, max(layer_layout(mcfg).numel * dtype.itemsize, 64 << 20))
+    hyb_cfg = None if hybrid_mode == "off" or off_cfg is None else common.with_offload(off_cfg, hybrid=hybrid_mode)
+    R["hybrid_order"] = args.hybrid_order if hyb_cfg is not None else None
+    greedy_hybrid: common.Greedy | None = None
+    if hyb_cfg is not None and args.hybrid_order == "first":
+        with phase(R, "hybrid_worker"):
+            greedy_hybrid = hybrid.hybrid_phase(hyb_cfg, args, R, prompts, lambda w: _copy_floor(w, bw, R))
     worker: Worker | None = None
     with phase(R, "offload_worker"):
         if off_cfg is None:
             raise ValueError("no trigger (see derive_trigger)")
+        common.reset_peak_rss()  # this worker's own peak, whichever worker came first
         worker = common.build_worker(off_cfg)
         p = worker.placement
         R["plan"] = {
@@ -177,12 +189,12 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
         }  # fmt: skip
         # Issue acceptance: process peak RSS (VmHWM, the kernel's high-water mark) after the load
         # stays under 1.1 x offloaded + 2 GB (DESIGN.md section 3).
-        hwm_kb = next(int(ln.split()[1]) for ln in open("/proc/self/status") if ln.startswith("VmHWM:"))
         off_gb = p.host_weight_bytes / 1e9
-        R["host_memory"] = {"peak_rss_gb": round(hwm_kb * 1024 / 1e9, 3), "offloaded_gb": round(off_gb, 3),
+        R["host_memory"] = {"peak_rss_gb": round(common.peak_rss_bytes() / 1e9, 3), "offloaded_gb": round(off_gb, 3),
                             "rss_limit_gb": round(1.1 * off_gb + 2, 3)}  # fmt: skip
         h = R["host_memory"]
         say(f"host RSS peak {h['peak_rss_gb']} GB for {h['offloaded_gb']} GB offloaded (limit {h['rss_limit_gb']} GB)")
+    greedy_gaps = None
     if worker is not None:
         floor = _copy_floor(worker, bw, R)
         _decode_phase(worker, args, floor, R)
@@ -196,16 +208,15 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
                     e["ratio_to_target"] = round(e["output_tok_s"] / e["target_tok_s"], 3)
                 say(f"engine: {e['output_tok_s']} output tok/s, {e['requests_per_s']} req/s in {e['elapsed_s']} s; "
                     f"target {e.get('target_tok_s')} ({e.get('ratio_to_target')}x)")  # fmt: skip
-        greedy_gaps = None
         with phase(R, "greedy_offload"):
             greedy_gaps = common.greedy_with_gaps(worker, prompts, args.check_tokens)
             greedy_off = greedy_gaps[0]
         del worker
         common.free_device_memory()
-        if hybrid_mode != "off" and off_cfg is not None:
-            with phase(R, "hybrid_worker"):
-                hybrid.hybrid_phase(common.with_offload(off_cfg, hybrid=hybrid_mode), args, floor, R, prompts,
-                                    greedy_gaps)  # fmt: skip
+    if hyb_cfg is not None and args.hybrid_order == "last":
+        with phase(R, "hybrid_worker"):
+            greedy_hybrid = hybrid.hybrid_phase(hyb_cfg, args, R, prompts, lambda w: _copy_floor(w, bw, R))
+    hybrid.compare(R, args, greedy_gaps, greedy_hybrid)
     res_cfg = common.with_offload(base, gpu_memory_gb=None, trigger=1.0, cpu_offload_gb=None)
     fit_trigger = config.cache.gpu_memory_utilization  # the highest trigger validate() allows below 1.0
     fit_cfg = common.with_offload(res_cfg, trigger=fit_trigger).validate()
