@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Prepared in the seventh session, which was lent no GPU: issue 11's acceptance in one call on one
+# machine. Carry .whl and .peer (cp -r ../shared/measure/llamacpp .peer/llamacpp first).
+# 1. bench offload, the hybrid worker first in its process (--hybrid-order first, the default now),
+#    otherwise the command of the sixth session's calls 2, 5 and 9;
+# 2. llama.cpp on the same machine and placement (-ngl 9: output + 8 blocks on the GPU, 24 on the
+#    host): llama-bench tg32 (batch 1) and llama-batched-bench at B = 1 and 8 (the bundle's batched
+#    step is -ngl 8; a copy of its run.sh gains the same step at -ngl 9).
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+T0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+nvidia-smi -L; lscpu | grep -m1 "Model name"; uptime
+timeout 300 python3 -m aioffload.cli bench offload --synthetic llama3-8b --synthetic-dir /tmp/s --resident-layers 8 \
+  --offload-prefetch 3 --batch-sizes 1,8,64,256 --steps 6 --warmup 4 --check-tokens 64 --check-prompts 4 \
+  --skip-engine --skip-resident --skip-accelerate --max-num-seqs 256 --speculative off > "$OUT/hybrid.log" 2>&1
+echo "bench offload rc=$? at $(( $(date +%s) - T0 )) s"
+grep -v "safetensors:\|loading weights\|model-0" "$OUT/hybrid.log" | grep -E "host share|batch .*:|^decode|hybrid|greedy|floor|RSS" | tail -30
+rm -rf /tmp/s  # the synthetic checkpoint: llama.cpp writes its own gguf
+if [ -d .peer/llamacpp ]; then
+  rm -rf /tmp/llamacpp && cp -r .peer/llamacpp /tmp/llamacpp
+  python3 - /tmp/llamacpp/run.sh <<'PY'
+import sys
+p = sys.argv[1]
+s = open(p).read()
+step = '''        bb_ngl9)        run_step bb_ngl9 80 60 llama-batched-bench "${BB[@]}" -ngl 9 -lm none -c "$BB_CTX" \\
+                                -b 2048 -ub 512 -npp "$NPP" -ntg "$NTG" -npl "$NPL" ;;
+'''
+anchor = "        # (a) 8 of 32 blocks + output on the GPU\n"
+assert anchor in s
+s = s.replace(anchor, step + anchor, 1)
+s = s.replace('"bb_ngl8": "batched, ngl 8 (output + 7 blocks GPU), pinned",',
+              '"bb_ngl8": "batched, ngl 8 (output + 7 blocks GPU), pinned",\n    "bb_ngl9": "batched, ngl 9 (output + 8 blocks GPU), pinned",')
+open(p, "w").write(s)
+PY
+  LEFT=$(( 590 - ($(date +%s) - T0) ))
+  echo "llama.cpp: ${LEFT} s left"
+  OUT=$OUT/llamacpp STEPS="lb_ngl9 bb_ngl9" NPL=1,8 BUDGET_S=$LEFT bash /tmp/llamacpp/run.sh > "$OUT/llamacpp.log" 2>&1
+  echo "llama.cpp rc=$?"; tail -5 "$OUT/llamacpp.log"
+  grep -E "^\| (lb_ngl9|bb|1|8) " "$OUT/llamacpp/summary.md" 2>/dev/null | head -8
+fi
+echo "total $(( $(date +%s) - T0 )) s"
