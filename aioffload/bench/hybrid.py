@@ -117,6 +117,10 @@ def table_rows(R: dict) -> list[list]:
                      d.get("ratio_to_floor")])  # fmt: skip
         rows.append(["  vs --hybrid off / predicted / host-only", d.get("ratio_to_off"), d["predicted_split_ms"],
                      d["host_only_floor_ms"]])  # fmt: skip
+    if "host_memory" in H:
+        m = H["host_memory"]
+        rows.append(["hybrid peak RSS GB (down copies)", m["peak_rss_gb"], f"limit {m['rss_limit_gb']}",
+                     m["down_copies_gb"]])  # fmt: skip
     if "greedy" in H:
         g = H["greedy"]
         rows.append(["hybrid greedy == off", g["identical"], g.get("first_divergence"), g.get("off_top2_gap")])
