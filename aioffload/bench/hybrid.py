@@ -79,7 +79,8 @@ def host_memory(worker: Worker) -> dict:
     copies = sum(t.numel() * t.element_size() for t in mlp.down.values()) if isinstance(mlp, SplitMlp) else 0
     off_gb, copies_gb = worker.placement.host_weight_bytes / 1e9, copies / 1e9
     m = {"peak_rss_gb": round(common.peak_rss_bytes() / 1e9, 3), "offloaded_gb": round(off_gb, 3),
-         "down_copies_bytes": copies, "down_copies_gb": round(copies_gb, 3), "rss_limit_gb": round(1.1 * off_gb + copies_gb + 2, 3)}  # fmt: skip
+         "down_copies_bytes": copies, "down_copies_gb": round(copies_gb, 3),
+         "rss_limit_gb": round(1.1 * off_gb + copies_gb + 2, 3)}  # fmt: skip
     say(f"hybrid: host RSS peak {m['peak_rss_gb']} GB for {m['offloaded_gb']} GB offloaded and "
         f"{m['down_copies_gb']} GB of down copies (limit {m['rss_limit_gb']} GB)")  # fmt: skip
     return m
