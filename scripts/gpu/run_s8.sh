@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepared in the seventh session, which was lent no GPU: issue 11's acceptance in one call on one
-# machine. Carry .whl and .peer (cp -r ../shared/measure/llamacpp .peer/llamacpp first).
+# machine. Carry .whl and .peer (cp -r ../shared/measure/llamacpp .peer/llamacpp first). The patched
+# bundle was smoke-run on this CPU machine (run.sh --cpu, STEPS="lb_ngl9 bb_ngl9" NPL=1,8): both steps ran.
 # 1. bench offload, the hybrid worker first in its process (--hybrid-order first, the default now),
 #    otherwise the command of the sixth session's calls 2, 5 and 9;
 # 2. llama.cpp on the same machine and placement (-ngl 9: output + 8 blocks on the GPU, 24 on the
@@ -31,6 +32,7 @@ assert anchor in s
 s = s.replace(anchor, step + anchor, 1)
 s = s.replace('"bb_ngl8": "batched, ngl 8 (output + 7 blocks GPU), pinned",',
               '"bb_ngl8": "batched, ngl 8 (output + 7 blocks GPU), pinned",\n    "bb_ngl9": "batched, ngl 9 (output + 8 blocks GPU), pinned",')
+s = s.replace('"## llama-batched-bench (-ngl 8)"', '"## llama-batched-bench (bb_ngl8: -ngl 8, bb_ngl9: -ngl 9)"')
 open(p, "w").write(s)
 PY
   LEFT=$(( 590 - ($(date +%s) - T0) ))
