@@ -210,10 +210,10 @@ def host_copy_chunks(num_chunks: int, copy_bytes_per_chunk: int, budget_bytes: i
     every chunk the memory budget allows (copy_bytes_per_chunk: one chunk's down columns over every
     offloaded layer; None: no budget, as on a tensor-parallel follower, which runs rank 0's shares).
 
-    Not the calibrated shares with headroom: a calibration taken while the host was busy chose
-    shares of 42 chunks where the same host's steps then ran at half the calibrated time, and the
-    chooser, which learns that from the steps, stopped at the copies' 53 chunks (1.25 x 42) where
-    a quiet calibration had chosen 68 (BENCHMARKS.md, sixth session, call 8)."""
+    Not the calibrated shares with headroom: after a calibration taken while the host was busy,
+    the same host's steps ran at half the calibrated time, and the chooser, which learns that from
+    the steps, stopped at the copies' cap of 53 chunks (1.25 x the largest calibrated share) where
+    a quiet process had run 68-71 (BENCHMARKS.md, sixth session, call 8)."""
     if budget_bytes is None or copy_bytes_per_chunk <= 0:
         return num_chunks
     return min(num_chunks, max(0, budget_bytes // copy_bytes_per_chunk))
