@@ -39,5 +39,5 @@ echo "llama.cpp: ${LEFT} s left"
 OUT=$OUT/llamacpp STEPS="lb_ngl9 bb_ngl9" NPL=1,8 BUDGET_S=$LEFT bash /tmp/llamacpp/run.sh > "$OUT/llamacpp.log" 2>&1
 echo "llama.cpp rc=$? at $(( $(date +%s) - T0 )) s"; tail -3 "$OUT/llamacpp.log"
 grep -E "^\| (lb_ngl9|1|8) " "$OUT/llamacpp/summary.md" 2>/dev/null | head -8
-if (( $(date +%s) - T0 < 440 )); then bench 13; fi
+if (( $(date +%s) - T0 < 400 )); then bench 13; fi
 echo "total $(( $(date +%s) - T0 )) s"
