@@ -221,6 +221,7 @@ def test_demo_model_greedy_text_identical_with_hybrid_on_and_off():
 
 
 def test_plan_caps_the_host_share_at_its_down_copies_and_the_memory_budget(path, monkeypatch):
+    from aioffload.offload import split_cost
     from aioffload.worker import hybrid as hyb
 
     ckpt = Checkpoint.open(path)
@@ -243,7 +244,7 @@ def test_plan_caps_the_host_share_at_its_down_copies_and_the_memory_budget(path,
     wide = dataclasses.replace(cfg, intermediate_size=512)
     split = split_layout(layer_layout(wide), wide.hidden_size, wide.intermediate_size)
     per_chunk, pinned = 3 * split.chunk * split.hidden * 4, 3 * split.numel * 4  # 3 offloaded layers, fp32
-    monkeypatch.setattr(hyb, "host_memory_available", lambda: pinned + 2 * 2 * per_chunk)
+    monkeypatch.setattr(split_cost, "host_memory_available", lambda: pinned + 2 * 2 * per_chunk)
     two = hyb.plan_hybrid(on, wide, layer_layout(wide), 3, torch.float32, CPU, 25e9)
     assert two is not None and two.split.num_chunks == 4
     try:
@@ -252,7 +253,7 @@ def test_plan_caps_the_host_share_at_its_down_copies_and_the_memory_budget(path,
     finally:
         two.host.close()
     # No memory left beside the pinned layers: no room for the host's down copies, so no split.
-    monkeypatch.setattr(hyb, "host_memory_available", lambda: 3 * plan.split.numel * 4)
+    monkeypatch.setattr(split_cost, "host_memory_available", lambda: 3 * plan.split.numel * 4)
     assert hyb.plan_hybrid(on, cfg, ckpt.layout, 3, torch.float32, CPU, 25e9) is None
     # A tensor-parallel follower runs rank 0's shares: its copies hold every chunk, whatever the budget.
     follower = hyb.plan_hybrid(on, cfg, ckpt.layout, 3, torch.float32, CPU, 25e9, follower=True)

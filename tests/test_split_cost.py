@@ -137,3 +137,20 @@ def test_aioffload_plan_prints_the_split_and_the_host_down_copies(tmp_path, caps
     assert m is not None, out
     cap, chunks = int(m.group(1)), int(m.group(2))
     assert cap == chunks  # this machine's memory holds the tiny model's copies of every chunk
+
+
+def test_plan_down_copies_takes_every_chunk_within_the_budget_of_this_host(monkeypatch) -> None:
+    from aioffload.model.layout import layer_layout
+    from aioffload.offload import split_cost
+    from aioffload.offload.split_layout import split_layout
+    from tests.test_split_layout import cfg as split_cfg
+
+    cfg = split_cfg(512)  # 4 chunks of 128
+    split = split_layout(layer_layout(cfg), cfg.hidden_size, cfg.intermediate_size)
+    per_chunk, pinned = 3 * 128 * cfg.hidden_size * 2, 3 * split.numel * 2  # 3 layers, bf16
+    monkeypatch.setattr(split_cost, "host_memory_available", lambda: pinned + 2 * 3 * per_chunk)
+    c = split_cost.plan_down_copies(split, 2, 3)
+    assert (c.chunks, c.bytes_per_chunk, c.nbytes) == (3, per_chunk, 3 * per_chunk)  # half the rest holds 3
+    assert split_cost.plan_down_copies(split, 2, 3, follower=True).chunks == 4  # no budget on a follower
+    monkeypatch.setattr(split_cost, "host_memory_available", lambda: None)
+    assert split_cost.plan_down_copies(split, 2, 3).chunks == 4  # unknown memory: every chunk

@@ -170,9 +170,14 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
     hyb_cfg = None if hybrid_mode == "off" or off_cfg is None else common.with_offload(off_cfg, hybrid=hybrid_mode)
     R["hybrid_order"] = args.hybrid_order if hyb_cfg is not None else None
     greedy_hybrid: common.Greedy | None = None
-    if hyb_cfg is not None and args.hybrid_order == "first":
-        with phase(R, "hybrid_worker"):
-            greedy_hybrid = hybrid.hybrid_phase(hyb_cfg, args, R, prompts, lambda w: _copy_floor(w, bw, R))
+
+    def hybrid_worker(order: str) -> None:
+        nonlocal greedy_hybrid
+        if hyb_cfg is not None and args.hybrid_order == order:
+            with phase(R, "hybrid_worker"):
+                greedy_hybrid = hybrid.hybrid_phase(hyb_cfg, args, R, prompts, lambda w: _copy_floor(w, bw, R))
+
+    hybrid_worker("first")
     worker: Worker | None = None
     with phase(R, "offload_worker"):
         if off_cfg is None:
@@ -213,9 +218,7 @@ def run(config: EngineConfig, args: argparse.Namespace) -> int:
             greedy_off = greedy_gaps[0]
         del worker
         common.free_device_memory()
-    if hyb_cfg is not None and args.hybrid_order == "last":
-        with phase(R, "hybrid_worker"):
-            greedy_hybrid = hybrid.hybrid_phase(hyb_cfg, args, R, prompts, lambda w: _copy_floor(w, bw, R))
+    hybrid_worker("last")
     hybrid.compare(R, args, greedy_gaps, greedy_hybrid)
     res_cfg = common.with_offload(base, gpu_memory_gb=None, trigger=1.0, cpu_offload_gb=None)
     fit_trigger = config.cache.gpu_memory_utilization  # the highest trigger validate() allows below 1.0

@@ -99,25 +99,17 @@ def hybrid_report(config: EngineConfig, mcfg: ModelConfig, dtype: torch.dtype, h
     """The host/GPU split per batch size, from a calibration of this machine's host cores."""
     from aioffload.model.layout import layer_layout
     from aioffload.offload.calibrate import calibrate_host, default_host_threads
-    from aioffload.offload.split_cost import (
-        SplitCostModel,
-        down_copy_budget,
-        format_table,
-        host_copy_chunks,
-        host_memory_available,
-    )
+    from aioffload.offload.split_cost import SplitCostModel, format_table, plan_down_copies
     from aioffload.offload.split_layout import split_layout
 
     split = split_layout(layer_layout(mcfg), mcfg.hidden_size, mcfg.intermediate_size)
     rates = calibrate_host(split, dtype, config.offload.host_threads or default_host_threads())
     elem = torch.empty((), dtype=dtype).element_size()
-    cost = SplitCostModel.for_layout(split, elem, h2d, rates)
+    copies = plan_down_copies(split, elem, num_offloaded)
+    cost = dataclasses.replace(SplitCostModel.for_layout(split, elem, h2d, rates), max_host_chunks=copies.chunks)
     head = f"hybrid {config.offload.hybrid}: host cores of this machine calibrated (no copy load during it)"
-    per_chunk = num_offloaded * split.chunk * split.hidden * elem
-    avail = host_memory_available()
-    cap = host_copy_chunks(split.num_chunks, per_chunk, down_copy_budget(avail, num_offloaded * split.numel * elem))
-    cost = dataclasses.replace(cost, max_host_chunks=cap)
+    avail = copies.available_bytes
     memory = "unknown host memory" if avail is None else f"half of {avail / 1e9:.1f} GB available, less the pinned"
-    tail = (f"host down copies: shares of at most {cap} of {split.num_chunks} chunks, {cap * per_chunk / 1e9:.2f} GB "
-            f"of host memory beside the pinned layers (every chunk that fits in {memory})")
+    tail = (f"host down copies: shares of at most {copies.chunks} of {split.num_chunks} chunks, "
+            f"{copies.nbytes / 1e9:.2f} GB of host memory beside the pinned layers (every chunk that fits in {memory})")
     return head + "\n" + format_table(cost, (1, 8, 64, 256), num_offloaded) + "\n" + tail

@@ -219,6 +219,28 @@ def host_copy_chunks(num_chunks: int, copy_bytes_per_chunk: int, budget_bytes: i
     return min(num_chunks, max(0, budget_bytes // copy_bytes_per_chunk))
 
 
+@dataclass(frozen=True)
+class DownCopies:
+    """What the host's down copies of a split hold on this machine (the worker and `aioffload plan`)."""
+
+    chunks: int  # chunks of every offloaded layer's down columns copied (the most a host share may have)
+    bytes_per_chunk: int  # one chunk's down columns over every offloaded layer
+    available_bytes: int | None  # the host memory available when it was decided (None: unknown)
+
+    @property
+    def nbytes(self) -> int:
+        return self.chunks * self.bytes_per_chunk
+
+
+def plan_down_copies(split: SplitLayout, elem: int, num_offloaded: int, follower: bool = False) -> DownCopies:
+    """The down copies for `num_offloaded` split layers: every chunk within the budget of this
+    host's memory; a tensor-parallel follower (which runs rank 0's shares) has no budget."""
+    per_chunk = num_offloaded * split.chunk * split.hidden * elem
+    avail = host_memory_available()
+    budget = None if follower else down_copy_budget(avail, num_offloaded * split.numel * elem)
+    return DownCopies(host_copy_chunks(split.num_chunks, per_chunk, budget), per_chunk, avail)
+
+
 def format_table(model: SplitCostModel, batch_sizes: Sequence[int], num_layers: int) -> str:
     """The chosen split per batch size, one line each (start-up log, `aioffload plan`)."""
     lines = [

@@ -22,11 +22,9 @@ from aioffload.offload.calibrate import calibrate_host, default_host_threads
 from aioffload.offload.split_cost import (
     SplitChooser,
     SplitCostModel,
-    down_copy_budget,
     format_table,
-    host_copy_chunks,
-    host_memory_available,
     hybrid_off_reason,
+    plan_down_copies,
 )
 from aioffload.offload.split_layout import SplitLayout, split_layout
 from aioffload.offload.split_mlp import HostCompute
@@ -89,14 +87,13 @@ def plan_hybrid(
     # The host reads its share's down projection from a copy of its own (split_mlp.host_down_columns):
     # every chunk that fits in half the host memory left once the offloaded layers are pinned, so the
     # chooser can grow a share the calibration underrated (split_cost.host_copy_chunks).
-    per_chunk = num_offloaded * split.chunk * split.hidden * elem
-    avail = host_memory_available()
-    budget = None if follower else down_copy_budget(avail, num_offloaded * split.numel * elem)
-    cap = host_copy_chunks(split.num_chunks, per_chunk, budget)
+    copies = plan_down_copies(split, elem, num_offloaded, follower)
+    cap = copies.chunks
     table = format_table(dataclasses.replace(cost, max_host_chunks=cap or None), LOG_BATCHES, num_offloaded)
     log.info("hybrid: host calibrated in %.1f s\n%s", time.perf_counter() - t, table)
     if cap == 0:
-        log.info("hybrid: off (no host memory for the host's down copies: %.1f GB available)", (avail or 0) / 1e9)
+        log.info("hybrid: off (no host memory for the host's down copies: %.1f GB available)",
+                 (copies.available_bytes or 0) / 1e9)  # fmt: skip
         return None
     cost = dataclasses.replace(cost, max_host_chunks=cap)
     chooser = SplitChooser(cost)
@@ -106,7 +103,7 @@ def plan_hybrid(
     why = "every chunk" if cap == split.num_chunks else "all that fit in half the host memory left"
     log.info("hybrid: host shares of at most %d of %d chunks (%s; the largest chosen now is %d): the host's down "
              "copies take %.2f GB of host memory", cap, split.num_chunks, why, chooser.largest_share,
-             cap * per_chunk / 1e9)  # fmt: skip
+             copies.nbytes / 1e9)  # fmt: skip
     log.info("hybrid: on (%s): the host computes a share of each of the %d offloaded layers' MLP, chosen per step",
              offload.hybrid, num_offloaded)  # fmt: skip
     host = HostCompute(rates.max_tokens, mcfg.hidden_size, dtype, device, threads, max_in_flight=num_offloaded,
