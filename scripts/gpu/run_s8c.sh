@@ -18,26 +18,7 @@ bench() {  # host threads
   grep -E "^hybrid decode batch|^decode batch|batch    [18]:|host calibrated|copy floor [0-9]" "$OUT/threads_$1.log" | head -12
 }
 bench 15
-rm -rf /tmp/llamacpp && cp -r .peer/llamacpp /tmp/llamacpp
-python3 - /tmp/llamacpp/run.sh <<'PY'
-import sys
-p = sys.argv[1]
-s = open(p).read()
-step = '''        bb_ngl9)        run_step bb_ngl9 80 60 llama-batched-bench "${BB[@]}" -ngl 9 -lm none -c "$BB_CTX" \\
-                                -b 2048 -ub 512 -npp "$NPP" -ntg "$NTG" -npl "$NPL" ;;
-'''
-anchor = "        # (a) 8 of 32 blocks + output on the GPU\n"
-assert anchor in s
-s = s.replace(anchor, step + anchor, 1)
-s = s.replace('"bb_ngl8": "batched, ngl 8 (output + 7 blocks GPU), pinned",',
-              '"bb_ngl8": "batched, ngl 8 (output + 7 blocks GPU), pinned",\n    "bb_ngl9": "batched, ngl 9 (output + 8 blocks GPU), pinned",')
-s = s.replace('"## llama-batched-bench (-ngl 8)"', '"## llama-batched-bench (bb_ngl8: -ngl 8, bb_ngl9: -ngl 9)"')
-open(p, "w").write(s)
-PY
-LEFT=$(( 560 - ($(date +%s) - T0) ))
-echo "llama.cpp: ${LEFT} s left"
-OUT=$OUT/llamacpp STEPS="lb_ngl9 bb_ngl9" NPL=1,8 BUDGET_S=$LEFT bash /tmp/llamacpp/run.sh > "$OUT/llamacpp.log" 2>&1
-echo "llama.cpp rc=$? at $(( $(date +%s) - T0 )) s"; tail -3 "$OUT/llamacpp.log"
-grep -E "^\| (lb_ngl9|1|8) " "$OUT/llamacpp/summary.md" 2>/dev/null | head -8
+bash scripts/gpu/peer_llamacpp.sh "$OUT/llamacpp" $(( 560 - ($(date +%s) - T0) ))
+echo "llama.cpp done at $(( $(date +%s) - T0 )) s"
 if (( $(date +%s) - T0 < 400 )); then bench 13; fi
 echo "total $(( $(date +%s) - T0 )) s"
