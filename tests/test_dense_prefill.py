@@ -116,6 +116,41 @@ def test_every_grain_gives_the_same_rows(start):
         assert max_err(got, want) < 1e-5, f"grain {grain}"
 
 
+def test_a_chunks_own_square_pads_to_256_rows_and_its_prefix_to_the_grain():
+    q, k, v, k_cache, v_cache, meta = random_step([(2100, 300)], 16, 2, 4, 64, torch.float32, CPU, seed=4)
+    want = sdpa_reference(q, k, v, k_cache, v_cache, meta, 0.125)
+    shapes = []
+
+    def spy(q_, k_, v_, causal, scale):  # type: ignore[no-untyped-def]
+        shapes.append((q_.shape[2], k_.shape[2], causal))
+        return math_lse_attention(q_, k_, v_, causal, scale)
+
+    got = attend_dense(q, k_cache, v_cache, meta.block_tables, [(0, 0, 300, 2100)], 0.125, torch.zeros_like(q), spy,
+                       1024)  # fmt: skip
+    # rows at 2100 .. 2399: the square from 2048 holds 52 + 300 rows in 512; the prefix 0 .. 2047 in 1024 rows
+    assert shapes == [(512, 512, True), (1024, 2048, False)]
+    assert max_err(got, want) < 1e-5
+    fresh = []
+    attend_dense(q, k_cache, v_cache, meta.block_tables, [(0, 0, 300, 0)], 0.125, torch.zeros_like(q),
+                 lambda *a: fresh.append(a[0].shape[2]) or math_lse_attention(*a), 1024)  # fmt: skip
+    assert fresh == [512]  # a fresh 300-row chunk: one square of 512, not of the 1024 grain
+
+
+def test_rows_that_fill_their_call_are_passed_without_a_copy():
+    x = torch.randn(512, 4, 16)
+    view = dense_prefill.padded(x, 512)
+    assert view.shape == (1, 4, 512, 16) and view.data_ptr() == x.data_ptr()
+    assert view.stride() == dense_prefill.padded(x[:300], 512).stride()  # one cuDNN plan serves both
+    copy = dense_prefill.padded(x[:300], 512)
+    assert copy.data_ptr() != x.data_ptr() and not copy[0, :, 300:].any()
+    cache = torch.randn(40, 16, 2, 16)
+    table = torch.arange(40, dtype=torch.int32)
+    full = dense_prefill.gather_padded(cache, table, 32, 544, 512)
+    part = dense_prefill.gather_padded(cache, table, 32, 300, 512)
+    assert full.stride() == part.stride() and torch.equal(full[0, :, :268], part[0, :, :268])
+    assert torch.equal(full[0].transpose(0, 1), cache.flatten(0, 1)[32:544]) and not part[0, :, 268:].any()
+
+
 def test_the_grain_keeps_a_step_to_four_query_sizes():
     assert [dense_prefill.grain_for(n) for n in (512, 2048, 4096, 8192, 14246, 32768)] == [1024, 1024, 1024, 2048,
                                                                                           4096, 8192]  # fmt: skip
@@ -146,6 +181,8 @@ def test_cudnn_chunks_equal_the_triton_kernels_on_a_mixed_step(group):
 
 @gpu_only
 def test_warm_runs_every_shape_a_step_can_give():
-    # grain 1024: squares of 1024, 2048, 3072 rows; prefixes of 1024 .. 4096 keys for 1024 rows, of
+    # grain 1024: squares of 256, 512, .. 3072 rows; prefixes of 1024 .. 4096 keys for 1024 rows, of
     # 1024 .. 3072 for 2048 rows (a 2048-row chunk ends by position 5120)
-    assert dense_prefill.warm(32, 8, 128, torch.bfloat16, torch.device("cuda"), 2048, 5120) == 3 + 4 + 3
+    assert dense_prefill.warm(32, 8, 128, torch.bfloat16, torch.device("cuda"), 2048, 5120) == 12 + 4 + 3
+    # a lone prompt's step past that budget, up to 4000 rows: squares of 2304 .. 4096
+    assert dense_prefill.warm_squares(32, 8, 128, torch.bfloat16, torch.device("cuda"), 2048, 4000, 1024) == 8

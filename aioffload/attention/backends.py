@@ -51,6 +51,10 @@ class AttentionMetadata:
     # Every row is its sequence's one new token and its logits row (last_token_idx is every row in
     # order): the model skips the last-row gathers.
     decode_only: bool = False
+    # The logits rows alone (last_token_idx's rows, in order) as a step of their own: the model's last
+    # layer attends with it once every row's K/V is written, and leaves the other rows out (None: it
+    # computes every row).
+    logits_rows: AttentionMetadata | None = None
 
 
 def write_kv(
@@ -74,6 +78,10 @@ class AttentionBackend:
                    device: torch.device, max_rows: int, max_len: int) -> None:  # fmt: skip
         """Prepare the dense path for steps of up to max_rows tokens in max_len contexts (nothing
         to do without one)."""
+
+    def warm_fresh(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device, above: int, max_rows: int) -> None:  # fmt: skip
+        """Prepare the dense path for fresh chunks of more than `above` and up to max_rows rows."""
 
     def attend(
         self,
@@ -148,6 +156,19 @@ class TritonPagedBackend(AttentionBackend):
         n = dense_prefill.warm(num_heads, num_kv_heads, head_dim, dtype, device, max_rows, max_len)
         log.info("prefill attention: cuDNN plans for %d chunk shapes (grain %d rows, chunks of %d-%d rows, "
                  "contexts up to %d) built in %.2f s", n, self.dense_grain, self.dense_min_rows, max_rows, max_len,
+                 time.perf_counter() - t)  # fmt: skip
+
+    def warm_fresh(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device, above: int, max_rows: int) -> None:  # fmt: skip
+        """Build cuDNN's plans for fresh chunks of more than `above` and up to max_rows rows (a lone
+        prompt's step past the token budget, worker.idle_token_budget); logged."""
+        if self.dense_min_rows is None:
+            return
+        t = time.perf_counter()
+        n = dense_prefill.warm_squares(num_heads, num_kv_heads, head_dim, dtype, device, above, max_rows,
+                                       self.dense_grain)  # fmt: skip
+        log.info("prefill attention: cuDNN plans for %d fresh chunk shapes (%d-%d rows, squares of multiples "
+                 "of %d) built in %.2f s", n, above + 1, max_rows, dense_prefill.SQUARE_PAD,
                  time.perf_counter() - t)  # fmt: skip
 
     def enable_dense(self, device: torch.device, min_rows: int = dense_prefill.DENSE_MIN_ROWS) -> None:

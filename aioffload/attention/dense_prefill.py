@@ -35,6 +35,9 @@ log = logging.getLogger("aioffload.attention")
 
 DENSE_MIN_ROWS = 1024  # rows from which a chunk goes to cuDNN (per-sequence calls cost ~10 launches a layer)
 DENSE_PAD = 1024  # the smallest shape grain (grain_for): calls have multiples of it as their sizes
+# A chunk's causal square (its own keys) pads to a multiple of this instead: a fresh 32000-token
+# prompt is a square of 32000, not 32768 (4.9% fewer attention pairs), at 128 plans up to 32768.
+SQUARE_PAD = 256
 
 LseAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool, float], tuple[torch.Tensor, torch.Tensor]]
 
@@ -63,9 +66,13 @@ def cudnn_lse_attention(
 
 def gather_padded(cache: torch.Tensor, block_table: torch.Tensor, lo: int, hi: int, m: int) -> torch.Tensor:
     """[1, Hkv, m, D]: one sequence's keys (or values) at positions lo .. hi - 1, then zeros, as a
-    view of a fresh [m, Hkv, D] (its strides follow from m alone: cuDNN's plan cache keys on them)."""
+    view of a [m, Hkv, D] (its strides follow from m alone: cuDNN's plan cache keys on them); the
+    gathered rows themselves when they fill it."""
+    rows = gather_positions(cache, block_table, lo, hi)
+    if hi - lo == m:
+        return rows.transpose(0, 1).unsqueeze(0)
     out = cache.new_zeros(m, *cache.shape[2:])
-    out[: hi - lo] = gather_positions(cache, block_table, lo, hi)
+    out[: hi - lo] = rows
     return out.transpose(0, 1).unsqueeze(0)
 
 
@@ -89,19 +96,20 @@ def attend_dense(
     lse_attention: LseAttention,
     grain: int = DENSE_PAD,
 ) -> torch.Tensor:
-    """Each chunk's attention in at most two calls whose shapes are multiples of `grain` (a few
-    plans serve every chunk). For n rows at positions s .. s + n - 1, with P = s rounded down to the
-    grain and d = s - P:
+    """Each chunk's attention in at most two calls whose shapes are multiples of `grain` or of
+    SQUARE_PAD (a few plans serve every chunk; a grain below SQUARE_PAD pads the square to itself). For n rows at positions s .. s + n - 1, with P = s
+    rounded down to the grain and d = s - P:
     - the prefix [0, P), no mask: the n rows padded with zero rows to a multiple of the grain;
     - keys P .. s + n - 1 under the causal mask, as a square: d zero rows, the n rows, zero rows
-      to a multiple of the grain, against those keys and zero keys to the same size. Row d + i
+      to a multiple of SQUARE_PAD (or the grain), against those keys and zero keys to the same size. Row d + i
       (position s + i) sees keys P .. s + i; no real row sees the padding.
     The two merge through their log-sum-exps (a fresh chunk, P = 0, is the square alone)."""
     for seq, row0, n, start in seqs:
         rows, table = q[row0 : row0 + n], block_tables[seq]
         p = start // grain * grain
         d = start - p
-        m = -(-(d + n) // grain) * grain
+        pad = min(grain, SQUARE_PAD)
+        m = -(-(d + n) // pad) * pad
         own_q = padded(rows, m, d)
         own_k, own_v = (gather_padded(c, table, p, start + n, m) for c in (k_cache, v_cache))
         own, lse_own = lse_attention(own_q, own_k, own_v, True, scale)
@@ -121,7 +129,10 @@ def attend_dense(
 
 def padded(rows: torch.Tensor, m: int, first: int = 0) -> torch.Tensor:
     """[n, H, D] -> [1, H, m, D]: a view of a zero-filled [m, H, D] holding rows at first .. first + n - 1
-    (the layout every call has, so one plan per shape serves them all)."""
+    (the layout every call has, so one plan per shape serves them all); a view of `rows` itself when
+    they fill it (its strides are the same: rows of a step's contiguous [T, H, D])."""
+    if first == 0 and rows.shape[0] == m and rows.is_contiguous():
+        return rows.transpose(0, 1).unsqueeze(0)
     out = rows.new_zeros(m, *rows.shape[1:])
     out[first : first + rows.shape[0]] = rows
     return out.transpose(0, 1).unsqueeze(0)
@@ -132,15 +143,33 @@ def warm(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, d
     """Run `attend_dense` once for every shape a chunk of up to max_rows rows in a max_len context
     can give (cuDNN builds a plan per shape, ~15 ms each); returns the number of chunks run."""
     g = grain_for(max_rows)
-    nb = -(-max(max_len, max_rows + g) // block_size) + 1
+    cases = [(m, 0) for m in range(SQUARE_PAD, max_rows + g + 1, SQUARE_PAD)]  # the squares: d + n up to max_rows + g
+    cases += [(n, p) for n in range(g, -(-max_rows // g) * g + 1, g) for p in range(g, max_len - n + 1, g)]
+    return _run_cases(num_heads, num_kv_heads, head_dim, dtype, device, cases, g, max(max_len, max_rows + g),
+                      block_size)  # fmt: skip
+
+
+def warm_squares(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+                 above: int, max_rows: int, grain: int, block_size: int = 16) -> int:  # fmt: skip
+    """Build the plans of fresh chunks' squares of more than `above` and up to max_rows rows (a worker
+    whose lone prompts take longer steps than its token budget, worker.idle_token_budget)."""
+    first, last = above // SQUARE_PAD * SQUARE_PAD + SQUARE_PAD, -(-max_rows // SQUARE_PAD) * SQUARE_PAD
+    cases = [(m, 0) for m in range(first, last + 1, SQUARE_PAD)]
+    return _run_cases(num_heads, num_kv_heads, head_dim, dtype, device, cases, grain, max_rows, block_size)
+
+
+def _run_cases(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
+               cases: list[tuple[int, int]], grain: int, max_len: int, block_size: int) -> int:  # fmt: skip
+    """attend_dense once for each (rows, first position) over zero K/V; returns the number run."""
+    if not cases:
+        return 0
+    nb = -(-max(max_len, max(n + p for n, p in cases) + grain) // block_size) + 1
     cache = torch.zeros(nb + 1, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
     table = torch.arange(nb, dtype=torch.int32, device=device)[None]
-    q = torch.zeros(max_rows + g, num_heads, head_dim, dtype=dtype, device=device)
-    cases = [(n, 1) for n in range(g - 1, max_rows + g, g)]  # the squares: d + n = 1 .. max_rows + g
-    cases += [(n, p) for n in range(g, -(-max_rows // g) * g + 1, g) for p in range(g, max_len - n + 1, g)]
+    q = torch.zeros(max(n for n, _ in cases), num_heads, head_dim, dtype=dtype, device=device)
     for n, start in cases:
         attend_dense(q, cache, cache, table, [(0, 0, n, start)], head_dim**-0.5, torch.empty_like(q),
-                     cudnn_lse_attention, g)  # fmt: skip
+                     cudnn_lse_attention, grain)  # fmt: skip
     return len(cases)
 
 

@@ -144,8 +144,8 @@ class LlamaModel:
         into the residual stream (one fused kernel on CUDA)."""
         cfg, f = self.cfg, self.ops
         x = self.embed_tokens(input_ids)  # [T, H]
-        t = x.shape[0]
         pending: torch.Tensor | None = None
+        step = meta  # the last layer's rows: every row, or the logits rows alone (meta.logits_rows)
         for i in range(cfg.num_layers):
             w = self.layers.acquire(i)
             h = f.add_rms_norm(x, pending, w.input_norm, cfg.rms_norm_eps)
@@ -154,13 +154,16 @@ class LlamaModel:
                 qkv, positions, self.rope, meta.slot_mapping, kv.k[i], kv.v[i], cfg.num_heads, cfg.num_kv_heads,
                 cfg.head_dim, w.q_norm, w.k_norm, cfg.rms_norm_eps,
             )  # fmt: skip
-            o = self.attention.attend(q, kv.k[i], kv.v[i], meta, self.scale)  # [T, Hq, D]
-            o = self._sum_ranks(f.linear(o.reshape(t, cfg.q_size), w.o_w))  # [T, H]
+            if i == cfg.num_layers - 1 and meta.logits_rows is not None:  # no logits read the other rows' outputs
+                step = meta.logits_rows
+                q, x = q[meta.last_token_idx], x[meta.last_token_idx]  # [R, Hq, D], [R, H]
+            o = self.attention.attend(q, kv.k[i], kv.v[i], step, self.scale)  # [T, Hq, D]
+            o = self._sum_ranks(f.linear(o.reshape(q.shape[0], cfg.q_size), w.o_w))  # [T, H]
             h = f.add_rms_norm(x, o, w.post_norm, cfg.rms_norm_eps)
             pending = self._sum_ranks(self.mlp(i, h, w))  # [T, H]
             self.layers.release(i)
         assert pending is not None
-        if not meta.decode_only:  # there, every row is a logits row
+        if not meta.decode_only and step is meta:  # decode-only: every row is a logits row
             x, pending = x[meta.last_token_idx], pending[meta.last_token_idx]  # [R, H]
         h = f.add_rms_norm(x, pending, self.final_norm, cfg.rms_norm_eps)
         return f.linear(h, self.lm_head).float()

@@ -1,12 +1,19 @@
 """Turn one step's sequences into the model's flat input tensors.
 
-Built as plain host lists, turned into tensors once, and copied to the device with one
-non-blocking copy per tensor (from pinned memory on CUDA).
+Built as plain host lists (long chunks as host tensors), turned into tensors once, and copied to
+the device with one non-blocking copy per tensor (from pinned memory on CUDA).
+
+Only the logits rows (each chunk's last `num_logits`) feed anything past the last layer's K/V,
+so a step whose other rows are most of it also carries the logits rows' own metadata
+(`meta.logits_rows`): the model's last layer writes every row's K/V and computes attention, the
+o projection and the MLP for those rows alone. A lone 32000-token prompt on the H200 gains ~1/32
+of its prefill (BENCHMARKS.md, eighth session); the logits are the same computation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,42 +55,40 @@ class StepInputs:
 
 
 def build_inputs(
-    chunks: Sequence[SeqChunk], block_size: int, device: torch.device, dense_min_rows: int | None = None
+    chunks: Sequence[SeqChunk],
+    block_size: int,
+    device: torch.device,
+    dense_min_rows: int | None = None,
+    prune_last_layer: bool = True,
 ) -> StepInputs:
     """`dense_min_rows`: chunks of at least this many rows go to the backend's dense path
-    (attention/dense_prefill.py, meta.dense_seqs) instead of the Triton tiles; None: none do."""
-    ids: list[int] = []
-    pos: list[int] = []
-    slots: list[int] = []
-    row_seq: list[int] = []
-    row_ctx: list[int] = []
-    last: list[int] = []
+    (attention/dense_prefill.py, meta.dense_seqs) instead of the Triton tiles; None: none do.
+    `prune_last_layer`: give the metadata of the logits rows alone (meta.logits_rows) when they are at
+    most half the rows, so the model ends the other rows after the last layer's K/V."""
+    rows = _Rows()
     qlens: list[int] = []
     slens: list[int] = []
+    last: list[int] = []
     dense: list[tuple[int, int, int, int]] = []  # (sequence, first row, rows, first position)
     width = max(len(c.block_table) for c in chunks)
     tables = [list(c.block_table) + [0] * (width - len(c.block_table)) for c in chunks]
     for s, c in enumerate(chunks):
         n = len(c.token_ids)
         if dense_min_rows is not None and n > 1 and n >= dense_min_rows:
-            dense.append((s, len(ids), n, c.start))
-        ids.extend(c.token_ids)
-        for p in range(c.start, c.start + n):
-            pos.append(p)
-            slots.append(c.block_table[p // block_size] * block_size + p % block_size)
-            row_seq.append(s)
-            row_ctx.append(p + 1)
-        last.extend(range(len(ids) - c.num_logits, len(ids)))
+            dense.append((s, rows.count, n, c.start))
+        rows.add(s, c, block_size)
+        last.extend(range(rows.count - c.num_logits, rows.count))
         qlens.append(n)
         slens.append(c.start + n)
     pin = device.type == "cuda"
 
-    def t(data: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
-        host = torch.tensor(data, dtype=dtype)
+    def t(data: list[int] | list[list[int]] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        host = data.to(dtype) if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
         if pin:
             host = host.pin_memory()
         return host.to(device, non_blocking=True)
 
+    ids, pos, slots, row_seq, row_ctx = rows.tensors()
     meta = AttentionMetadata(
         slot_mapping=t(slots, torch.int64),
         block_tables=t(tables, torch.int32),
@@ -102,4 +107,82 @@ def build_inputs(
             tiles = [tile for tile in tiles if tile[0] not in taken]
         meta.prefill_tiles = t(tiles, torch.int32).reshape(-1, 4)
         meta.decode_rows = t(decode_rows, torch.int32)
+    if prune_last_layer and 2 * len(last) <= len(ids) and not any(c.prompt_targets for c in chunks):
+        meta.logits_rows = _logits_rows(chunks, block_size, meta.block_tables, t)
     return StepInputs(t(ids, torch.int64), t(pos, torch.int64), meta)
+
+
+LONG_CHUNK = 256  # rows from which a chunk's positions and slots come from tensor ops, not a Python loop
+
+
+class _Rows:
+    """A step's per-row inputs in row order: short chunks as Python lists, long ones as host tensors
+    (a 32k-token chunk's loop took ~23 ms of host time before the GPU could start)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._parts: list[tuple[torch.Tensor, ...]] = []
+        self._lists: tuple[list[int], ...] = ([], [], [], [], [])
+
+    def add(self, s: int, c: SeqChunk, block_size: int) -> None:
+        n = len(c.token_ids)
+        self.count += n
+        if n < LONG_CHUNK:
+            ids, pos, slots, seq, ctx = self._lists
+            ids.extend(c.token_ids)
+            for p in range(c.start, c.start + n):
+                pos.append(p)
+                slots.append(c.block_table[p // block_size] * block_size + p % block_size)
+                seq.append(s)
+                ctx.append(p + 1)
+            return
+        self._flush()
+        p = torch.arange(c.start, c.start + n)
+        table = torch.tensor(c.block_table[: (c.start + n - 1) // block_size + 1], dtype=torch.int64)
+        slots = table[p // block_size] * block_size + p % block_size
+        ids = torch.frombuffer(array.array("q", c.token_ids), dtype=torch.int64)  # ~3x torch.tensor's speed
+        self._parts.append((ids, p, slots, torch.full((n,), s), p + 1))
+
+    def _flush(self) -> None:
+        if self._lists[0]:
+            self._parts.append(tuple(torch.tensor(x, dtype=torch.int64) for x in self._lists))
+            self._lists = ([], [], [], [], [])
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """(token ids, positions, cache slots, row sequence, row context), int64 [T] each."""
+        self._flush()
+        if not self._parts:
+            return tuple(torch.empty(0, dtype=torch.int64) for _ in range(5))
+        if len(self._parts) == 1:
+            return self._parts[0]
+        return tuple(torch.cat(x) for x in zip(*self._parts))
+
+
+def _logits_rows(
+    chunks: Sequence[SeqChunk], block_size: int, block_tables: torch.Tensor, t: Callable[..., torch.Tensor]
+) -> AttentionMetadata:
+    """The attention metadata of the logits rows alone (each chunk's last num_logits rows, in order):
+    what the model's last layer attends with once the other rows have written their K/V."""
+    qlens = [c.num_logits for c in chunks]
+    starts = [c.start + len(c.token_ids) - c.num_logits for c in chunks]
+    slots, seq, ctx = [], [], []
+    for s, (c, start, k) in enumerate(zip(chunks, starts, qlens)):
+        for p in range(start, start + k):
+            slots.append(c.block_table[p // block_size] * block_size + p % block_size)
+            seq.append(s)
+            ctx.append(p + 1)
+    meta = AttentionMetadata(
+        slot_mapping=t(slots, torch.int64),
+        block_tables=block_tables,
+        row_seq=t(seq, torch.int32),
+        row_ctx=t(ctx, torch.int32),
+        last_token_idx=t(list(range(len(seq))), torch.int64),
+        query_lens=qlens,
+        seq_lens_host=[c.start + len(c.token_ids) for c in chunks],
+        decode_only=all(k == 1 for k in qlens),
+    )
+    if not meta.decode_only:
+        tiles, decode_rows = plan_rows(qlens, starts)
+        meta.prefill_tiles = t(tiles, torch.int32).reshape(-1, 4)
+        meta.decode_rows = t(decode_rows, torch.int32)
+    return meta
