@@ -92,6 +92,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="sequences per step (default: %(default)s)")
     g.add_argument("--max-num-batched-tokens", type=_positive(int), default=d[2].max_num_batched_tokens,
                    help="token budget per step (default: %(default)s; raised while offload is active)")
+    g.add_argument("--max-prefill-tokens", type=_positive(int), default=d[2].max_prefill_tokens,
+                   help="tokens of a step while no request is decoding, so a long prompt alone runs in one step "
+                        "(every weight resident; default: %(default)s, capped by memory and --max-model-len)")
     g.add_argument("--max-queue", type=_positive(int), default=d[2].max_queue,
                    help="waiting requests before new ones get 503 (default: %(default)s)")
     g.add_argument("--lookahead", choices=LOOKAHEAD_MODES, default=d[2].lookahead,
@@ -164,7 +167,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len, max_queue=args.max_queue, lookahead=args.lookahead,
+            max_prefill_tokens=args.max_prefill_tokens, max_model_len=args.max_model_len, max_queue=args.max_queue,
+            lookahead=args.lookahead,
         ),
         offload=OffloadConfig(
             trigger=args.trigger, cpu_offload_gb=args.cpu_offload_gb, prefetch=args.offload_prefetch,

@@ -184,6 +184,10 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    # A step's tokens while no request is decoding (prompts' first chunks): a lone long prompt in one
+    # step. Taken on a CUDA worker with every weight resident where its activations fit in a tenth of
+    # the KV cache's memory (worker.idle_token_budget); capped at max_model_len.
+    max_prefill_tokens: int = 32768
     max_model_len: int | None = None  # None = min(model max positions, 4096)
     max_queue: int = 1024  # waiting requests beyond this are refused
     offload_hold_ms: float = 3.0  # how long an offloaded step may wait for more arrivals
@@ -285,6 +289,8 @@ class EngineConfig:
             raise ConfigError(f"--max-num-seqs must be >= 1, got {s.max_num_seqs}")
         if s.max_num_batched_tokens < 1:
             raise ConfigError(f"--max-num-batched-tokens must be >= 1, got {s.max_num_batched_tokens}")
+        if s.max_prefill_tokens < 1:
+            raise ConfigError(f"--max-prefill-tokens must be >= 1, got {s.max_prefill_tokens}")
         if s.max_model_len is not None and s.max_model_len < 1:
             raise ConfigError(f"--max-model-len must be >= 1, got {s.max_model_len}")
         if s.max_queue < 1:

@@ -17,10 +17,11 @@ from tests.test_scheduler import assert_reference_outputs, make_requests, make_s
 RESIDENT = StepCost(floor_s=0.0, decode_s=0.006, token_s=2e-5, pair_s=0.0)
 
 
-def long_prompt_beside_decoders(cost: StepCost | None, prompt_len: int, budget: int = 2048):  # type: ignore[no-untyped-def]
+def long_prompt_beside_decoders(cost: StepCost | None, prompt_len: int, budget: int = 2048, idle: int | None = None):  # type: ignore[no-untyped-def]
     """16 requests decoding, then a long prompt arrives: per step, (prefill chunk, decodes in it)."""
     s = make_scheduler(num_blocks=512, block_size=16, max_num_seqs=32, budget=budget, max_model_len=4096)
     s.step_cost = cost
+    s.idle_token_budget = idle
     decoders = make_requests(16, prompt_len=8, max_tokens=400)
     long = make_requests(1, prompt_len=prompt_len, max_tokens=2, prefix="long")[0]
     steps: list[tuple[int, int, int]] = []  # (prefill chunk, its first position, decodes in the step)
@@ -66,6 +67,12 @@ def test_offloaded_prefill_beside_decodes_takes_few_streamed_steps() -> None:
     steps = long_prompt_beside_decoders(cost, 4000, budget=16384)
     assert [n for n, _, _ in steps] == [4000]  # one streamed step, at 2 floors of compute at most
     assert cost.step_s(cost.chunk_s(4000, 0)) <= 2 * cost.alone_s
+
+
+def test_an_idle_budget_changes_nothing_beside_decodes() -> None:
+    want = long_prompt_beside_decoders(RESIDENT, 3000)
+    got = long_prompt_beside_decoders(RESIDENT, 3000, idle=4096)
+    assert got == want and max(n for n, _, _ in got) < 2048
 
 
 def test_a_lone_prompt_keeps_the_whole_budget() -> None:

@@ -69,7 +69,7 @@ def make_requests(
 def check_step(scheduler: Scheduler, plan: StepPlan, had_unfinished: bool) -> None:
     """Invariants that hold after every schedule() call."""
     bm = scheduler.block_manager
-    assert plan.total_tokens <= scheduler.token_budget
+    assert plan.total_tokens <= max(scheduler.token_budget, scheduler.idle_token_budget or 0)
     assert scheduler.num_running <= scheduler.config.max_num_seqs
     if had_unfinished:
         assert not plan.is_empty, "deadlock: requests wait but nothing was scheduled"
@@ -78,6 +78,8 @@ def check_step(scheduler: Scheduler, plan: StepPlan, had_unfinished: bool) -> No
         n = plan.num_scheduled_tokens[r.request_id]
         assert r.status is RequestStatus.RUNNING
         assert 1 <= n <= r.num_tokens - r.num_computed_tokens
+        if r.num_computed_tokens > 0:  # a chunk after a prefix: the token budget, idle or not
+            assert n <= scheduler.token_budget
         assert len(bm.block_table(r.request_id)) * bm.block_size >= r.num_computed_tokens + n
     for r in scheduler.waiting:
         assert r.status is RequestStatus.WAITING and not bm.has(r.request_id)
@@ -194,6 +196,41 @@ def test_chunked_prefill_interleaves_with_decodes() -> None:
 
     run_to_completion(s, decoders, arrivals={3: [long]}, on_step=on_step)
     assert prefill_chunks == [12, 12, 12, 12, 2]
+    assert_reference_outputs([*decoders, long], 128)
+
+
+def test_a_lone_prompt_takes_the_idle_budget_then_the_token_budget_after_its_prefix() -> None:
+    s = make_scheduler(num_blocks=128, budget=16, max_model_len=128)
+    s.idle_token_budget = 64
+    long = make_requests(1, prompt_len=100, max_tokens=3)[0]
+    plans, _ = run_to_completion(s, [long])
+    assert [p.num_scheduled_tokens["r0"] for p in plans] == [64, 16, 16, 4, 1, 1]
+    assert_reference_outputs([long], 128)
+
+
+def test_fresh_prompts_share_the_idle_budget_when_nobody_decodes() -> None:
+    s = make_scheduler(num_blocks=128, max_num_seqs=8, budget=16, max_model_len=64)
+    s.idle_token_budget = 40
+    reqs = make_requests(3, prompt_len=15, max_tokens=2)
+    plans, _ = run_to_completion(s, reqs)
+    assert plans[0].num_scheduled_tokens == {"r0": 15, "r1": 15, "r2": 10}  # 40 fresh tokens in one step
+    assert plans[1].num_scheduled_tokens == {"r0": 1, "r1": 1, "r2": 5}  # decoding now: the token budget
+    assert_reference_outputs(reqs, 64)
+
+
+def test_the_idle_budget_is_not_taken_while_anyone_decodes() -> None:
+    s = make_scheduler(num_blocks=128, max_num_seqs=8, budget=16, max_model_len=128)
+    s.idle_token_budget = 100
+    decoders = make_requests(4, prompt_len=4, max_tokens=30)
+    long = make_requests(1, prompt_len=50, max_tokens=3, prefix="long")[0]
+    chunks: list[int] = []
+
+    def on_step(step: int, plan: StepPlan) -> None:
+        if long.request_id in plan.num_scheduled_tokens and long.num_computed_tokens < long.num_prompt_tokens:
+            chunks.append(plan.num_scheduled_tokens[long.request_id])
+
+    run_to_completion(s, decoders, arrivals={3: [long]}, on_step=on_step)
+    assert chunks == [12, 12, 12, 12, 2]  # as with no idle budget (test_chunked_prefill_interleaves_with_decodes)
     assert_reference_outputs([*decoders, long], 128)
 
 
@@ -382,6 +419,7 @@ def test_random_workloads_never_stall_and_match_reference(seed: int) -> None:
         arrivals.setdefault(rng.randint(0, 30), []).append(r)
         reqs.append(r)
     to_abort = {r.request_id for r in reqs if rng.random() < 0.15}
+    s.idle_token_budget = rng.choice([None, rng.randint(1, 60)])
 
     def on_step(step: int, plan: StepPlan) -> None:
         for rid in sorted(to_abort):

@@ -21,6 +21,7 @@ import torch
 
 from aioffload.attention.kv_cache import BlockManager, BlockPool
 from aioffload.config import EngineConfig
+from aioffload.engine.prefill_share import chunk_tokens, step_budget
 from aioffload.offload.device import measure_h2d_bytes_per_s
 from aioffload.worker.inputs import SeqChunk
 from aioffload.worker.sampling import SamplingParams
@@ -270,6 +271,8 @@ class StepDriver:
         self.seqs = [list(p) for p in prompts]  # prompt + generated
         self.done = [0] * len(prompts)  # num_computed_tokens
         self.budget = worker.token_budget  # the engine's: raised while offload is active (worker/step_cost.py)
+        self.idle_budget = worker.idle_token_budget  # the engine's with nobody decoding, as in a prefill here
+        self.prefill_steps = 0  # steps the last prefill() took
         bs = worker.block_size
         need = sum(-(-(len(p) + max_new_tokens) // bs) for p in prompts)
         if need > worker.num_blocks:
@@ -306,13 +309,15 @@ class StepDriver:
         return dt
 
     def prefill(self) -> float:
-        """All prompts, `budget` tokens per step (long prompts chunked); returns total seconds."""
-        total = 0.0
+        """All prompts, chunked as the scheduler would with nobody decoding (first chunks up to the idle
+        budget, later ones up to the token budget: engine/prefill_share.py); returns total seconds."""
+        total, self.prefill_steps = 0.0, 0
         while any(d < n for d, n in zip(self.done, self.prompt_lens)):
-            rows, left = [], self.budget
+            self.prefill_steps += 1
+            rows, left = [], step_budget(False, self.budget, self.idle_budget)
             for i, n in enumerate(self.prompt_lens):
                 if self.done[i] < n and left > 0:
-                    take = min(n - self.done[i], left)
+                    take = chunk_tokens(n - self.done[i], self.done[i], left, self.budget)
                     rows.append((i, take))
                     left -= take
             total += self._run(rows)

@@ -163,7 +163,8 @@ def _worker_phases(worker: Worker, key: str, args: argparse.Namespace, R: dict) 
     import asyncio
 
     W: dict = {"offloaded_layers": len(worker.placement.offloaded_layers), "graphs": worker.graphs is not None,
-               "token_budget": worker.token_budget, "ttft": [], "decode": []}  # fmt: skip
+               "token_budget": worker.token_budget, "idle_token_budget": worker.idle_token_budget, "ttft": [],
+               "decode": []}  # fmt: skip
     R[key] = W
     rates = R.get("rates", {})
     if worker.step_cost is not None:
@@ -177,8 +178,8 @@ def _worker_phases(worker: Worker, key: str, args: argparse.Namespace, R: dict) 
     for n in args.prompt_lens:
         with phase(R, f"{key}_ttft_{n}"):
             reps = args.reps if n < 16384 else 1
-            runs = [_ttft(worker, common.random_prompts(1, n, vocab, seed=rep)[0]) for rep in range(reps)]
-            steps = -(-n // worker.token_budget)
+            timed = [_ttft(worker, common.random_prompts(1, n, vocab, seed=rep)[0]) for rep in range(reps)]
+            runs, steps = [s for s, _ in timed], timed[0][1]
             ttft = sorted(runs)[len(runs) // 2]
             e: dict = {"tokens": n, "ms": round(ttft * 1e3, 3), "steps": steps}
             if rates.get("dense_flops"):
@@ -218,9 +219,11 @@ def _worker_phases(worker: Worker, key: str, args: argparse.Namespace, R: dict) 
             f"its TTFT {i['ttft_ms']} ms")  # fmt: skip
 
 
-def _ttft(worker: Worker, prompt: list[int]) -> float:
-    """Seconds from a lone prompt's first chunk to its first token, chunked by the worker's token budget."""
-    return common.StepDriver(worker, [prompt], max_new_tokens=1).prefill()
+def _ttft(worker: Worker, prompt: list[int]) -> tuple[float, int]:
+    """(seconds from a lone prompt's first chunk to its first token, steps), chunked as the scheduler
+    would with nobody decoding (the worker's idle budget, then its token budget)."""
+    d = common.StepDriver(worker, [prompt], max_new_tokens=1)
+    return d.prefill(), d.prefill_steps
 
 
 def _decode(worker: Worker, ctx: int, steps: int, d2d_gbps: float | None, copy_floor_ms: float | None) -> dict:

@@ -116,6 +116,7 @@ class Engine:
 
     def _configure_offload_batching(self) -> None:
         self.scheduler.token_budget = self.worker.token_budget
+        self.scheduler.idle_token_budget = self.worker.idle_token_budget
         self.scheduler.step_cost = self.worker.step_cost  # bounds prefill beside decodes (None on the CPU)
         self.hold_s = self.config.scheduler.offload_hold_ms / 1e3 if self.worker.offload_active else 0.0
         if self.worker.offload_active:
@@ -125,7 +126,8 @@ class Engine:
                 self.hold_s * 1e3,
             )  # fmt: skip
         else:
-            log.info("scheduler: latency-first (no offload), token budget %d", self.scheduler.token_budget)
+            log.info("scheduler: latency-first (no offload), token budget %d, %d while nobody decodes",
+                     self.scheduler.token_budget, self.worker.idle_token_budget)  # fmt: skip
 
     # ---- public API -------------------------------------------------------------------
 

@@ -46,9 +46,10 @@ class Scheduler:
     """FCFS continuous-batching scheduler over a paged KV cache; never touches tensors.
 
     `token_budget` (tokens per step) is a plain attribute: offload-aware sizing may change
-    it between steps. It must stay >= 1. `step_cost` (None: no bound) bounds what long
-    prompts' chunks take of a step that also carries decoding requests, so their
-    inter-token latency stays within `step_cost.itl_factor` x a decode-only step.
+    it between steps. It must stay >= 1. `idle_token_budget` (None: the same) is a step's budget
+    while nobody is decoding, for prompts' first chunks (engine/prefill_share.py). `step_cost`
+    (None: no bound) bounds what long prompts' chunks take of a step that also carries decoding
+    requests, so their inter-token latency stays within `step_cost.itl_factor` x a decode-only step.
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class Scheduler:
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.token_budget = token_budget if token_budget is not None else config.max_num_batched_tokens
+        self.idle_token_budget: int | None = None  # a step's tokens with nobody decoding (None: token_budget)
         self.speculation = speculation
         self.step_cost: StepCost | None = None
         self.waiting: deque[Request] = deque()
@@ -120,11 +122,12 @@ class Scheduler:
         `max_num_seqs` allow, never past a head that does not fit, and not at all in a step
         that preempted (the freed blocks go to the requests already running).
         """
-        budget = self.token_budget
+        prefill = PrefillShare(self.running, self.step_cost, self.config.max_num_seqs, self.token_budget,
+                               self.idle_token_budget)  # fmt: skip
+        budget = prefill.step_budget
         scheduled: dict[str, int] = {}
         requests: list[Request] = []
         preempted: list[str] = []
-        prefill = PrefillShare(self.running, self.step_cost, self.config.max_num_seqs)
 
         i = 0
         while i < len(self.running) and budget > 0:

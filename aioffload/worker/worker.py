@@ -54,6 +54,8 @@ from aioffload.worker.step_extras import SeqExtras, run_extras
 from aioffload.worker.tensor_parallel import RunStep, TPLink
 
 log = logging.getLogger("aioffload.worker")
+# The most of the KV cache's memory a lone prompt's longer step may take for its activations.
+IDLE_ACTIVATION_SHARE = 0.1
 
 
 class Worker:
@@ -113,7 +115,13 @@ class Worker:
                 self.token_budget = self.step_cost.prefill_token_budget(sched.max_num_batched_tokens)
         self.attention.warm_dense(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, self.dtype, self.device,
                                   self.token_budget, self.max_model_len)  # fmt: skip
+        # A step's tokens while nobody decodes (a lone long prompt in one step): raised in _size_kv_cache
+        # where its activations fit.
+        self.idle_token_budget = self.token_budget
         self.num_blocks = self._size_kv_cache(total, elem)
+        if self.idle_token_budget > self.token_budget:
+            self.attention.warm_fresh(mcfg.num_heads, mcfg.num_kv_heads, mcfg.head_dim, self.dtype, self.device,
+                                      self.token_budget, self.idle_token_budget)  # fmt: skip
         if self.tp is not None:  # one block table serves every rank
             self.num_blocks = self.tp.group.min_int(self.num_blocks)
         self.kv = KVCache(
@@ -238,16 +246,22 @@ class Worker:
         block_bytes = self._block_bytes(elem)
         need = -(-self.max_model_len // self.block_size)
         fixed = fixed_kv_blocks(cfg, self.device, block_bytes)
+        wanted, why_not = self._idle_budget_wanted(fixed is not None)
+        if wanted > self.token_budget and why_not is not None:
+            log.info("a step with nobody decoding stays at the token budget, %d tokens (%s)", self.token_budget,
+                     why_not)  # fmt: skip
         if fixed is not None:
             blocks = fixed
         else:
-            peak = self._profile_peak_bytes()
+            peak = self._profile_peak_bytes(self.token_budget)
+            if why_not is None and wanted > self.token_budget:
+                peak = self._take_idle_budget(wanted, peak, cfg.cache.gpu_memory_utilization * total)
             budget = cfg.cache.gpu_memory_utilization * total - peak
             free_now = torch.cuda.mem_get_info(self.device)[0] - (256 << 20)
             blocks = int(min(budget, free_now) // block_bytes)
             log.info(
                 "memory: %.2f GB in use at peak of a %d-token warm-up step; budget %.2f GB (%.0f%% of %.1f GB)",
-                peak / 1e9, cfg.scheduler.max_num_batched_tokens, cfg.cache.gpu_memory_utilization * total / 1e9,
+                peak / 1e9, self.idle_token_budget, cfg.cache.gpu_memory_utilization * total / 1e9,
                 cfg.cache.gpu_memory_utilization * 100, total / 1e9,
             )  # fmt: skip
         if blocks < need:
@@ -258,10 +272,39 @@ class Worker:
             )
         return blocks
 
-    def _profile_peak_bytes(self) -> int:
-        """Peak device memory of a warm-up forward at the largest step (weights included)."""
+    def _idle_budget_wanted(self, fixed_blocks: bool) -> tuple[int, str | None]:
+        """(--max-prefill-tokens capped at max_model_len, None) where a step with nobody decoding may
+        take that many tokens, else (it, why not)."""
+        wanted = min(self.config.scheduler.max_prefill_tokens, self.max_model_len)
+        if self.device.type != "cuda":
+            return wanted, "CPU device"
+        if self.offload_active:
+            return wanted, "offload is active: its token budget is raised from the copy floor instead"
+        if self.tp is not None:
+            return wanted, "tensor parallel"
+        if fixed_blocks:
+            return wanted, "--num-kv-blocks fixes the KV cache, so its activations are not measured"
+        return wanted, None
+
+    def _take_idle_budget(self, tokens: int, peak: int, usable: float) -> int:
+        """Raise idle_token_budget to `tokens` when a step of them needs at most IDLE_ACTIVATION_SHARE of
+        the memory the KV cache would get at the token budget's peak; returns the peak to size it with."""
+        idle_peak = self._profile_peak_bytes(tokens)
+        extra, room = idle_peak - peak, usable - peak
+        if extra > IDLE_ACTIVATION_SHARE * room:
+            log.info("a step with nobody decoding stays at the token budget, %d tokens: one of %d tokens takes "
+                     "%.2f GB more activations, over %.0f%% of the %.2f GB left for the KV cache", self.token_budget,
+                     tokens, extra / 1e9, IDLE_ACTIVATION_SHARE * 100, room / 1e9)  # fmt: skip
+            return peak
+        self.idle_token_budget = tokens
+        log.info("a step with nobody decoding takes up to %d tokens (a lone prompt's first chunk): %.2f GB more "
+                 "activations of the %.2f GB left for the KV cache", tokens, extra / 1e9, room / 1e9)  # fmt: skip
+        return idle_peak
+
+    def _profile_peak_bytes(self, budget: int) -> int:
+        """Peak device memory of a warm-up forward of a `budget`-token step (weights included)."""
         sched, mcfg = self.config.scheduler, self.shard_config
-        tokens = min(self.token_budget, self.max_model_len * sched.max_num_seqs)
+        tokens = min(budget, self.max_model_len * sched.max_num_seqs)
         seqs = max(1, min(sched.max_num_seqs, -(-tokens // self.max_model_len)))
         per = -(-tokens // seqs)
         blocks_per = -(-per // self.block_size)
