@@ -93,8 +93,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=_positive(int), default=d[2].max_num_batched_tokens,
                    help="token budget per step (default: %(default)s; raised while offload is active)")
     g.add_argument("--max-prefill-tokens", type=_positive(int), default=d[2].max_prefill_tokens,
-                   help="tokens of a step while no request is decoding, so a long prompt alone runs in one step "
-                        "(every weight resident; default: %(default)s, capped by memory and --max-model-len)")
+                   help="while no request is decoding, a prompt's first chunk may take this many tokens, so a "
+                        "long prompt alone runs in one step (every weight resident; default: %(default)s, capped "
+                        "by memory and --max-model-len)")
     g.add_argument("--max-queue", type=_positive(int), default=d[2].max_queue,
                    help="waiting requests before new ones get 503 (default: %(default)s)")
     g.add_argument("--lookahead", choices=LOOKAHEAD_MODES, default=d[2].lookahead,

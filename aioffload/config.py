@@ -184,9 +184,10 @@ class CacheConfig:
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    # A step's tokens while no request is decoding (prompts' first chunks): a lone long prompt in one
-    # step. Taken on a CUDA worker with every weight resident where its activations fit in a tenth of
-    # the KV cache's memory (worker.idle_token_budget); capped at max_model_len.
+    # While no request is decoding, a step's first chunk of a fresh prompt may take this many tokens, so a
+    # lone long prompt runs in one step (engine/prefill_share.py). Taken on a CUDA worker with every weight
+    # resident where that step's activations fit in a tenth of the KV cache's memory
+    # (worker.idle_token_budget); capped at max_model_len.
     max_prefill_tokens: int = 32768
     max_model_len: int | None = None  # None = min(model max positions, 4096)
     max_queue: int = 1024  # waiting requests beyond this are refused

@@ -5,8 +5,6 @@ longer step's activations take at most a tenth of what the KV cache would get.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 

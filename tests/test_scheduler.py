@@ -208,13 +208,14 @@ def test_a_lone_prompt_takes_the_idle_budget_then_the_token_budget_after_its_pre
     assert_reference_outputs([long], 128)
 
 
-def test_fresh_prompts_share_the_idle_budget_when_nobody_decodes() -> None:
+def test_a_burst_of_prompts_keeps_the_token_budget_past_its_first_chunk() -> None:
     s = make_scheduler(num_blocks=128, max_num_seqs=8, budget=16, max_model_len=64)
     s.idle_token_budget = 40
-    reqs = make_requests(3, prompt_len=15, max_tokens=2)
+    reqs = make_requests(3, prompt_len=30, max_tokens=2)
     plans, _ = run_to_completion(s, reqs)
-    assert plans[0].num_scheduled_tokens == {"r0": 15, "r1": 15, "r2": 10}  # 40 fresh tokens in one step
-    assert plans[1].num_scheduled_tokens == {"r0": 1, "r1": 1, "r2": 5}  # decoding now: the token budget
+    assert plans[0].num_scheduled_tokens == {"r0": 30}  # the first prompt whole: no 16-token budget left for r1
+    assert plans[1].num_scheduled_tokens == {"r0": 1, "r1": 15}  # r0 decodes: the token budget for all
+    assert plans[2].num_scheduled_tokens == {"r1": 15, "r2": 1}  # r0 is done; r1 goes on after its prefix
     assert_reference_outputs(reqs, 64)
 
 

@@ -97,12 +97,12 @@ def attend_dense(
     grain: int = DENSE_PAD,
 ) -> torch.Tensor:
     """Each chunk's attention in at most two calls whose shapes are multiples of `grain` or of
-    SQUARE_PAD (a few plans serve every chunk; a grain below SQUARE_PAD pads the square to itself). For n rows at positions s .. s + n - 1, with P = s
-    rounded down to the grain and d = s - P:
+    SQUARE_PAD (a few plans serve every chunk; a grain below SQUARE_PAD pads the square to itself).
+    For n rows at positions s .. s + n - 1, with P = s rounded down to the grain and d = s - P:
     - the prefix [0, P), no mask: the n rows padded with zero rows to a multiple of the grain;
     - keys P .. s + n - 1 under the causal mask, as a square: d zero rows, the n rows, zero rows
-      to a multiple of SQUARE_PAD (or the grain), against those keys and zero keys to the same size. Row d + i
-      (position s + i) sees keys P .. s + i; no real row sees the padding.
+      to a multiple of SQUARE_PAD (or the grain), against those keys and zero keys to the same
+      size. Row d + i (position s + i) sees keys P .. s + i; no real row sees the padding.
     The two merge through their log-sum-exps (a fresh chunk, P = 0, is the square alone)."""
     for seq, row0, n, start in seqs:
         rows, table = q[row0 : row0 + n], block_tables[seq]

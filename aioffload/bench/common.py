@@ -21,7 +21,7 @@ import torch
 
 from aioffload.attention.kv_cache import BlockManager, BlockPool
 from aioffload.config import EngineConfig
-from aioffload.engine.prefill_share import chunk_tokens, step_budget
+from aioffload.engine.prefill_share import chunk_tokens
 from aioffload.offload.device import measure_h2d_bytes_per_s
 from aioffload.worker.inputs import SeqChunk
 from aioffload.worker.sampling import SamplingParams
@@ -309,17 +309,18 @@ class StepDriver:
         return dt
 
     def prefill(self) -> float:
-        """All prompts, chunked as the scheduler would with nobody decoding (first chunks up to the idle
-        budget, later ones up to the token budget: engine/prefill_share.py); returns total seconds."""
+        """All prompts, chunked as the scheduler would with nobody decoding (a step's first chunk of a
+        fresh prompt up to the idle budget, the rest within the token budget: engine/prefill_share.py);
+        returns total seconds."""
         total, self.prefill_steps = 0.0, 0
         while any(d < n for d, n in zip(self.done, self.prompt_lens)):
             self.prefill_steps += 1
-            rows, left = [], step_budget(False, self.budget, self.idle_budget)
+            rows, taken = [], 0
             for i, n in enumerate(self.prompt_lens):
-                if self.done[i] < n and left > 0:
-                    take = chunk_tokens(n - self.done[i], self.done[i], left, self.budget)
+                take = chunk_tokens(n - self.done[i], self.done[i], taken, self.budget, self.idle_budget)
+                if take > 0:
                     rows.append((i, take))
-                    left -= take
+                    taken += take
             total += self._run(rows)
         return total
 

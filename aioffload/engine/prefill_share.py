@@ -22,12 +22,13 @@ class PrefillShare:
     budget is left. A chunk that scores the prompt (prompt logprobs: a logits row per token) takes
     at most `max_rows` tokens, the logits rows the placement reserves for a step.
 
-    With nobody decoding the step may hold `idle_budget` tokens (`step_budget`): a prompt's first
-    chunk (from position 0) takes up to that, so a lone long prompt runs in one step where the
-    decodes' ITL does not bound it; a chunk after a cached prefix takes at most `token_budget`
-    (the worker builds cuDNN's plans for those shapes up to it). Measured on the H200: a lone
-    32000-token prompt in 16 steps of 2048 tokens 1.55-1.63x the compute floor, in one ~1.33x
-    (BENCHMARKS.md, fifth and eighth sessions).
+    With nobody decoding, the step's first chunk, when it is a prompt's first (from position 0),
+    may take up to `idle_budget` tokens (`chunk_tokens`), so a lone long prompt runs in one step
+    where no decode's ITL bounds it; every other chunk takes what is left of `token_budget`. A
+    burst of prompts so keeps its staggered first tokens, and a chunk after a cached prefix keeps
+    the shapes the worker built cuDNN's plans for. Measured on the H200: a lone 32000-token prompt
+    in 16 steps of 2048 tokens 1.55-1.63x the compute floor, in one 1.27x (BENCHMARKS.md, fifth and
+    eighth sessions).
     """
 
     def __init__(
@@ -37,7 +38,9 @@ class PrefillShare:
         decoding = any(r.num_tokens - r.num_computed_tokens == 1 for r in running)
         self.cost = cost if decoding else None
         self.token_budget = token_budget
+        self.idle_budget = None if decoding else idle_budget
         self.step_budget = step_budget(decoding, token_budget, idle_budget)
+        self.taken = 0  # tokens handed out this step
         self.share_s = cost.prefill_budget_s() if cost is not None else 0.0
         self.seconds = self.share_s  # what the long prompts' chunks have left this step
         self.first = True
@@ -47,7 +50,7 @@ class PrefillShare:
         """Tokens for `request` (budget >= 1); 0 when its chunk must wait for a later step."""
         left = request.num_tokens - request.num_computed_tokens
         start = request.num_computed_tokens
-        n = chunk_tokens(left, start, budget, self.token_budget)
+        n = min(budget, chunk_tokens(left, start, self.taken, self.token_budget, self.idle_budget))
         if left > 1 and self.cost is not None and self.cost.max_chunk(start, self.share_s) < left:
             n = self.cost.graph_chunk(min(n, self.cost.max_chunk(start, self.seconds)))
             n = max(n, 1) if self.first else n
@@ -55,6 +58,7 @@ class PrefillShare:
             self.first = self.first and n == 0
         if request.wants_prompt_logprobs:
             n = min(n, self.max_rows)
+        self.taken += n
         return n
 
 
@@ -63,7 +67,10 @@ def step_budget(decoding: bool, token_budget: int, idle_budget: int | None) -> i
     return token_budget if decoding else max(token_budget, idle_budget or 0)
 
 
-def chunk_tokens(left: int, start: int, step_left: int, token_budget: int) -> int:
-    """Tokens of a prompt's next chunk from position `start`, `left` to go: what the step has left,
-    and after a cached prefix (start > 0) no more than the token budget."""
-    return min(left, step_left if start == 0 else min(step_left, token_budget))
+def chunk_tokens(left: int, start: int, taken: int, token_budget: int, idle_budget: int | None) -> int:
+    """Tokens of a request's next chunk from position `start`, `left` to go, after `taken` tokens of
+    the step went to others: the step's first chunk of a fresh prompt up to the idle budget (None:
+    someone is decoding), any other what the token budget has left."""
+    if taken == 0 and start == 0 and idle_budget is not None:
+        return min(left, max(token_budget, idle_budget))
+    return max(0, min(left, token_budget - taken))
