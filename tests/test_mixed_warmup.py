@@ -51,6 +51,7 @@ def test_a_mixed_step_after_start_up_compiles_nothing(tmp_path_factory: pytest.T
         scheduler=SchedulerConfig(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=256),
         offload=OffloadConfig(cpu_offload_gb=half, hybrid="off"),
     ).validate()  # fmt: skip
+    forget_compiled_kernels()  # earlier tests in this process compiled some of them: the hook would not see them
     compiled: list[str] = []
     old = knobs.runtime.jit_post_compile_hook
     knobs.runtime.jit_post_compile_hook = lambda **kw: compiled.append(kw["repr"].split("[")[0])
@@ -67,3 +68,18 @@ def test_a_mixed_step_after_start_up_compiles_nothing(tmp_path_factory: pytest.T
         assert compiled[at_start:] == []
     finally:
         knobs.runtime.jit_post_compile_hook = old
+
+
+def forget_compiled_kernels() -> None:
+    """Empty the in-process caches of every Triton kernel in the package, so each is compiled (or
+    loaded from Triton's disk cache, which also calls the post-compile hook) on its next launch."""
+    import sys
+
+    from triton.runtime.jit import JITFunction
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("aioffload.") and module is not None:
+            for value in vars(module).values():
+                fn = getattr(value, "fn", value)  # an autotuner or heuristics wrapper holds the kernel
+                if isinstance(fn, JITFunction):
+                    fn.device_caches.clear()
