@@ -80,6 +80,7 @@ def forget_compiled_kernels() -> None:
     for name, module in list(sys.modules.items()):
         if name.startswith("aioffload.") and module is not None:
             for value in vars(module).values():
-                fn = getattr(value, "fn", value)  # an autotuner or heuristics wrapper holds the kernel
+                # a JITFunction's own .fn is the Python function; an autotuner's or heuristics' .fn the kernel
+                fn = value if isinstance(value, JITFunction) else getattr(value, "fn", None)
                 if isinstance(fn, JITFunction):
                     fn.device_caches.clear()
