@@ -28,20 +28,26 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Worker:
 
 def test_a_cpu_worker_keeps_its_token_budget_with_nobody_decoding(worker: Worker) -> None:
     assert worker.token_budget == 64 and worker.idle_token_budget == 64
-    assert worker._idle_budget_wanted(fixed_blocks=True) == (512, "CPU device")  # capped at max_model_len
+    assert worker._idle_budget_refused(fixed_blocks=True) == "CPU device"
+    assert worker._idle_budget_wanted(fixed_blocks=True) is None
 
 
 def test_only_a_resident_single_rank_worker_with_a_measured_cache_asks_for_it(
     worker: Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(worker, "device", torch.device("cuda"))  # the decision only: no tensor is made
-    assert worker._idle_budget_wanted(fixed_blocks=False) == (512, None)
-    assert "--num-kv-blocks" in str(worker._idle_budget_wanted(fixed_blocks=True)[1])
+    assert worker._idle_budget_wanted(fixed_blocks=False) == 512  # capped at max_model_len
+    assert worker._idle_budget_refused(fixed_blocks=False) is None
+    assert "--num-kv-blocks" in str(worker._idle_budget_refused(fixed_blocks=True))
+    assert worker._idle_budget_wanted(fixed_blocks=True) is None
     monkeypatch.setattr(worker, "offload_active", True)
-    assert "offload is active" in str(worker._idle_budget_wanted(fixed_blocks=False)[1])
+    assert "offload is active" in str(worker._idle_budget_refused(fixed_blocks=False))
     monkeypatch.setattr(worker, "offload_active", False)
     monkeypatch.setattr(worker, "tp", object())
-    assert worker._idle_budget_wanted(fixed_blocks=False)[1] == "tensor parallel"
+    assert worker._idle_budget_refused(fixed_blocks=False) == "tensor parallel"
+    monkeypatch.setattr(worker, "tp", None)
+    monkeypatch.setattr(worker, "token_budget", 512)
+    assert worker._idle_budget_wanted(fixed_blocks=False) is None  # nothing to raise
 
 
 @pytest.mark.parametrize(("usable_gb", "raised"), [(100.0, True), (40.0, True), (39.0, False), (12.0, False)])

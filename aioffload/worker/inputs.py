@@ -151,8 +151,6 @@ class _Rows:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """(token ids, positions, cache slots, row sequence, row context), int64 [T] each."""
         self._flush()
-        if not self._parts:
-            return tuple(torch.empty(0, dtype=torch.int64) for _ in range(5))
         if len(self._parts) == 1:
             return self._parts[0]
         return tuple(torch.cat(x) for x in zip(*self._parts))
@@ -165,18 +163,16 @@ def _logits_rows(
     what the model's last layer attends with once the other rows have written their K/V."""
     qlens = [c.num_logits for c in chunks]
     starts = [c.start + len(c.token_ids) - c.num_logits for c in chunks]
-    slots, seq, ctx = [], [], []
+    rows = _Rows()
     for s, (c, start, k) in enumerate(zip(chunks, starts, qlens)):
-        for p in range(start, start + k):
-            slots.append(c.block_table[p // block_size] * block_size + p % block_size)
-            seq.append(s)
-            ctx.append(p + 1)
+        rows.add(s, SeqChunk(c.token_ids[len(c.token_ids) - k :], start, c.block_table), block_size)
+    _, _, slots, seq, ctx = rows.tensors()
     meta = AttentionMetadata(
         slot_mapping=t(slots, torch.int64),
         block_tables=block_tables,
         row_seq=t(seq, torch.int32),
         row_ctx=t(ctx, torch.int32),
-        last_token_idx=t(list(range(len(seq))), torch.int64),
+        last_token_idx=t(list(range(rows.count)), torch.int64),
         query_lens=qlens,
         seq_lens_host=[c.start + len(c.token_ids) for c in chunks],
         decode_only=all(k == 1 for k in qlens),

@@ -246,16 +246,13 @@ class Worker:
         block_bytes = self._block_bytes(elem)
         need = -(-self.max_model_len // self.block_size)
         fixed = fixed_kv_blocks(cfg, self.device, block_bytes)
-        wanted, why_not = self._idle_budget_wanted(fixed is not None)
-        if wanted > self.token_budget and why_not is not None:
-            log.info("a step with nobody decoding stays at the token budget, %d tokens (%s)", self.token_budget,
-                     why_not)  # fmt: skip
+        idle = self._idle_budget_wanted(fixed is not None)  # tokens to try, or None
         if fixed is not None:
             blocks = fixed
         else:
             peak = self._profile_peak_bytes(self.token_budget)
-            if why_not is None and wanted > self.token_budget:
-                peak = self._take_idle_budget(wanted, peak, cfg.cache.gpu_memory_utilization * total)
+            if idle is not None:
+                peak = self._take_idle_budget(idle, peak, cfg.cache.gpu_memory_utilization * total)
             budget = cfg.cache.gpu_memory_utilization * total - peak
             free_now = torch.cuda.mem_get_info(self.device)[0] - (256 << 20)
             blocks = int(min(budget, free_now) // block_bytes)
@@ -272,19 +269,30 @@ class Worker:
             )
         return blocks
 
-    def _idle_budget_wanted(self, fixed_blocks: bool) -> tuple[int, str | None]:
-        """(--max-prefill-tokens capped at max_model_len, None) where a step with nobody decoding may
-        take that many tokens, else (it, why not)."""
+    def _idle_budget_wanted(self, fixed_blocks: bool) -> int | None:
+        """--max-prefill-tokens capped at max_model_len, where a step with nobody decoding may try to
+        take that many tokens (more than the token budget); None otherwise, logged when it is why not."""
         wanted = min(self.config.scheduler.max_prefill_tokens, self.max_model_len)
+        if wanted <= self.token_budget:
+            return None
+        why_not = self._idle_budget_refused(fixed_blocks)
+        if why_not is not None:
+            log.info("a step with nobody decoding stays at the token budget, %d tokens (%s)", self.token_budget,
+                     why_not)  # fmt: skip
+            return None
+        return wanted
+
+    def _idle_budget_refused(self, fixed_blocks: bool) -> str | None:
+        """Why this worker keeps its token budget with nobody decoding (None: it may raise it)."""
         if self.device.type != "cuda":
-            return wanted, "CPU device"
+            return "CPU device"
         if self.offload_active:
-            return wanted, "offload is active: its token budget is raised from the copy floor instead"
+            return "offload is active: its token budget is raised from the copy floor instead"
         if self.tp is not None:
-            return wanted, "tensor parallel"
+            return "tensor parallel"
         if fixed_blocks:
-            return wanted, "--num-kv-blocks fixes the KV cache, so its activations are not measured"
-        return wanted, None
+            return "--num-kv-blocks fixes the KV cache, so its activations are not measured"
+        return None
 
     def _take_idle_budget(self, tokens: int, peak: int, usable: float) -> int:
         """Raise idle_token_budget to `tokens` when a step of them needs at most IDLE_ACTIVATION_SHARE of
